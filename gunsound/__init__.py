@@ -1,0 +1,1 @@
+"""gunsound: gun type classification from gunshot audio."""

@@ -1,0 +1,111 @@
+"""Decoding: any WAV/FLAC/OGG/MP3 at any rate, depth and channel count, to mono float32 at a target rate.
+
+Reads go through `storage.open_input` and soundfile's frame-range seeking, so a window of a long
+recording is read without decoding the rest of it (lhotse's lazy range reads).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from gunsound import storage
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus")
+
+
+class AudioError(RuntimeError):
+    """A file that cannot be decoded; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    path: str
+    sample_rate: int
+    frames: int
+    channels: int
+    format: str
+    subtype: str
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
+
+
+def _open(source: str | bytes) -> sf.SoundFile:
+    fileobj = io.BytesIO(source) if isinstance(source, bytes | bytearray) else storage.open_input(source)
+    return sf.SoundFile(fileobj)
+
+
+def info(path: str, data: bytes | None = None) -> AudioInfo:
+    """Read only the header of an audio file."""
+    try:
+        with _open(data if data is not None else path) as f:
+            frames = f.frames
+            if frames <= 0 and f.format == "MPEG":  # some MP3s carry no frame count in the header
+                frames = sum(len(b) for b in f.blocks(65536))
+            result = AudioInfo(path, f.samplerate, int(frames), f.channels, f.format, f.subtype)
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as exc:
+        raise AudioError(f"{path}: cannot read audio header: {exc}") from exc
+    if result.sample_rate <= 0 or result.channels <= 0:
+        raise AudioError(f"{path}: invalid header (sample rate {result.sample_rate}, channels {result.channels})")
+    return result
+
+
+def to_mono(frames: np.ndarray) -> np.ndarray:
+    return frames.mean(axis=1, dtype=np.float32) if frames.ndim == 2 else frames.astype(np.float32, copy=False)
+
+
+def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Band-limited resampling (torchaudio's windowed sinc)."""
+    if orig_sr == target_sr or wave.size == 0:
+        return wave.astype(np.float32, copy=False)
+    out = AF.resample(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), orig_sr, target_sr)
+    return out.numpy()
+
+
+def read(
+    path: str,
+    target_sr: int | None = None,
+    start: float = 0.0,
+    duration: float | None = None,
+    data: bytes | None = None,
+) -> tuple[np.ndarray, int]:
+    """Decode [start, start + duration) seconds of a file to mono float32, resampled to `target_sr`.
+
+    Returns (wave, sample_rate). Only the requested frame range is decoded.
+    """
+    try:
+        with _open(data if data is not None else path) as f:
+            sr = f.samplerate
+            first = int(round(start * sr))
+            if first:
+                f.seek(min(first, f.frames) if f.frames > 0 else first)
+            count = -1 if duration is None else int(round(duration * sr))
+            frames = f.read(frames=count, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as exc:
+        raise AudioError(f"{path}: cannot decode audio: {exc}") from exc
+    wave = to_mono(frames)
+    if not np.all(np.isfinite(wave)):
+        raise AudioError(f"{path}: decoded samples contain NaN or infinity")
+    if target_sr is not None and target_sr != sr:
+        return resample(wave, sr, target_sr), target_sr
+    return wave, sr
+
+
+def fit_length(wave: np.ndarray, length: int) -> np.ndarray:
+    """Pad with zeros or crop to `length` samples; a crop keeps the loudest window (where the shot is)."""
+    n = wave.shape[-1]
+    if n == length:
+        return wave
+    if n < length:
+        return np.pad(wave, (0, length - n))
+    energy = np.concatenate([[0.0], np.cumsum(wave.astype(np.float64) ** 2)])
+    window_energy = energy[length:] - energy[:-length]
+    start = int(np.argmax(window_energy))
+    return wave[start : start + length]

@@ -1,0 +1,94 @@
+"""The `gunsound` command line. Each subcommand parses its arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gunsound import storage
+from gunsound.config import ConfigError, load_config
+from gunsound.dataset import ManifestError
+
+log = logging.getLogger("gunsound")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by `gunsound train` and `python -m ray_jobs.train`."""
+    parser.add_argument("config", help="experiment YAML (Hydrogen Torch format)")
+    parser.add_argument("--data", help="dataset location: folder, zip, dataframe or s3:// URI "
+                                       "(default: the config's dataset paths)")
+    parser.add_argument("--output", help="where outputs go, local or s3:// (default: outputs/<experiment_name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set training.epochs=2 (repeatable)")
+    parser.add_argument("--drop-bad-rows", action="store_true",
+                        help="drop rows that fail the dataset checks (they are listed) instead of stopping")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config and the dataset, print the plan, and stop")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from gunsound import training
+
+    cfg = load_config(args.config, args.overrides)
+    output = args.output or str(Path("outputs") / cfg.experiment_name)
+    plan = training.prepare(cfg, args.data, output, drop_bad_rows=args.drop_bad_rows)
+    print(plan.describe())
+    if args.dry_run:
+        print("\n--- resolved config ---\n" + plan.cfg.to_yaml())
+        print("dry run: nothing trained")
+        return 0
+    results = training.run(plan, drop_bad_rows=args.drop_bad_rows)
+    for fold, info in results["folds"].items():
+        final = info["final"]
+        print(f"fold {fold}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
+                                           if k.startswith("valid_") and isinstance(v, float)))
+    print(f"outputs: {output}  (config.yaml, metrics.json, fold_<k>/model.pt)")
+    return 0
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from gunsound.synthesis import generate_dataset
+
+    df = generate_dataset(args.out, clips_per_class=args.clips_per_class, background=args.background, seed=args.seed)
+    print(f"wrote {len(df)} clips ({df['class'].nunique()} labels) to {args.out}: train.pq, Gun_Classifier/")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gunsound", description="Gun type classification from gunshot audio")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train the folds of an experiment on Ray")
+    add_run_arguments(train)
+    train.set_defaults(func=run_train)
+
+    synth = sub.add_parser("synth", help="write a synthetic gunshot dataset (Hydrogen Torch layout)")
+    synth.add_argument("out", help="output folder")
+    synth.add_argument("--clips-per-class", type=int, default=95)
+    synth.add_argument("--background", type=int, default=0, help="clips with no gunshot")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=run_synth)
+    return parser
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        return args.func(args)
+    except (ConfigError, ManifestError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

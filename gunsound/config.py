@@ -1,0 +1,329 @@
+"""Typed experiment settings.
+
+A config file is the Hydrogen Torch experiment YAML (accepted exactly as Hydrogen Torch writes it) plus a
+few optional gunsound sections (`storage`, `scoring`, `search_space`) and keys. Every key maps onto a field
+of a dataclass below; an unknown key or a value of the wrong type raises `ConfigError` naming the key and
+the file. Configuration is data: the code reads these objects, never the raw YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ArchitectureConfig:
+    backbone: str = "resnet50"
+    dropout: float = 0.0
+    pool: Literal["Average", "Max", "GeM", "Average + Max"] = "Average"
+    pretrained: bool = True
+    # gunsound: a local or s3:// weights file used instead of the model hub when pretrained is true.
+    pretrained_weights: str | None = None
+
+
+@dataclass
+class AudioConfig:
+    # Auto: sample rate and training chunk are chosen from the data (see dataset.choose_audio_parameters).
+    audio_parameters: Literal["Auto", "Manual"] = "Auto"
+    hop_size: int = 512
+    maximum_frequency: int = 16000
+    mel_frequency_bins: int = 128
+    minimum_frequency: int = 50
+    sample_rate: int = 48000
+    spectrogram_normalization: Literal["No", "Yes"] = "No"
+    stft_window_size: int = 2048
+    training_chunk_seconds: float = 60.0
+
+
+@dataclass
+class AugmentationConfig:
+    mix_audio: Literal["Disabled", "Mixup"] = "Disabled"
+    mix_concentration: float = 1.0
+    mix_iterations: int = 1
+    mix_probability: float = 1.0
+    mix_target: Literal["Ratio", "Max"] = "Ratio"
+    # gunsound: SpecAugment-style masks on the log-mel spectrogram (0 disables).
+    time_mask_frames: int = 0
+    frequency_mask_bins: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    audio_column: str = "image"
+    data_folder: str = ""
+    data_folder_test: str | None = None
+    data_sample: float = 1.0
+    data_sample_choice: list[str] = field(default_factory=lambda: ["Train", "Validation"])
+    folds: list[int] = field(default_factory=lambda: [0])
+    group_fold_column: str | None = None
+    label_columns: list[str] = field(default_factory=lambda: ["class"])
+    test_dataframe: str | None = None
+    train_dataframe: str = ""
+    unlabeled_dataframe: str | None = None
+    validation_dataframe: str | None = None
+    validation_size: float = 0.2
+    validation_strategy: Literal["kfold", "custom"] = "kfold"
+    # gunsound: the label value of clips without a gunshot (all-zero targets), and an optional fixed class list.
+    background_label: str = "background"
+    classes: list[str] | None = None
+
+
+@dataclass
+class EnvironmentConfig:
+    gpus: list[str] = field(default_factory=lambda: ["0"])
+    mixed_precision_inference: bool = False
+    mixed_precision_training: bool = True
+    # Hydrogen Torch's data-loader workers; gunsound caps its CPU decode tasks with it.
+    number_of_workers: int = 4
+    seed: int = -1
+    # gunsound: Ray Train sizing. None means "from the cluster": one worker per listed GPU when it has GPUs.
+    workers_per_fold: int | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float = 1.0
+    ray_address: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    logger: str | None = None
+    neptune_project: str = ""
+    number_of_audios: int = 8
+
+
+@dataclass
+class PredictionConfig:
+    inference_chunk_method: Literal["Fix", "Sliding"] = "Fix"
+    inference_chunk_seconds: float = 60.0
+    max_inference_chunk_seconds: float = 600.0
+    metric: Literal["ROC_AUC", "Accuracy", "F1", "LogLoss"] = "ROC_AUC"
+    probability_threshold: float = 0.5
+
+
+@dataclass
+class TrainingConfig:
+    automatically_adjust_batch_size: bool = False
+    batch_size: int = 16
+    build_scoring_pipelines: bool = True
+    calculate_train_metric: bool = False
+    differential_learning_rate: float = 0.001
+    differential_learning_rate_layers: list[str] = field(default_factory=list)
+    drop_last_batch: bool = True
+    epochs: int = 5
+    evaluation_epochs: float = 1.0
+    grad_accumulation: int = 1
+    gradient_clip: float = 0.0
+    learning_rate: float = 0.001
+    loss_function: Literal["BCE", "CrossEntropy"] = "BCE"
+    optimizer: Literal["AdamW", "Adam", "SGD"] = "AdamW"
+    run_interpretations: bool = True
+    save_best_checkpoint: bool = False
+    schedule: Literal["Cosine", "Linear", "Constant"] = "Cosine"
+    train_validation_data: bool = False
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class StorageConfig:
+    """Where S3-compatible data lives. Credentials never go here: they come from the AWS environment."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+@dataclass
+class Config:
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    environment: EnvironmentConfig = field(default_factory=EnvironmentConfig)
+    experiment_name: str = "gunsound"
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    prediction: PredictionConfig = field(default_factory=PredictionConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    # gunsound: Ray Tune search space, e.g. {"training.learning_rate": {"loguniform": [1e-4, 1e-2]}}.
+    search_space: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+
+# Hydrogen Torch writes missing values as the string "None".
+_NONE_STRINGS = {"None", "none", "null", ""}
+
+
+def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Check `value` against a type annotation, converting only where the meaning is unambiguous."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: key '{key}' must be {expected}, got {value!r} ({type(value).__name__})")
+
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value in _NONE_STRINGS):
+            return None
+        return _convert(value, non_none[0], key, source)
+    if origin is Literal:
+        # YAML 1.1 reads an unquoted No/Yes as a boolean.
+        if isinstance(value, bool) and ("Yes" in args or "No" in args):
+            value = "Yes" if value else "No"
+        if value not in args:
+            fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            fail("a list")
+        return [_convert(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail("a mapping")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)  # Hydrogen Torch quotes fold numbers: folds: ['4']
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            fail("a number")
+        return float(value)
+    if annotation is str:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    if annotation is Any:
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: section '{prefix or 'top level'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(repr(prefix + '.' + k if prefix else k) for k in unknown)}"
+            f" in {where}; known keys: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value if value is not None else {}, key, source)
+        else:
+            kwargs[name] = _convert(value, hint, key, source)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, source: str) -> None:
+    checks = [
+        ("training.epochs", cfg.training.epochs >= 1, "at least 1"),
+        ("training.batch_size", cfg.training.batch_size >= 1, "at least 1"),
+        ("training.grad_accumulation", cfg.training.grad_accumulation >= 1, "at least 1"),
+        ("training.learning_rate", cfg.training.learning_rate > 0, "positive"),
+        ("training.evaluation_epochs", cfg.training.evaluation_epochs > 0, "positive"),
+        ("dataset.validation_size", 0 < cfg.dataset.validation_size < 1, "between 0 and 1"),
+        ("dataset.data_sample", 0 < cfg.dataset.data_sample <= 1, "in (0, 1]"),
+        ("dataset.label_columns", len(cfg.dataset.label_columns) >= 1, "a non-empty list"),
+        ("audio.sample_rate", cfg.audio.sample_rate > 0, "positive"),
+        ("audio.hop_size", cfg.audio.hop_size > 0, "positive"),
+        ("audio.stft_window_size", cfg.audio.stft_window_size > 0, "positive"),
+        ("audio.mel_frequency_bins", cfg.audio.mel_frequency_bins > 0, "positive"),
+        ("audio.minimum_frequency", 0 <= cfg.audio.minimum_frequency < cfg.audio.maximum_frequency,
+         "at least 0 and below audio.maximum_frequency"),
+        ("audio.training_chunk_seconds", cfg.audio.training_chunk_seconds > 0, "positive"),
+        ("prediction.probability_threshold", 0 <= cfg.prediction.probability_threshold <= 1, "in [0, 1]"),
+        ("augmentation.mix_probability", 0 <= cfg.augmentation.mix_probability <= 1, "in [0, 1]"),
+        ("environment.cpus_per_worker", cfg.environment.cpus_per_worker > 0, "positive"),
+    ]
+    for key, ok, what in checks:
+        if not ok:
+            raise ConfigError(f"{source}: key '{key}' must be {what}")
+    if any(f < 0 for f in cfg.dataset.folds):
+        raise ConfigError(f"{source}: key 'dataset.folds' must list fold numbers from 0")
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    cfg = _build(Config, data, "", source)
+    _validate(cfg, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.epochs=2` -> (["training", "epochs"], 2); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def read_config_data(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a config file, apply `section.key=value` overrides, and validate the result."""
+    data = apply_overrides(read_config_data(path), overrides or [])
+    source = f"{path}" + (f" (with overrides {', '.join(overrides)})" if overrides else "")
+    return config_from_dict(data, source)

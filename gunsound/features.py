@@ -1,0 +1,86 @@
+"""The log-mel front end: one torch module, shared by training, scoring and the exported pipeline."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torchaudio.transforms as T
+from torch import nn
+
+from gunsound.config import AudioConfig
+
+LOG_FLOOR = 1e-10
+
+
+@dataclass(frozen=True)
+class FeatureParams:
+    """What the front end needs; saved beside every model so scoring computes the same features."""
+
+    sample_rate: int
+    n_fft: int
+    hop_length: int
+    n_mels: int
+    f_min: float
+    f_max: float
+    normalize: bool
+
+    @classmethod
+    def from_config(cls, audio: AudioConfig, sample_rate: int | None = None) -> FeatureParams:
+        sr = sample_rate or audio.sample_rate
+        return cls(
+            sample_rate=sr,
+            n_fft=audio.stft_window_size,
+            hop_length=audio.hop_size,
+            n_mels=audio.mel_frequency_bins,
+            f_min=float(audio.minimum_frequency),
+            # The configured maximum may lie above Nyquist for data at a lower rate.
+            f_max=float(min(audio.maximum_frequency, sr / 2)),
+            normalize=audio.spectrogram_normalization == "Yes",
+        )
+
+    def num_frames(self, num_samples: int) -> int:
+        return num_samples // self.hop_length + 1  # centred STFT
+
+
+class LogMelSpectrogram(nn.Module):
+    """Waveform (batch, samples) -> log-mel (batch, 1, n_mels, frames).
+
+    Power mel spectrogram from a centred, Hann-windowed STFT with an HTK mel filterbank, then natural log.
+    With `normalize`, each spectrogram is standardised to zero mean and unit variance.
+    """
+
+    def __init__(self, params: FeatureParams):
+        super().__init__()
+        self.params = params
+        self.mel = T.MelSpectrogram(
+            sample_rate=params.sample_rate,
+            n_fft=params.n_fft,
+            win_length=params.n_fft,
+            hop_length=params.hop_length,
+            f_min=params.f_min,
+            f_max=params.f_max,
+            n_mels=params.n_mels,
+            power=2.0,
+            center=True,
+            pad_mode="reflect",
+            norm=None,
+            mel_scale="htk",
+        )
+        self.normalize = params.normalize
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        # The STFT runs in fp32 even under autocast: fp16 power spectra overflow and underflow.
+        with torch.autocast(device_type=wave.device.type, enabled=False):
+            spec = self.mel(wave.float())
+            spec = torch.log(spec.clamp_min(LOG_FLOOR))
+            if self.normalize:
+                mean = spec.mean(dim=(-2, -1), keepdim=True)
+                std = spec.std(dim=(-2, -1), keepdim=True)
+                spec = (spec - mean) / (std + 1e-5)
+        return spec.unsqueeze(1)
+
+
+def mel_frames(seconds: float, params: FeatureParams) -> int:
+    return params.num_frames(int(math.ceil(seconds * params.sample_rate)))

@@ -1,0 +1,44 @@
+"""Classification metrics on probabilities (sklearn underneath)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
+
+
+def predicted_labels(probs: np.ndarray, classes: list[str], threshold: float, background: str | None) -> list[str]:
+    """Top class per row; with background clips in play, a row whose every probability is under the
+    threshold is predicted as background ("no gunshot")."""
+    top = probs.argmax(axis=1)
+    labels = [classes[i] for i in top]
+    if background is not None:
+        labels = [background if probs[r].max() < threshold else lab for r, lab in enumerate(labels)]
+    return labels
+
+
+def true_labels(targets: np.ndarray, classes: list[str], background: str) -> list[str]:
+    return [classes[int(t.argmax())] if t.max() > 0 else background for t in targets]
+
+
+def classification_metrics(
+    probs: np.ndarray, targets: np.ndarray, classes: list[str], threshold: float = 0.5, background: str = "background"
+) -> dict[str, float]:
+    """Macro one-vs-rest ROC AUC (over classes with both positives and negatives), accuracy, macro F1 and
+    log loss of the multi-class probabilities."""
+    has_background = bool((targets.max(axis=1) == 0).any())
+    truth = true_labels(targets, classes, background)
+    pred = predicted_labels(probs, classes, threshold, background if has_background else None)
+    scorable = [c for c in range(len(classes)) if 0 < targets[:, c].sum() < len(targets)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auc = (float(roc_auc_score(targets[:, scorable], probs[:, scorable], average="macro"))
+               if scorable else float("nan"))
+        labels = sorted(set(truth) | set(pred))
+        f1 = float(f1_score(truth, pred, labels=labels, average="macro", zero_division=0))
+    fg = targets.max(axis=1) > 0
+    normalised = probs[fg] / np.clip(probs[fg].sum(axis=1, keepdims=True), 1e-12, None)
+    loss = (float(log_loss(targets[fg].argmax(axis=1), normalised, labels=list(range(len(classes)))))
+            if fg.any() else float("nan"))
+    return {"roc_auc": auc, "accuracy": float(accuracy_score(truth, pred)), "f1": f1, "log_loss": loss}

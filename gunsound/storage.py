@@ -1,0 +1,180 @@
+"""One filesystem layer for local paths and s3:// URIs (pyarrow.fs underneath).
+
+Every read and write of data, checkpoints and outputs goes through `resolve`, so local runs, AWS S3 and
+S3-compatible stores share one code path. S3 credentials come from the standard AWS chain (environment,
+profile, instance role); only the endpoint may be configured, and it is never logged with secrets.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, endpoint_url: str | None = None, region: str | None = None) -> S3Settings:
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return cls(endpoint_url=endpoint or None, region=region or None)
+
+
+_settings = S3Settings.from_env()
+
+
+def configure_s3(endpoint_url: str | None = None, region: str | None = None) -> S3Settings:
+    """Set the S3 endpoint for this process (config `storage` section or AWS_ENDPOINT_URL).
+
+    The endpoint is also exported as AWS_ENDPOINT_URL_S3 so that Ray workers started later resolve the same
+    store; credentials are left to the AWS environment and never copied.
+    """
+    global _settings
+    _settings = S3Settings.from_env(endpoint_url, region)
+    if _settings.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = _settings.endpoint_url
+    if _settings.region:
+        os.environ.setdefault("AWS_REGION", _settings.region)
+    return _settings
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
+    settings = settings or _settings
+    kwargs: dict = {}
+    if settings.region:
+        kwargs["region"] = settings.region
+    if settings.endpoint_url:
+        parsed = urlparse(settings.endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+        kwargs.setdefault("region", "us-east-1")
+    # Keys, when present in the environment, are read by Arrow's default AWS credential chain.
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path inside it) for a local path or an s3:// URI."""
+    text = str(uri)
+    if is_s3(text):
+        parsed = urlparse(text)
+        return s3_filesystem(), f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URI."""
+    if is_s3(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return str(Path(base).joinpath(*parts))
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def file_infos(uris: list[str]) -> list[pafs.FileInfo]:
+    """Stat many files at once (one request batch per filesystem)."""
+    if not uris:
+        return []
+    fs, _ = resolve(uris[0])
+    return fs.get_file_info([resolve(u)[1] for u in uris])
+
+
+def list_files(uri: str, recursive: bool = True) -> list[str]:
+    """All files under a folder, as URIs of the same kind as `uri`, sorted."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = posixpath.relpath(info.path, path) if is_s3(uri) else os.path.relpath(info.path, path)
+        out.append(join(uri, rel))
+    return sorted(out)
+
+
+def open_input(uri: str) -> io.RawIOBase:
+    """A seekable binary file, so audio can be read by frame range without fetching the whole object."""
+    fs, path = resolve(uri)
+    return fs.open_input_file(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    with open_input(uri) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file atomically where the filesystem allows it (temp name, then rename)."""
+    fs, path = resolve(uri)
+    if is_s3(uri):  # an S3 PUT is atomic already
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode()
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def copy_to_local(uri: str, local_path: str | Path) -> Path:
+    """Download a file (or copy a local one) to a local path."""
+    local_path = Path(local_path)
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_s3(uri):
+        shutil.copyfile(uri, local_path)
+        return local_path
+    with open_input(uri) as src, open(local_path, "wb") as dst:
+        while chunk := src.read(8 << 20):
+            dst.write(chunk)
+    return local_path
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> None:
+    """Copy a local folder tree to a location (local or S3)."""
+    local_dir = Path(local_dir)
+    for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        write_bytes(join(uri, *file.relative_to(local_dir).parts), file.read_bytes())
+
+
+def storage_path_for_ray(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """Ray Train's (storage_path, storage_filesystem) for an output location."""
+    if is_s3(uri):
+        fs, path = resolve(uri)
+        return path, fs
+    return str(Path(uri).expanduser().absolute()), None

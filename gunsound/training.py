@@ -1,0 +1,420 @@
+"""Training: a checked plan (manifest, audio parameters, folds), features through Ray Data, and one Ray Train
+`TorchTrainer` run per fold.
+
+Outputs under the run's location (local or s3://):
+    config.yaml              the resolved settings (auto-chosen audio parameters and the drawn seed included)
+    manifest.parquet         every clip with its fold
+    metrics.json             per fold: every epoch's metrics
+    fold_<k>/metrics.json    the same, rewritten after every epoch while the fold trains
+    fold_<k>/model.pt        the final model with everything scoring needs
+    fold_<k>/valid_predictions.parquet
+    ray/fold_<k>/            Ray Train's checkpoints (a rerun of the same command resumes from them)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from gunsound import storage
+from gunsound.config import Config, ConfigError, config_from_dict
+from gunsound.dataset import AudioChoice, Manifest, Problem, assign_folds, choose_audio_parameters, load_manifest, num_folds
+from gunsound.features import FeatureParams, mel_frames
+from gunsound.metrics import classification_metrics
+from gunsound.model import build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingPlan:
+    cfg: Config  # resolved: audio parameters and seed filled in
+    manifest: Manifest
+    folds: np.ndarray
+    audio: AudioChoice
+    features: FeatureParams
+    output: str
+    fold_ids: list[int]
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        frame = self.manifest.frame
+        counts = frame["label"].value_counts().sort_index()
+        lines = [
+            f"experiment      {self.cfg.experiment_name}",
+            f"dataset         {self.manifest.source}: {len(frame)} clips, {len(self.manifest.classes)} classes"
+            + (f", {len(self.manifest.dropped)} bad rows dropped" if self.manifest.dropped else ""),
+            *(f"                  {label}: {n}" for label, n in counts.items()),
+            f"audio           {self.audio.reason}",
+            f"features        log-mel {self.features.n_mels} x {mel_frames(self.audio.chunk_seconds, self.features)}"
+            f" (n_fft {self.features.n_fft}, hop {self.features.hop_length},"
+            f" {self.features.f_min:g}-{self.features.f_max:g} Hz, normalize {self.features.normalize})",
+            f"model           {self.cfg.architecture.backbone} (pretrained {self.cfg.architecture.pretrained},"
+            f" pool {self.cfg.architecture.pool}, dropout {self.cfg.architecture.dropout})",
+            f"training        {self.cfg.training.epochs} epochs, batch {self.cfg.training.batch_size},"
+            f" lr {self.cfg.training.learning_rate:g}, {self.cfg.training.optimizer},"
+            f" {self.cfg.training.schedule}, loss {self.cfg.training.loss_function}",
+            f"validation      {num_folds(self.cfg.dataset)} folds, running {self.fold_ids}"
+            f" (stratified by class, grouped by {self.cfg.dataset.group_fold_column or 'file'})",
+            f"seed            {self.cfg.environment.seed}",
+            f"output          {self.output}",
+            *self.notes,
+        ]
+        for k in self.fold_ids:
+            lines.append(f"fold {k}          train {(self.folds != k).sum()} clips, validate {(self.folds == k).sum()}")
+        return "\n".join(lines)
+
+
+def prepare(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = False) -> TrainingPlan:
+    """Check the dataset and settle everything a run needs, without training (this is --dry-run)."""
+    storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
+    resolved = config_from_dict(cfg.to_dict())
+    notes = []
+    if resolved.environment.seed < 0:
+        resolved.environment.seed = int(np.random.SeedSequence().entropy % (2**31))
+        notes.append(f"note            seed -1: drew seed {resolved.environment.seed}")
+        log.info("seed -1: drew seed %d", resolved.environment.seed)
+    manifest = load_manifest(resolved, data, drop_bad_rows=drop_bad_rows)
+    if resolved.training.loss_function == "CrossEntropy" and (manifest.frame["label"] == resolved.dataset.background_label).any():
+        raise ConfigError("training.loss_function: CrossEntropy cannot learn from background clips (all-zero "
+                          "targets); use BCE")
+    choice = choose_audio_parameters(resolved, manifest)
+    resolved.audio.sample_rate = choice.sample_rate
+    resolved.audio.training_chunk_seconds = choice.chunk_seconds
+    k = num_folds(resolved.dataset)
+    bad = [f for f in resolved.dataset.folds if f >= k]
+    if bad:
+        raise ConfigError(f"dataset.folds {bad}: validation_size {resolved.dataset.validation_size} gives folds 0..{k - 1}")
+    folds = assign_folds(manifest, resolved.dataset, resolved.environment.seed)
+    params = FeatureParams.from_config(resolved.audio, choice.sample_rate)
+    return TrainingPlan(resolved, manifest, folds, choice, params, output, list(resolved.dataset.folds), notes)
+
+
+# ---------------------------------------------------------------- the loop that runs on every worker
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Parameters under `differential_learning_rate_layers` get the differential rate, the rest the base."""
+    t = cfg.training
+    special, base = [], []
+    for name, p in model.named_parameters():
+        (special if any(name.startswith(layer) for layer in t.differential_learning_rate_layers) else base).append(p)
+    groups = [{"params": base, "lr": t.learning_rate}]
+    if special:
+        groups.append({"params": special, "lr": t.differential_learning_rate})
+    if t.optimizer == "SGD":
+        return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
+    cls = torch.optim.AdamW if t.optimizer == "AdamW" else torch.optim.Adam
+    return cls(groups, weight_decay=t.weight_decay)
+
+
+def lr_lambda(cfg: Config, steps_per_epoch: int):
+    """Linear warmup over warmup_epochs, then cosine (or linear, or constant) decay, per optimizer step."""
+    t = cfg.training
+    total = max(1, t.epochs * steps_per_epoch)
+    warmup = int(t.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if t.schedule == "Cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if t.schedule == "Linear":
+            return 1 - progress
+        return 1.0
+
+    return factor
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "BCE":
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    return torch.sigmoid(logits) if kind == "BCE" else torch.softmax(logits, dim=1)
+
+
+def spec_augment(x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Random time and frequency masks (one of each per clip), filled with the clip's mean."""
+    a = cfg.augmentation
+    if not a.time_mask_frames and not a.frequency_mask_bins:
+        return x
+    b, _, mels, frames = x.shape
+    fill = x.mean(dim=(-2, -1), keepdim=True)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    for size, length, dim in ((a.frequency_mask_bins, mels, 2), (a.time_mask_frames, frames, 3)):
+        if size <= 0:
+            continue
+        width = torch.randint(0, size + 1, (b,), device=x.device)
+        start = (torch.rand(b, device=x.device) * (length - width).clamp_min(1)).long()
+        pos = torch.arange(length, device=x.device)
+        hit = (pos[None] >= start[:, None]) & (pos[None] < (start + width)[:, None])
+        mask |= hit.view(b, 1, length, 1) if dim == 2 else hit.view(b, 1, 1, length)
+    return torch.where(mask, fill, x)
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix clips in the power domain of the log-mel (the sound of two sources played together).
+
+    Ratio targets are the weighted sum; Max targets are the elementwise maximum (both guns were heard).
+    """
+    a = cfg.augmentation
+    if a.mix_audio == "Disabled":
+        return x, y
+    for _ in range(a.mix_iterations):
+        if torch.rand(()) >= a.mix_probability:
+            continue
+        lam = float(np.random.beta(a.mix_concentration, a.mix_concentration))
+        perm = torch.randperm(x.shape[0], device=x.device)
+        x = torch.logaddexp(x + math.log(max(lam, 1e-6)), x[perm] + math.log(max(1 - lam, 1e-6)))
+        y = torch.maximum(y, y[perm]) if a.mix_target == "Max" else lam * y + (1 - lam) * y[perm]
+    return x, y
+
+
+def evaluate(model: torch.nn.Module, batches, cfg: Config, device: torch.device) -> dict[str, np.ndarray]:
+    model.eval()
+    rows, probs, targets, losses = [], [], [], []
+    amp = device.type == "cuda" and cfg.environment.mixed_precision_inference
+    with torch.inference_mode():
+        for batch in batches:
+            x = batch["features"].to(device).unsqueeze(1)
+            y = batch["target"].to(device)
+            with torch.autocast(device.type, enabled=amp):
+                logits = model(x).float()
+            losses.append(loss_fn(logits, y, cfg.training.loss_function).item() * len(y))
+            probs.append(probabilities(logits, cfg.training.loss_function).cpu().numpy())
+            targets.append(y.cpu().numpy())
+            rows.append(batch["row"].cpu().numpy())
+    return {"row": np.concatenate(rows), "probs": np.concatenate(probs), "targets": np.concatenate(targets),
+            "loss": np.array(sum(losses) / max(1, sum(len(t) for t in targets)))}
+
+
+def _save_state(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One fold on one Ray Train worker (DDP across workers when there are several)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(loop_config["config"])
+    classes: list[str] = loop_config["classes"]
+    fold_dir: str = loop_config["fold_dir"]
+    t = cfg.training
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.environment.seed + rank)
+    np.random.seed((cfg.environment.seed + rank) % (2**32))
+
+    model = build_model(cfg.architecture, len(classes)).to(device)
+    optimizer = make_optimizer(model, cfg)
+    steps_per_epoch = loop_config["optimizer_steps_per_epoch"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    amp = device.type == "cuda" and cfg.environment.mixed_precision_training
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+
+    history: list[dict] = []
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker or a rerun of the same command
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+    eval_every = max(1, round(t.evaluation_epochs))
+    for epoch in range(start_epoch, t.epochs):
+        started = time.perf_counter()
+        model.train()
+        batch_losses, seen = [], 0
+        optimizer.zero_grad(set_to_none=True)
+        batches = train_shard.iter_torch_batches(
+            batch_size=t.batch_size, drop_last=t.drop_last_batch, local_shuffle_buffer_size=4 * t.batch_size,
+            local_shuffle_seed=cfg.environment.seed + epoch * 1000 + rank,
+        )
+        for step, batch in enumerate(batches):
+            x = batch["features"].to(device, non_blocking=True).unsqueeze(1)
+            y = batch["target"].to(device, non_blocking=True)
+            x, y = mixup(spec_augment(x, cfg), y, cfg)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                loss = loss_fn(model(x).float(), y, t.loss_function)
+            scaler.scale(loss / t.grad_accumulation).backward()
+            if (step + 1) % t.grad_accumulation == 0:
+                if t.gradient_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.gradient_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            batch_losses.append(loss.item())
+            seen += len(y)
+        metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(batch_losses)) if batch_losses else float("nan"),
+                   "train_batch_loss": batch_losses, "lr": scheduler.get_last_lr()[0], "train_clips": seen}
+        last = epoch + 1 == t.epochs
+        predictions = None
+        if rank == 0 and ((epoch + 1) % eval_every == 0 or last):
+            result = evaluate(core, valid_shard.iter_torch_batches(batch_size=64), cfg, device)
+            metrics["valid_loss"] = float(result["loss"])
+            metrics.update({f"valid_{k}": v for k, v in classification_metrics(
+                result["probs"], result["targets"], classes, cfg.prediction.probability_threshold,
+                cfg.dataset.background_label).items()})
+            predictions = result
+        metrics["epoch_seconds"] = time.perf_counter() - started
+
+        if rank == 0:
+            history.append(metrics)
+            storage.write_text(storage.join(fold_dir, "metrics.json"), json.dumps(history, indent=1))
+            if last and predictions is not None:
+                frame = pd.DataFrame({"row": predictions["row"]})
+                for i, c in enumerate(classes):
+                    frame[f"prob_{c}"] = predictions["probs"][:, i]
+                    frame[f"true_{c}"] = predictions["targets"][:, i]
+                _write_parquet(frame, storage.join(fold_dir, "valid_predictions.parquet"))
+            state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": epoch, "history": history}
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "state.pt").write_bytes(_save_state(state))
+                ray.train.report(_scalar_metrics(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(_scalar_metrics(metrics))
+
+
+def _scalar_metrics(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _write_parquet(frame: pd.DataFrame, uri: str) -> None:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def _worker_sizing(cfg: Config, gpus_in_cluster: float) -> tuple[int, float, float]:
+    env = cfg.environment
+    gpus_per_worker = env.gpus_per_worker if env.gpus_per_worker is not None else (1.0 if gpus_in_cluster else 0.0)
+    if env.workers_per_fold is not None:
+        workers = env.workers_per_fold
+    elif gpus_per_worker:
+        workers = max(1, min(len(env.gpus), int(gpus_in_cluster // gpus_per_worker)))
+    else:
+        workers = 1
+    return workers, gpus_per_worker, env.cpus_per_worker
+
+
+def featurize(plan: TrainingPlan, drop_bad_rows: bool = False):
+    """Features of every clip in the manifest, materialized once for all folds."""
+    import ray.data
+
+    from gunsound.pipeline import feature_dataset
+
+    # Datasets carry this context to the Train workers: no progress bars interleaved with training logs.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    frame = plan.manifest.frame
+    targets = plan.manifest.targets(plan.cfg.dataset.background_label)
+    clips = pd.DataFrame({"row": frame["row"].to_numpy(), "path": frame["path"], "fold": plan.folds,
+                          "target": list(targets)})
+    ds = feature_dataset(clips, plan.features, plan.audio.chunk_seconds,
+                         feature_actors=max(1, plan.cfg.environment.number_of_workers // 4)).materialize()
+    errors = ds.select_columns(["row", "path", "error"]).filter(lambda r: r["error"] != "").to_pandas()
+    if len(errors):
+        problems = [Problem(int(r.row), r.path, r.error) for r in errors.itertuples()]
+        if not drop_bad_rows:
+            from gunsound.dataset import ManifestError
+
+            raise ManifestError(plan.manifest.source, problems)
+        for p in problems:
+            log.warning("dropped row %d %s: %s", p.row, p.path, p.reason)
+        ds = ds.filter(lambda r: r["error"] == "").materialize()
+    return ds
+
+
+def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
+    """Train every planned fold; returns the metrics written to metrics.json."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from gunsound.pipeline import cluster_gpus, init_ray
+
+    init_ray(plan.cfg.environment.ray_address)
+    out = plan.output
+    storage.makedirs(out)
+    storage.write_text(storage.join(out, "config.yaml"), plan.cfg.to_yaml())
+    manifest = plan.manifest.frame.assign(fold=plan.folds)
+    _write_parquet(manifest, storage.join(out, "manifest.parquet"))
+    if plan.manifest.dropped:
+        _write_parquet(pd.DataFrame([asdict(p) for p in plan.manifest.dropped]), storage.join(out, "dropped_rows.parquet"))
+
+    ds = featurize(plan, drop_bad_rows)
+    workers, gpus_per_worker, cpus_per_worker = _worker_sizing(plan.cfg, cluster_gpus())
+    storage_path, storage_fs = storage.storage_path_for_ray(storage.join(out, "ray"))
+    results: dict = {"classes": plan.manifest.classes, "audio": {"sample_rate": plan.audio.sample_rate,
+                     "chunk_seconds": plan.audio.chunk_seconds, "reason": plan.audio.reason}, "folds": {}}
+    for k in plan.fold_ids:
+        train_ds = ds.filter(lambda r, k=k: r["fold"] != k).select_columns(["features", "target"])
+        valid_ds = ds.filter(lambda r, k=k: r["fold"] == k).select_columns(["row", "features", "target"])
+        n_train = int((plan.folds != k).sum())
+        per_worker = n_train // workers
+        t = plan.cfg.training
+        batches = per_worker // t.batch_size if t.drop_last_batch else math.ceil(per_worker / t.batch_size)
+        fold_dir = storage.join(out, f"fold_{k}")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": plan.cfg.to_dict(), "classes": plan.manifest.classes,
+                               "fold_dir": fold_dir,
+                               "optimizer_steps_per_epoch": max(1, batches // t.grad_accumulation)},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=gpus_per_worker > 0,
+                resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"fold_{k}", storage_path=storage_path, storage_filesystem=storage_fs,
+                failure_config=ray.train.FailureConfig(max_failures=3),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+            datasets={"train": train_ds, "valid": valid_ds},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        log.info("fold %d: training on %d worker(s)", k, workers)
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+        export = {"state_dict": state["model"], "classes": plan.manifest.classes,
+                  "features": asdict(plan.features), "chunk_seconds": plan.audio.chunk_seconds,
+                  "architecture": asdict(plan.cfg.architecture), "loss_function": t.loss_function,
+                  "probability_threshold": plan.cfg.prediction.probability_threshold, "fold": k}
+        storage.write_bytes(storage.join(fold_dir, "model.pt"), _save_state(export))
+        results["folds"][str(k)] = {"epochs": [_scalar_metrics(m) for m in state["history"]],
+                                    "final": _scalar_metrics(state["history"][-1])}
+        storage.write_text(storage.join(out, "metrics.json"), json.dumps(results, indent=1))
+    return results
