@@ -207,6 +207,11 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
             fail("an integer")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                fail("a number")
         if isinstance(value, bool) or not isinstance(value, int | float):
             fail("a number")
         return float(value)

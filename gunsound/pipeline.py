@@ -16,7 +16,7 @@ import pandas as pd
 import ray
 import torch
 
-from gunsound import audio
+from gunsound import audio, storage
 from gunsound.features import FeatureParams, LogMelSpectrogram
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,9 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
 
 
-def decode_clips(batch: pd.DataFrame, sample_rate: int, chunk_samples: int) -> pd.DataFrame:
+def decode_clips(batch: pd.DataFrame, sample_rate: int, chunk_samples: int, s3: storage.S3Settings) -> pd.DataFrame:
     """CPU task body: decode, mix to mono, resample and fit each clip to the chunk length."""
+    storage.configure_s3(s3.endpoint_url, s3.region)
     waves = np.zeros((len(batch), chunk_samples), dtype=np.float32)
     errors = []
     for i, path in enumerate(batch["path"]):
@@ -89,7 +90,8 @@ def feature_dataset(
     ds = ray.data.from_items(records, override_num_blocks=blocks)
     ds = ds.map_batches(
         decode_clips,
-        fn_kwargs={"sample_rate": params.sample_rate, "chunk_samples": chunk_samples},
+        fn_kwargs={"sample_rate": params.sample_rate, "chunk_samples": chunk_samples,
+                   "s3": storage.current_settings()},
         batch_format="pandas",
         batch_size=16,
         num_cpus=decode_cpus,

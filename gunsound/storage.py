@@ -49,6 +49,11 @@ def configure_s3(endpoint_url: str | None = None, region: str | None = None) -> 
     return _settings
 
 
+def current_settings() -> S3Settings:
+    """The settings to hand to Ray tasks and actors, which may run in processes started before them."""
+    return _settings
+
+
 def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 

@@ -78,8 +78,10 @@ class TrainingPlan:
 
 def prepare(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = False) -> TrainingPlan:
     """Check the dataset and settle everything a run needs, without training (this is --dry-run)."""
-    storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
+    s3 = storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
     resolved = config_from_dict(cfg.to_dict())
+    # Workers may run in processes that never saw this environment; the endpoint travels in the config.
+    resolved.storage.endpoint_url, resolved.storage.region = s3.endpoint_url, s3.region
     notes = []
     if resolved.environment.seed < 0:
         resolved.environment.seed = int(np.random.SeedSequence().entropy % (2**31))
@@ -215,6 +217,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     cfg = config_from_dict(loop_config["config"])
+    storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
     classes: list[str] = loop_config["classes"]
     fold_dir: str = loop_config["fold_dir"]
     t = cfg.training

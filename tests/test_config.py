@@ -1,0 +1,91 @@
+import pytest
+import yaml
+
+from gunsound.config import ConfigError, load_config
+from tests.conftest import LAPTOP_CONFIG, REPO, SEED_CONFIG
+
+
+def test_seed_config_is_the_seed_yaml_unchanged():
+    seed_text = (REPO.parent / "shared" / "seed" / "000_5e48f5e7a1c78dcf.txt")
+    if not seed_text.exists():
+        pytest.skip("shared/seed not beside the checkout")
+    embedded = seed_text.read_text().split("```yaml\n")[1].split("```")[0]
+    assert SEED_CONFIG.read_text() == embedded
+
+
+def test_seed_config_loads_with_every_section_typed():
+    cfg = load_config(SEED_CONFIG)
+    assert cfg.architecture.backbone == "resnet50" and cfg.architecture.pretrained is True
+    assert cfg.architecture.pool == "Average" and cfg.architecture.dropout == 0.0
+    assert cfg.audio.sample_rate == 48000 and cfg.audio.stft_window_size == 2048 and cfg.audio.hop_size == 512
+    assert cfg.audio.spectrogram_normalization == "No" and cfg.audio.training_chunk_seconds == 60.0
+    assert cfg.augmentation.mix_audio == "Disabled" and cfg.augmentation.mix_target == "Ratio"
+    assert cfg.dataset.folds == [4] and cfg.dataset.label_columns == ["class"]
+    assert cfg.dataset.data_folder_test is None and cfg.dataset.validation_dataframe is None
+    assert cfg.environment.seed == -1 and cfg.environment.mixed_precision_training is True
+    assert cfg.logging.logger is None and cfg.logging.number_of_audios == 8
+    assert cfg.prediction.inference_chunk_method == "Fix" and cfg.prediction.probability_threshold == 0.5
+    assert cfg.training.batch_size == 16 and cfg.training.loss_function == "BCE"
+    assert cfg.training.differential_learning_rate_layers == []
+    assert cfg.experiment_name == "87_gun_sound_classification"
+
+
+def test_laptop_config_loads():
+    cfg = load_config(LAPTOP_CONFIG)
+    assert cfg.architecture.pretrained is False
+
+
+def test_overrides_are_typed_and_repeatable():
+    cfg = load_config(SEED_CONFIG, ["training.epochs=2", "architecture.backbone=resnet18",
+                                    "dataset.folds=[0, 1]", "training.learning_rate=3e-4"])
+    assert cfg.training.epochs == 2 and cfg.architecture.backbone == "resnet18"
+    assert cfg.dataset.folds == [0, 1] and cfg.training.learning_rate == pytest.approx(3e-4)
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = _write(tmp_path, {"training": {"epochz": 3}})
+    with pytest.raises(ConfigError, match=r"exp\.yaml.*'training\.epochz'"):
+        load_config(path)
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="'trainning'"):
+        load_config(_write(tmp_path, {"trainning": {}}))
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp\.yaml.*'training\.epochs' must be an integer"):
+        load_config(_write(tmp_path, {"training": {"epochs": "five"}}))
+    with pytest.raises(ConfigError, match="'training.drop_last_batch' must be true or false"):
+        load_config(_write(tmp_path, {"training": {"drop_last_batch": "maybe"}}))
+    with pytest.raises(ConfigError, match="'architecture.pool' must be one of"):
+        load_config(_write(tmp_path, {"architecture": {"pool": "Median"}}))
+
+
+def test_bad_override_names_key():
+    with pytest.raises(ConfigError, match="'training.batch_size' must be an integer"):
+        load_config(SEED_CONFIG, ["training.batch_size=big"])
+    with pytest.raises(ConfigError, match="must look like"):
+        load_config(SEED_CONFIG, ["training.epochs"])
+
+
+def test_out_of_range_value(tmp_path):
+    with pytest.raises(ConfigError, match="'dataset.validation_size' must be between 0 and 1"):
+        load_config(_write(tmp_path, {"dataset": {"validation_size": 1.5}}))
+
+
+def test_unquoted_yaml_no_is_read_as_the_option(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("audio:\n    spectrogram_normalization: No\n")
+    assert load_config(path).audio.spectrogram_normalization == "No"
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,121 @@
+import shutil
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from gunsound.config import load_config
+from gunsound.dataset import ManifestError, assign_folds, choose_audio_parameters, load_manifest, num_folds
+from tests.conftest import SEED_CONFIG
+
+
+@pytest.fixture
+def cfg():
+    return load_config(SEED_CONFIG, ["architecture.pretrained=false"])
+
+
+def test_seed_config_finds_the_hydrogen_torch_layout_under_data(cfg, synth_dir):
+    manifest = load_manifest(cfg, str(synth_dir))
+    assert len(manifest.frame) == 95
+    assert manifest.classes == sorted(["AK-12", "AK-47", "IMI Desert Eagle", "M16", "M249", "M4", "MG-42",
+                                       "MP5", "Zastava M92"])
+    targets = manifest.targets("background")
+    assert targets.shape == (95, 9)
+    assert (targets.sum(axis=1) == (manifest.frame["label"] != "background")).all()
+
+
+def test_zip_of_the_layout(cfg, synth_dir, tmp_path):
+    archive = tmp_path / "Gun_sound_detection.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in synth_dir.rglob("*"):
+            if f.is_file():
+                zf.write(f, "Gun_sound_detection/" + f.relative_to(synth_dir).as_posix())
+    manifest = load_manifest(cfg, str(archive))
+    assert len(manifest.frame) == 95
+
+
+def test_folder_per_class_with_spaces_and_hyphens(cfg, synth_dir, tmp_path):
+    root = tmp_path / "gunshot audio"
+    for cls in ["AK-47", "IMI Desert Eagle", "Zastava M92"]:
+        shutil.copytree(synth_dir / "Gun_Classifier" / cls, root / cls)
+    manifest = load_manifest(cfg, str(root))
+    assert manifest.classes == ["AK-47", "IMI Desert Eagle", "Zastava M92"]
+    assert len(manifest.frame) == 30
+    assert all(" " in p for p in manifest.frame.loc[manifest.frame.label == "IMI Desert Eagle", "path"])
+
+
+def _broken_dataset(synth_dir, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(synth_dir, root)
+    frame = pd.read_parquet(root / "train.pq")
+    (root / "Gun_Classifier" / frame.loc[0, "image"]).unlink()                      # missing file
+    (root / "Gun_Classifier" / frame.loc[1, "image"]).write_bytes(b"garbage" * 50)  # unreadable
+    frame.loc[2, "class"] = ""                                                      # empty label
+    frame.loc[3, "image"] = frame.loc[4, "image"]                                   # duplicate path
+    frame.loc[5, "image"] = "../../etc/passwd"                                      # escapes
+    sf.write(root / "Gun_Classifier" / "silent.wav", np.zeros((0, 1)), 48000)
+    frame.loc[6, "image"] = "silent.wav"                                            # no samples
+    frame.to_parquet(root / "train.pq")
+    return root
+
+
+def test_every_problem_is_reported_together(cfg, synth_dir, tmp_path):
+    root = _broken_dataset(synth_dir, tmp_path)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(cfg, str(root))
+    reasons = {p.row: p.reason for p in err.value.problems}
+    assert reasons[0] == "file not found"
+    assert reasons[1].startswith("unreadable audio")
+    assert reasons[2] == "empty label"
+    assert reasons[4].startswith("duplicate path (also row 3)")
+    assert reasons[5] == "path escapes the data folder"
+    assert reasons[6] in ("audio has no samples", "empty file") or reasons[6].startswith("unreadable")
+    assert len(reasons) == 6
+    assert "row 0" in str(err.value) and "--drop-bad-rows" in str(err.value)
+
+
+def test_drop_bad_rows_lists_what_was_dropped(cfg, synth_dir, tmp_path):
+    root = _broken_dataset(synth_dir, tmp_path)
+    manifest = load_manifest(cfg, str(root), drop_bad_rows=True)
+    assert len(manifest.frame) == 95 - 6
+    assert sorted(p.row for p in manifest.dropped) == [0, 1, 2, 4, 5, 6]
+    assert not set(manifest.frame["row"]) & {0, 1, 2, 4, 5, 6}
+
+
+def test_unknown_label_against_a_fixed_class_list(synth_dir):
+    cfg = load_config(SEED_CONFIG, ["dataset.classes=[AK-47, M4]"])
+    with pytest.raises(ManifestError, match="unknown label 'AK-12'"):
+        load_manifest(cfg, str(synth_dir))
+
+
+def test_missing_column_is_named(synth_dir):
+    cfg = load_config(SEED_CONFIG, ["dataset.label_columns=[gun]"])
+    with pytest.raises(ManifestError, match=r"missing column\(s\) \['gun'\]"):
+        load_manifest(cfg, str(synth_dir))
+
+
+def test_missing_data_location_is_clear(cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_manifest(cfg, str(tmp_path / "nowhere"))
+
+
+def test_auto_audio_parameters_do_not_pad_two_second_clips_to_a_minute(cfg, synth_dir):
+    manifest = load_manifest(cfg, str(synth_dir))
+    choice = choose_audio_parameters(cfg, manifest)
+    assert choice.sample_rate == 48000
+    assert choice.chunk_seconds == 2.0
+    manual = load_config(SEED_CONFIG, ["audio.audio_parameters=Manual"])
+    assert choose_audio_parameters(manual, manifest).chunk_seconds == 60.0
+
+
+def test_folds_are_stratified_and_keep_groups_together(cfg, synth_dir):
+    manifest = load_manifest(cfg, str(synth_dir))
+    manifest.frame["group"] = [f"g{i // 2}" for i in range(len(manifest.frame))]  # pairs of clips
+    folds = assign_folds(manifest, cfg.dataset, seed=1)
+    assert num_folds(cfg.dataset) == 5 and set(folds) == set(range(5))
+    for _, members in manifest.frame.assign(fold=folds).groupby("group"):
+        assert members["fold"].nunique() == 1
+    per_class = manifest.frame.assign(fold=folds).groupby(["label", "fold"]).size().unstack(fill_value=0)
+    assert (per_class.loc[per_class.index != "background"].max(axis=1) <= 4).all()

@@ -1,0 +1,42 @@
+import pytest
+import timm
+import torch
+
+from gunsound.config import ArchitectureConfig
+from gunsound.model import build_model
+
+
+@pytest.mark.parametrize("pool", ["Average", "Max", "GeM", "Average + Max"])
+def test_one_channel_log_mel_in_logits_out(pool):
+    model = build_model(ArchitectureConfig(backbone="resnet18", pretrained=False, pool=pool, dropout=0.2), 9)
+    logits = model(torch.randn(2, 1, 64, 94))
+    assert logits.shape == (2, 9)
+    logits.sum().backward()
+    assert model.backbone.conv1.weight.grad is not None
+
+
+def test_default_backbone_is_resnet50_with_the_seed_settings():
+    model = build_model(ArchitectureConfig(pretrained=False), 9)
+    assert model.backbone.num_features == 2048 and model.backbone.conv1.in_channels == 1
+    assert model.dropout.p == 0.0
+
+
+def test_pretrained_weights_from_a_local_file_fold_rgb_into_one_channel(tmp_path):
+    """The same timm loader that reads hub weights, pointed at a file: RGB stem summed, classifier dropped."""
+    imagenet = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(imagenet.state_dict(), weights)
+    model = build_model(ArchitectureConfig(backbone="resnet18", pretrained=True, pretrained_weights=str(weights)), 9)
+    torch.testing.assert_close(model.backbone.conv1.weight, imagenet.conv1.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(model.backbone.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
+    assert model.head.out_features == 9
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown timm model 'resnet5000'"):
+        build_model(ArchitectureConfig(backbone="resnet5000", pretrained=False), 9)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        build_model(ArchitectureConfig(backbone="resnet18", pretrained_weights=str(tmp_path / "nope.pth")), 9)

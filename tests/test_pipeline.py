@@ -1,0 +1,35 @@
+"""Features through Ray Data on a local Ray."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from gunsound import audio
+from gunsound.config import AudioConfig
+from gunsound.features import FeatureParams, LogMelSpectrogram
+from gunsound.pipeline import feature_dataset
+
+pytestmark = pytest.mark.ray
+
+
+def test_features_match_the_module_and_bad_files_become_error_rows(ray_local, synth_dir, tmp_path):
+    frame = pd.read_parquet(synth_dir / "train.pq").head(12)
+    paths = [str(synth_dir / "Gun_Classifier" / p) for p in frame["image"]]
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF" + b"\x00" * 100)
+    paths += [str(corrupt), str(tmp_path / "missing.wav")]
+    params = FeatureParams.from_config(AudioConfig(mel_frequency_bins=64, stft_window_size=1024))
+    clips = pd.DataFrame({"row": range(len(paths)), "path": paths})
+
+    out = feature_dataset(clips, params, chunk_seconds=2.0).to_pandas().sort_values("row")
+
+    assert list(out["row"]) == list(range(len(paths)))  # every input row comes out exactly once
+    errors = dict(zip(out["path"], out["error"], strict=True))
+    assert "corrupt.wav" in errors[str(corrupt)] and "missing.wav" in errors[str(tmp_path / "missing.wav")]
+    assert all(errors[p] == "" for p in paths[:12])
+    wave, _ = audio.read(paths[0], 48000)
+    expected = LogMelSpectrogram(params)(torch.from_numpy(audio.fit_length(wave, 96000))[None])[0, 0].numpy()
+    got = np.asarray(out.iloc[0]["features"])
+    assert got.shape == (64, 188)
+    np.testing.assert_allclose(got, expected, atol=1e-4)

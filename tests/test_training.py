@@ -1,0 +1,52 @@
+"""One fold trained end to end on a local Ray, through the CLI."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from gunsound.cli import main
+from tests.conftest import LAPTOP_CONFIG, SEED_CONFIG
+
+FAST = ["architecture.backbone=resnet10t", "training.epochs=2", "training.batch_size=16",
+        "audio.mel_frequency_bins=32", "training.warmup_epochs=0.5", "training.gradient_clip=1.0"]
+
+
+def test_dry_run_validates_and_prints_the_plan(synth_dir, capsys):
+    code = main(["train", str(SEED_CONFIG), "--data", str(synth_dir), "--dry-run",
+                 "--set", "architecture.pretrained=false"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "95 clips, 9 classes" in out and "chunk 2 s" in out and "running [4]" in out
+    assert "fold 4" in out and "dry run: nothing trained" in out
+
+
+def test_cli_errors_are_clear_and_nonzero(synth_dir, tmp_path, capsys):
+    assert main(["train", str(SEED_CONFIG), "--data", str(synth_dir), "--set", "training.epochz=1"]) == 2
+    assert "'training.epochz'" in capsys.readouterr().err
+    assert main(["train", str(SEED_CONFIG), "--data", str(tmp_path / "none"), "--dry-run"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_one_fold_end_to_end(ray_local, synth_dir, tmp_path):
+    out = tmp_path / "run"
+    code = main(["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out),
+                 *[arg for kv in FAST for arg in ("--set", kv)]])
+    assert code == 0
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["audio"]["training_chunk_seconds"] == 2.0 and resolved["audio"]["sample_rate"] == 48000
+    metrics = json.loads((out / "metrics.json").read_text())
+    epochs = metrics["folds"]["0"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    for e in epochs:
+        for key in ("train_loss", "valid_loss", "valid_roc_auc", "valid_accuracy", "valid_f1", "lr"):
+            assert key in e and e[key] == e[key]  # present and not NaN
+    assert epochs[1]["lr"] < epochs[0]["lr"]  # cosine decay
+    model = torch.load(out / "fold_0" / "model.pt", weights_only=False)
+    assert len(model["classes"]) == 9 and model["features"]["n_mels"] == 32
+    predictions = pd.read_parquet(out / "fold_0" / "valid_predictions.parquet")
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert sorted(predictions["row"]) == sorted(manifest.loc[manifest["fold"] == 0, "row"])
