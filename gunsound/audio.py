@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
+import torchaudio.transforms as T
 
 from gunsound import storage
 
@@ -58,14 +59,25 @@ def info(path: str, data: bytes | None = None) -> AudioInfo:
 
 
 def to_mono(frames: np.ndarray) -> np.ndarray:
-    return frames.mean(axis=1, dtype=np.float32) if frames.ndim == 2 else frames.astype(np.float32, copy=False)
+    if frames.ndim == 1:
+        return frames.astype(np.float32, copy=False)
+    if frames.shape[1] == 1:
+        return np.ascontiguousarray(frames[:, 0], dtype=np.float32)
+    return frames.mean(axis=1, dtype=np.float32)
+
+
+@lru_cache(maxsize=16)
+def _resampler(orig_sr: int, target_sr: int) -> T.Resample:
+    # The windowed-sinc kernel is built once per rate pair, not once per clip.
+    return T.Resample(orig_sr, target_sr)
 
 
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """Band-limited resampling (torchaudio's windowed sinc)."""
     if orig_sr == target_sr or wave.size == 0:
         return wave.astype(np.float32, copy=False)
-    out = AF.resample(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), orig_sr, target_sr)
+    with torch.inference_mode():
+        out = _resampler(orig_sr, target_sr)(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)))
     return out.numpy()
 
 

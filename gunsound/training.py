@@ -29,7 +29,15 @@ import torch.nn.functional as F
 
 from gunsound import storage
 from gunsound.config import Config, ConfigError, config_from_dict
-from gunsound.dataset import AudioChoice, Manifest, Problem, assign_folds, choose_audio_parameters, load_manifest, num_folds
+from gunsound.dataset import (
+    AudioChoice,
+    Manifest,
+    Problem,
+    assign_folds,
+    choose_audio_parameters,
+    load_manifest,
+    num_folds,
+)
 from gunsound.features import FeatureParams, mel_frames
 from gunsound.metrics import classification_metrics
 from gunsound.model import build_model
@@ -338,6 +346,7 @@ def _worker_sizing(cfg: Config, gpus_in_cluster: float) -> tuple[int, float, flo
 def featurize(plan: TrainingPlan, drop_bad_rows: bool = False):
     """Features of every clip in the manifest, materialized once for all folds."""
     import ray.data
+    from ray.data.expressions import col
 
     from gunsound.pipeline import feature_dataset
 
@@ -347,9 +356,8 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False):
     targets = plan.manifest.targets(plan.cfg.dataset.background_label)
     clips = pd.DataFrame({"row": frame["row"].to_numpy(), "path": frame["path"], "fold": plan.folds,
                           "target": list(targets)})
-    ds = feature_dataset(clips, plan.features, plan.audio.chunk_seconds,
-                         feature_actors=max(1, plan.cfg.environment.number_of_workers // 4)).materialize()
-    errors = ds.select_columns(["row", "path", "error"]).filter(lambda r: r["error"] != "").to_pandas()
+    ds = feature_dataset(clips, plan.features, plan.audio.chunk_seconds).materialize()
+    errors = ds.select_columns(["row", "path", "error"]).filter(expr=col("error") != "").to_pandas()
     if len(errors):
         problems = [Problem(int(r.row), r.path, r.error) for r in errors.itertuples()]
         if not drop_bad_rows:
@@ -358,13 +366,14 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False):
             raise ManifestError(plan.manifest.source, problems)
         for p in problems:
             log.warning("dropped row %d %s: %s", p.row, p.path, p.reason)
-        ds = ds.filter(lambda r: r["error"] == "").materialize()
+        ds = ds.filter(expr=col("error") == "").materialize()
     return ds
 
 
 def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
     """Train every planned fold; returns the metrics written to metrics.json."""
     import ray.train
+    from ray.data.expressions import col
     from ray.train.torch import TorchTrainer
 
     from gunsound.pipeline import cluster_gpus, init_ray
@@ -384,8 +393,8 @@ def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
     results: dict = {"classes": plan.manifest.classes, "audio": {"sample_rate": plan.audio.sample_rate,
                      "chunk_seconds": plan.audio.chunk_seconds, "reason": plan.audio.reason}, "folds": {}}
     for k in plan.fold_ids:
-        train_ds = ds.filter(lambda r, k=k: r["fold"] != k).select_columns(["features", "target"])
-        valid_ds = ds.filter(lambda r, k=k: r["fold"] == k).select_columns(["row", "features", "target"])
+        train_ds = ds.filter(expr=col("fold") != k).select_columns(["features", "target"])
+        valid_ds = ds.filter(expr=col("fold") == k).select_columns(["row", "features", "target"])
         n_train = int((plan.folds != k).sum())
         per_worker = n_train // workers
         t = plan.cfg.training
