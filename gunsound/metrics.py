@@ -5,7 +5,14 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 
 def predicted_labels(probs: np.ndarray, classes: list[str], threshold: float, background: str | None) -> list[str]:
@@ -42,3 +49,26 @@ def classification_metrics(
     loss = (float(log_loss(targets[fg].argmax(axis=1), normalised, labels=list(range(len(classes)))))
             if fg.any() else float("nan"))
     return {"roc_auc": auc, "accuracy": float(accuracy_score(truth, pred)), "f1": f1, "log_loss": loss}
+
+
+def per_class_report(
+    probs: np.ndarray, targets: np.ndarray, classes: list[str], threshold: float = 0.5, background: str = "background"
+) -> dict:
+    """Per-class precision, recall, F1 and support, and the confusion matrix (rows true, columns predicted)."""
+    has_background = bool((targets.max(axis=1) == 0).any())
+    truth = true_labels(targets, classes, background)
+    pred = predicted_labels(probs, classes, threshold, background if has_background else None)
+    labels = list(classes) + ([background] if has_background or background in pred else [])
+    precision, recall, f1, support = precision_recall_fscore_support(truth, pred, labels=labels, zero_division=0)
+    return {
+        "labels": labels,
+        "per_class": {lab: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+                      for lab, p, r, f, n in zip(labels, precision, recall, f1, support, strict=True)},
+        "confusion_matrix": confusion_matrix(truth, pred, labels=labels).tolist(),
+    }
+
+
+def mean_and_spread(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(np.nanmean(arr)), "std": float(np.nanstd(arr)), "min": float(np.nanmin(arr)),
+            "max": float(np.nanmax(arr)), "n": int(np.isfinite(arr).sum())}

@@ -102,13 +102,36 @@ def prepare(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = Fa
     choice = choose_audio_parameters(resolved, manifest)
     resolved.audio.sample_rate = choice.sample_rate
     resolved.audio.training_chunk_seconds = choice.chunk_seconds
+    params = FeatureParams.from_config(resolved.audio, choice.sample_rate)
+    if resolved.dataset.validation_dataframe:
+        manifest, folds = _with_validation_dataframe(resolved, manifest, data, drop_bad_rows)
+        notes.append(f"note            validation from {resolved.dataset.validation_dataframe} (one split, fold 0)")
+        return TrainingPlan(resolved, manifest, folds, choice, params, output, [0], notes)
     k = num_folds(resolved.dataset)
     bad = [f for f in resolved.dataset.folds if f >= k]
     if bad:
         raise ConfigError(f"dataset.folds {bad}: validation_size {resolved.dataset.validation_size} gives folds 0..{k - 1}")
     folds = assign_folds(manifest, resolved.dataset, resolved.environment.seed)
-    params = FeatureParams.from_config(resolved.audio, choice.sample_rate)
     return TrainingPlan(resolved, manifest, folds, choice, params, output, list(resolved.dataset.folds), notes)
+
+
+def _with_validation_dataframe(cfg: Config, train: Manifest, data: str | None,
+                               drop_bad_rows: bool) -> tuple[Manifest, np.ndarray]:
+    """A separate validation dataframe: its clips form fold 0 and every training clip trains (fold -1).
+    Its rows are numbered after the training dataframe's so that `row` stays a unique key."""
+    vcfg = config_from_dict(cfg.to_dict())
+    vcfg.dataset.train_dataframe = cfg.dataset.validation_dataframe
+    valid = load_manifest(vcfg, data, drop_bad_rows=drop_bad_rows)
+    offset = int(train.frame["row"].max()) + 1
+    vframe = valid.frame.assign(row=valid.frame["row"] + offset)
+    overlap = set(train.frame["path"]) & set(vframe["path"])
+    if overlap:
+        raise ConfigError(f"dataset.validation_dataframe shares {len(overlap)} file(s) with the training data, "
+                          f"e.g. {sorted(overlap)[0]}")
+    frame = pd.concat([train.frame, vframe], ignore_index=True)
+    classes = sorted(set(train.classes) | set(valid.classes))
+    folds = np.r_[np.full(len(train.frame), -1), np.zeros(len(vframe), dtype=np.int64)]
+    return Manifest(frame, classes, train.source, dropped=train.dropped + valid.dropped), folds
 
 
 # ---------------------------------------------------------------- the loop that runs on every worker
@@ -244,7 +267,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
 
     history: list[dict] = []
-    start_epoch = 0
+    start_epoch, best_score, best_epoch = 0, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker or a rerun of the same command
         with checkpoint.as_directory() as d:
@@ -254,6 +277,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         history, start_epoch = state["history"], state["epoch"] + 1
+        best_score, best_epoch = state["best_score"], state["best_epoch"]
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
 
@@ -263,7 +287,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(start_epoch, t.epochs):
         started = time.perf_counter()
         model.train()
-        batch_losses, seen = [], 0
+        batch_losses, seen, train_probs, train_targets = [], 0, [], []
         optimizer.zero_grad(set_to_none=True)
         batches = train_shard.iter_torch_batches(
             batch_size=t.batch_size, drop_last=t.drop_last_batch, local_shuffle_buffer_size=4 * t.batch_size,
@@ -274,7 +298,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             y = batch["target"].to(device, non_blocking=True)
             x, y = mixup(spec_augment(x, cfg), y, cfg)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                loss = loss_fn(model(x).float(), y, t.loss_function)
+                logits = model(x).float()
+                loss = loss_fn(logits, y, t.loss_function)
             scaler.scale(loss / t.grad_accumulation).backward()
             if (step + 1) % t.grad_accumulation == 0:
                 if t.gradient_clip > 0:
@@ -286,8 +311,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 scheduler.step()
             batch_losses.append(loss.item())
             seen += len(y)
+            if t.calculate_train_metric:
+                train_probs.append(probabilities(logits.detach().float(), t.loss_function).cpu().numpy())
+                train_targets.append((y > 0.5).float().cpu().numpy())
         metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(batch_losses)) if batch_losses else float("nan"),
                    "train_batch_loss": batch_losses, "lr": scheduler.get_last_lr()[0], "train_clips": seen}
+        if train_probs:  # on the augmented training batches, as seen by this worker
+            metrics.update({f"train_{k}": v for k, v in classification_metrics(
+                np.concatenate(train_probs), np.concatenate(train_targets), classes,
+                cfg.prediction.probability_threshold, cfg.dataset.background_label).items()})
         last = epoch + 1 == t.epochs
         predictions = None
         if rank == 0 and ((epoch + 1) % eval_every == 0 or last):
@@ -301,6 +333,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         if rank == 0:
             history.append(metrics)
+            score = metrics.get(METRIC_KEYS[cfg.prediction.metric])
+            if score is not None and (best_score is None or _better(score, best_score, cfg.prediction.metric)):
+                best_score, best_epoch = score, epoch + 1
+                if t.save_best_checkpoint:
+                    storage.write_bytes(storage.join(fold_dir, "best_state.pt"), _save_state(core.state_dict()))
             storage.write_text(storage.join(fold_dir, "metrics.json"), json.dumps(history, indent=1))
             if last and predictions is not None:
                 frame = pd.DataFrame({"row": predictions["row"]})
@@ -310,12 +347,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _write_parquet(frame, storage.join(fold_dir, "valid_predictions.parquet"))
             state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "history": history}
+                     "epoch": epoch, "history": history, "best_score": best_score, "best_epoch": best_epoch}
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / "state.pt").write_bytes(_save_state(state))
                 ray.train.report(_scalar_metrics(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(_scalar_metrics(metrics))
+
+
+METRIC_KEYS = {"ROC_AUC": "valid_roc_auc", "Accuracy": "valid_accuracy", "F1": "valid_f1", "LogLoss": "valid_log_loss"}
+
+
+def _better(score: float, best: float, metric: str) -> bool:
+    return score < best if metric == "LogLoss" else score > best
 
 
 def _scalar_metrics(metrics: dict) -> dict:
@@ -370,11 +414,83 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False):
     return ds
 
 
-def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
-    """Train every planned fold; returns the metrics written to metrics.json."""
+def fit_fold(plan: TrainingPlan, k: int, train_ds, valid_ds, workers: int, gpus_per_worker: float,
+             cpus_per_worker: float) -> dict:
+    """Train one fold with Ray Train and export its model; returns the fold's epoch history."""
     import ray.train
-    from ray.data.expressions import col
     from ray.train.torch import TorchTrainer
+
+    storage.configure_s3(plan.cfg.storage.endpoint_url, plan.cfg.storage.region)
+    out, t = plan.output, plan.cfg.training
+    n_train = int(np.sum(plan.folds != k)) + (int(np.sum(plan.folds == k)) if t.train_validation_data else 0)
+    per_worker = n_train // workers
+    batches = per_worker // t.batch_size if t.drop_last_batch else math.ceil(per_worker / t.batch_size)
+    fold_dir = storage.join(out, f"fold_{k}")
+    storage_path, storage_fs = storage.storage_path_for_ray(storage.join(out, "ray"))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": plan.cfg.to_dict(), "classes": plan.manifest.classes, "fold_dir": fold_dir,
+                           "optimizer_steps_per_epoch": max(1, batches // t.grad_accumulation)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=gpus_per_worker > 0,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"fold_{k}", storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train_ds, "valid": valid_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
+    weights = state["model"]
+    if t.save_best_checkpoint and storage.exists(storage.join(fold_dir, "best_state.pt")):
+        weights = torch.load(io.BytesIO(storage.read_bytes(storage.join(fold_dir, "best_state.pt"))),
+                             map_location="cpu", weights_only=False)
+    export = {"state_dict": weights, "classes": plan.manifest.classes, "features": asdict(plan.features),
+              "chunk_seconds": plan.audio.chunk_seconds, "architecture": asdict(plan.cfg.architecture),
+              "loss_function": t.loss_function, "probability_threshold": plan.cfg.prediction.probability_threshold,
+              "fold": k, "best_epoch": state.get("best_epoch")}
+    storage.write_bytes(storage.join(fold_dir, "model.pt"), _save_state(export))
+    return {"epochs": [_scalar_metrics(m) for m in state["history"]], "final": _scalar_metrics(state["history"][-1])}
+
+
+def cross_validate(plan: TrainingPlan) -> dict:
+    """Out-of-fold predictions of every planned fold -> oof_predictions.parquet and the CV metrics."""
+    from gunsound.metrics import classification_metrics, mean_and_spread, per_class_report
+
+    classes, cfg = plan.manifest.classes, plan.cfg
+    frames = []
+    for k in plan.fold_ids:
+        pred = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(plan.output, f"fold_{k}",
+                                                                           "valid_predictions.parquet"))))
+        frames.append(pred.assign(fold=k))
+    oof = pd.concat(frames, ignore_index=True)
+    manifest = plan.manifest.frame.set_index("row")
+    oof.insert(1, "file", manifest.loc[oof["row"], "rel_path"].to_numpy())
+    oof.insert(2, "label", manifest.loc[oof["row"], "label"].to_numpy())
+    _write_parquet(oof, storage.join(plan.output, "oof_predictions.parquet"))
+    probs = oof[[f"prob_{c}" for c in classes]].to_numpy()
+    targets = oof[[f"true_{c}" for c in classes]].to_numpy()
+    args = (cfg.prediction.probability_threshold, cfg.dataset.background_label)
+    per_fold = {}
+    for k, part in oof.groupby("fold"):
+        per_fold[str(k)] = classification_metrics(part[[f"prob_{c}" for c in classes]].to_numpy(),
+                                                  part[[f"true_{c}" for c in classes]].to_numpy(), classes, *args)
+    summary = {name: mean_and_spread([m[name] for m in per_fold.values()])
+               for name in ("roc_auc", "accuracy", "f1", "log_loss")}
+    return {"folds": plan.fold_ids, "per_fold": per_fold, "mean_over_folds": summary,
+            "pooled": classification_metrics(probs, targets, classes, *args),
+            **per_class_report(probs, targets, classes, *args)}
+
+
+def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
+    """Train every planned fold (concurrently when the cluster has room); returns what metrics.json holds."""
+    import ray
+    from ray.data.expressions import col
 
     from gunsound.pipeline import cluster_gpus, init_ray
 
@@ -382,51 +498,33 @@ def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
     out = plan.output
     storage.makedirs(out)
     storage.write_text(storage.join(out, "config.yaml"), plan.cfg.to_yaml())
-    manifest = plan.manifest.frame.assign(fold=plan.folds)
-    _write_parquet(manifest, storage.join(out, "manifest.parquet"))
+    _write_parquet(plan.manifest.frame.assign(fold=plan.folds), storage.join(out, "manifest.parquet"))
     if plan.manifest.dropped:
         _write_parquet(pd.DataFrame([asdict(p) for p in plan.manifest.dropped]), storage.join(out, "dropped_rows.parquet"))
 
     ds = featurize(plan, drop_bad_rows)
     workers, gpus_per_worker, cpus_per_worker = _worker_sizing(plan.cfg, cluster_gpus())
-    storage_path, storage_fs = storage.storage_path_for_ray(storage.join(out, "ray"))
+    # A fold's driver holds almost nothing; its Train workers reserve their own resources, so folds
+    # queue for workers when the cluster is full and run side by side when it is not.
+    remote_fit = ray.remote(num_cpus=0.01, max_retries=0)(fit_fold)
+    pending = {}
+    for k in plan.fold_ids:
+        # Materialized here so the Train workers read blocks and need no CPU for Ray Data tasks.
+        train_all = ds if plan.cfg.training.train_validation_data else ds.filter(expr=col("fold") != k)
+        train_ds = train_all.select_columns(["features", "target"]).materialize()
+        valid_ds = ds.filter(expr=col("fold") == k).select_columns(["row", "features", "target"]).materialize()
+        log.info("fold %d: %d train / %d validation clips on %d worker(s)", k, train_ds.count(), valid_ds.count(),
+                 workers)
+        pending[k] = remote_fit.remote(plan, k, train_ds, valid_ds, workers, gpus_per_worker, cpus_per_worker)
     results: dict = {"classes": plan.manifest.classes, "audio": {"sample_rate": plan.audio.sample_rate,
                      "chunk_seconds": plan.audio.chunk_seconds, "reason": plan.audio.reason}, "folds": {}}
-    for k in plan.fold_ids:
-        train_ds = ds.filter(expr=col("fold") != k).select_columns(["features", "target"])
-        valid_ds = ds.filter(expr=col("fold") == k).select_columns(["row", "features", "target"])
-        n_train = int((plan.folds != k).sum())
-        per_worker = n_train // workers
-        t = plan.cfg.training
-        batches = per_worker // t.batch_size if t.drop_last_batch else math.ceil(per_worker / t.batch_size)
-        fold_dir = storage.join(out, f"fold_{k}")
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"config": plan.cfg.to_dict(), "classes": plan.manifest.classes,
-                               "fold_dir": fold_dir,
-                               "optimizer_steps_per_epoch": max(1, batches // t.grad_accumulation)},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=workers, use_gpu=gpus_per_worker > 0,
-                resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
-            ),
-            run_config=ray.train.RunConfig(
-                name=f"fold_{k}", storage_path=storage_path, storage_filesystem=storage_fs,
-                failure_config=ray.train.FailureConfig(max_failures=3),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            ),
-            datasets={"train": train_ds, "valid": valid_ds},
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        )
-        log.info("fold %d: training on %d worker(s)", k, workers)
-        result = trainer.fit()
-        with result.checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
-        export = {"state_dict": state["model"], "classes": plan.manifest.classes,
-                  "features": asdict(plan.features), "chunk_seconds": plan.audio.chunk_seconds,
-                  "architecture": asdict(plan.cfg.architecture), "loss_function": t.loss_function,
-                  "probability_threshold": plan.cfg.prediction.probability_threshold, "fold": k}
-        storage.write_bytes(storage.join(fold_dir, "model.pt"), _save_state(export))
-        results["folds"][str(k)] = {"epochs": [_scalar_metrics(m) for m in state["history"]],
-                                    "final": _scalar_metrics(state["history"][-1])}
-        storage.write_text(storage.join(out, "metrics.json"), json.dumps(results, indent=1))
+    for k, ref in pending.items():
+        results["folds"][str(k)] = ray.get(ref)
+    results["cv"] = cross_validate(plan)
+    storage.write_text(storage.join(out, "metrics.json"), json.dumps(results, indent=1))
+    storage.write_text(storage.join(out, "ensemble.json"), json.dumps(
+        {"models": [f"fold_{k}/model.pt" for k in plan.fold_ids], "combine": "mean_probability"}, indent=1))
+    from gunsound.report import write_report
+
+    log.info("report: %s", write_report(out))
     return results

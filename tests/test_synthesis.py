@@ -15,8 +15,11 @@ def test_layout_formats_and_determinism(tmp_path):
     b = generate_dataset(tmp_path / "b", clips_per_class=3, background=2, seed=3)
     pd.testing.assert_frame_equal(a, b)
     assert set(a["class"]) == set(CLASSES) | {"background"}
-    first = a.iloc[0]["image"]
-    assert (tmp_path / "a" / "Gun_Classifier" / first).read_bytes() == (tmp_path / "b" / "Gun_Classifier" / first).read_bytes()
+    for rel in a["image"]:  # samples, not bytes: float WAVs carry a PEAK chunk with a timestamp
+        wave_a, sr_a = sf.read(tmp_path / "a" / "Gun_Classifier" / rel)
+        wave_b, sr_b = sf.read(tmp_path / "b" / "Gun_Classifier" / rel)
+        assert sr_a == sr_b
+        np.testing.assert_array_equal(wave_a, wave_b)
     assert pd.read_parquet(tmp_path / "a" / "train.pq").shape == a.shape
     assert (a.loc[a["class"] == "background", "num_shots"] == 0).all()
     assert (a.loc[a["class"] != "background", "num_shots"] > 0).all()

@@ -31,22 +31,36 @@ def test_cli_errors_are_clear_and_nonzero(synth_dir, tmp_path, capsys):
 
 
 @pytest.mark.ray
-def test_one_fold_end_to_end(ray_local, synth_dir, tmp_path):
+def test_two_folds_end_to_end_with_cv_metrics_and_report(ray_local, synth_dir, tmp_path):
     out = tmp_path / "run"
     code = main(["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out),
-                 *[arg for kv in FAST for arg in ("--set", kv)]])
+                 *[arg for kv in FAST for arg in ("--set", kv)],
+                 "--set", "dataset.validation_size=0.5", "--set", "dataset.folds=[0, 1]"])
     assert code == 0
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["audio"]["training_chunk_seconds"] == 2.0 and resolved["audio"]["sample_rate"] == 48000
     metrics = json.loads((out / "metrics.json").read_text())
-    epochs = metrics["folds"]["0"]["epochs"]
-    assert [e["epoch"] for e in epochs] == [1, 2]
-    for e in epochs:
-        for key in ("train_loss", "valid_loss", "valid_roc_auc", "valid_accuracy", "valid_f1", "lr"):
-            assert key in e and e[key] == e[key]  # present and not NaN
-    assert epochs[1]["lr"] < epochs[0]["lr"]  # cosine decay
-    model = torch.load(out / "fold_0" / "model.pt", weights_only=False)
-    assert len(model["classes"]) == 9 and model["features"]["n_mels"] == 32
-    predictions = pd.read_parquet(out / "fold_0" / "valid_predictions.parquet")
+    for fold in ("0", "1"):
+        epochs = metrics["folds"][fold]["epochs"]
+        assert [e["epoch"] for e in epochs] == [1, 2]
+        for e in epochs:
+            for key in ("train_loss", "valid_loss", "valid_roc_auc", "valid_accuracy", "valid_f1", "lr"):
+                assert key in e and e[key] == e[key]  # present and not NaN
+        assert epochs[1]["lr"] < epochs[0]["lr"]  # cosine decay
+        model = torch.load(out / f"fold_{fold}" / "model.pt", weights_only=False)
+        assert len(model["classes"]) == 9 and model["features"]["n_mels"] == 32
+    # Out-of-fold predictions cover every clip exactly once.
+    oof = pd.read_parquet(out / "oof_predictions.parquet")
     manifest = pd.read_parquet(out / "manifest.parquet")
-    assert sorted(predictions["row"]) == sorted(manifest.loc[manifest["fold"] == 0, "row"])
+    assert sorted(oof["row"]) == sorted(manifest["row"])
+    assert (oof.set_index("row")["fold"].sort_index() == manifest.set_index("row")["fold"].sort_index()).all()
+    cv = metrics["cv"]
+    assert set(cv["mean_over_folds"]) == {"roc_auc", "accuracy", "f1", "log_loss"}
+    assert cv["mean_over_folds"]["roc_auc"]["n"] == 2 and cv["mean_over_folds"]["roc_auc"]["std"] >= 0
+    assert sum(map(sum, cv["confusion_matrix"])) == len(manifest)
+    assert set(cv["per_class"]) >= set(model["classes"])
+    assert json.loads((out / "ensemble.json").read_text())["models"] == ["fold_0/model.pt", "fold_1/model.pt"]
+    page = (out / "report.html").read_text()
+    for chart in ("learning_rate.png", "train_batch_loss.png", "validation_curves.png", "confusion_matrix.png",
+                  "per_class.png", "train_spectrograms.png", "valid_predictions.png", "grad_cam.png"):
+        assert f'src="{chart}"' in page and (out / chart).stat().st_size > 1000

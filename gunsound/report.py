@@ -1,0 +1,226 @@
+"""The experiment report: report.html with PNG charts beside it, readable from disk without a server."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from gunsound import audio, storage  # noqa: E402
+from gunsound.features import FeatureParams, LogMelSpectrogram  # noqa: E402
+from gunsound.model import build_model  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def _save(fig, out: str, name: str) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    storage.write_bytes(storage.join(out, name), buffer.getvalue())
+    return name
+
+
+def _fold_histories(out: str, folds: list[str]) -> dict[str, list[dict]]:
+    histories = {}
+    for k in folds:
+        uri = storage.join(out, f"fold_{k}", "metrics.json")
+        if storage.exists(uri):
+            histories[k] = json.loads(storage.read_text(uri))
+    return histories
+
+
+def _curves(histories: dict[str, list[dict]], out: str, metric_key: str) -> list[str]:
+    charts = []
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for k, hist in histories.items():
+        ax.plot([h["epoch"] for h in hist], [h["lr"] for h in hist], marker="o", label=f"fold {k}")
+    ax.set(xlabel="epoch", ylabel="learning rate (end of epoch)", title="Learning rate")
+    ax.legend(fontsize=7)
+    charts.append(_save(fig, out, "learning_rate.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for k, hist in histories.items():
+        losses = [loss for h in hist for loss in h.get("train_batch_loss", [])]
+        ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.8, label=f"fold {k}")
+    ax.set(xlabel="training batch", ylabel="loss", title="Training loss per batch")
+    ax.legend(fontsize=7)
+    charts.append(_save(fig, out, "train_batch_loss.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for k, hist in histories.items():
+        evaluated = [h for h in hist if "valid_loss" in h]
+        axes[0].plot([h["epoch"] for h in evaluated], [h["valid_loss"] for h in evaluated], marker="o", label=f"fold {k}")
+        axes[1].plot([h["epoch"] for h in evaluated], [h.get(metric_key) for h in evaluated], marker="o",
+                     label=f"fold {k}")
+    axes[0].set(xlabel="epoch", ylabel="loss", title="Validation loss")
+    axes[1].set(xlabel="epoch", ylabel=metric_key, title=f"Validation {metric_key.removeprefix('valid_')}")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    charts.append(_save(fig, out, "validation_curves.png"))
+    return charts
+
+
+def _confusion(cv: dict, out: str) -> str:
+    labels, matrix = cv["labels"], np.array(cv["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(0.6 * len(labels) + 2, 0.6 * len(labels) + 1.5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                color="white" if v > matrix.max() / 2 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (out of fold)")
+    return _save(fig, out, "confusion_matrix.png")
+
+
+def _per_class(cv: dict, out: str) -> str:
+    labels = cv["labels"]
+    precision = [cv["per_class"][lab]["precision"] for lab in labels]
+    recall = [cv["per_class"][lab]["recall"] for lab in labels]
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(0.7 * len(labels) + 2, 3.2))
+    ax.bar(x - 0.2, precision, 0.4, label="precision")
+    ax.bar(x + 0.2, recall, 0.4, label="recall")
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
+    ax.set(ylim=(0, 1.05), title="Per-class precision and recall (out of fold)")
+    ax.legend(fontsize=7)
+    return _save(fig, out, "per_class.png")
+
+
+def _log_mels(paths: list[str], params: FeatureParams, chunk_seconds: float) -> torch.Tensor:
+    chunk = int(round(chunk_seconds * params.sample_rate))
+    waves = np.stack([audio.fit_length(audio.read(p, params.sample_rate)[0], chunk) for p in paths])
+    with torch.inference_mode():
+        return LogMelSpectrogram(params)(torch.from_numpy(waves))
+
+
+def _tiles(specs: np.ndarray, titles: list[str], out: str, name: str, overlays: np.ndarray | None = None) -> str:
+    n = len(specs)
+    cols = min(4, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax in enumerate(axes.flat[:n]):
+        ax.imshow(specs[i], origin="lower", aspect="auto", cmap="magma")
+        if overlays is not None:
+            ax.imshow(overlays[i], origin="lower", aspect="auto", cmap="jet", alpha=0.4)
+        ax.set_title(titles[i], fontsize=7)
+    return _save(fig, out, name)
+
+
+def grad_cam(model: torch.nn.Module, spec: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """Grad-CAM on the backbone's last feature map, for the given class of each clip, upsampled to the
+    spectrogram (batch, mels, frames) and scaled to [0, 1]."""
+    model.eval()
+    spec = spec.clone().requires_grad_(False)
+    features = model.backbone.forward_features(spec)
+    features.retain_grad()
+    logits = model.head(model.dropout(model.pool(features)))
+    logits.gather(1, target[:, None]).sum().backward()
+    weights = features.grad.mean(dim=(-2, -1), keepdim=True)
+    cam = torch.relu((weights * features).sum(dim=1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=spec.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    cam = cam / cam.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
+    return cam.detach().numpy()
+
+
+def _examples(out: str, cfg: dict, classes: list[str], folds: list[str]) -> list[str]:
+    """Spectrogram tiles of training clips, validation predictions, and Grad-CAM saliency."""
+    model_uri = storage.join(out, f"fold_{folds[0]}", "model.pt")
+    if not storage.exists(model_uri):
+        return []
+    saved = torch.load(io.BytesIO(storage.read_bytes(model_uri)), map_location="cpu", weights_only=False)
+    params = FeatureParams(**saved["features"])
+    n = max(1, int(cfg.get("logging", {}).get("number_of_audios", 8)))
+    manifest = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(out, "manifest.parquet"))))
+    fold = int(folds[0])
+    charts = []
+    train = manifest[manifest["fold"] != fold].sample(min(n, (manifest["fold"] != fold).sum()), random_state=0)
+    specs = _log_mels(list(train["path"]), params, saved["chunk_seconds"])
+    charts.append(_tiles(specs[:, 0].numpy(), [f"{lab}\n{p.rsplit('/', 1)[-1]}" for lab, p in
+                                               zip(train["label"], train["rel_path"], strict=True)],
+                         out, "train_spectrograms.png"))
+    oof_uri = storage.join(out, "oof_predictions.parquet")
+    if not storage.exists(oof_uri):
+        return charts
+    oof = pd.read_parquet(io.BytesIO(storage.read_bytes(oof_uri)))
+    oof = oof[oof["fold"] == fold].sample(min(n, int((oof["fold"] == fold).sum())), random_state=0)
+    paths = list(manifest.set_index("row").loc[oof["row"], "path"])
+    probs = oof[[f"prob_{c}" for c in classes]].to_numpy()
+    top = probs.argmax(axis=1)
+    titles = [f"true {lab}\npred {classes[t]} ({p[t]:.2f})" for lab, t, p in zip(oof["label"], top, probs, strict=True)]
+    specs = _log_mels(paths, params, saved["chunk_seconds"])
+    charts.append(_tiles(specs[:, 0].numpy(), titles, out, "valid_predictions.png"))
+    if cfg.get("training", {}).get("run_interpretations", True):
+        model = build_model(_arch(saved["architecture"]), len(classes), pretrained=False)
+        model.load_state_dict(saved["state_dict"])
+        cams = grad_cam(model, specs, torch.from_numpy(top))
+        charts.append(_tiles(specs[:, 0].numpy(), [t.replace("\n", ", ") for t in titles], out, "grad_cam.png", cams))
+    return charts
+
+
+def _arch(data: dict):
+    from gunsound.config import ArchitectureConfig
+
+    return ArchitectureConfig(**data)
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(out: str) -> str:
+    """Write OUT/report.html and its charts from what a run wrote under OUT; returns the report's URI."""
+    metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
+    cfg = yaml.safe_load(storage.read_text(storage.join(out, "config.yaml")))
+    classes = metrics["classes"]
+    folds = list(metrics["folds"])
+    metric_key = {"ROC_AUC": "valid_roc_auc", "Accuracy": "valid_accuracy", "F1": "valid_f1",
+                  "LogLoss": "valid_log_loss"}[cfg["prediction"]["metric"]]
+    histories = _fold_histories(out, folds)
+    charts = _curves(histories, out, metric_key)
+    sections = []
+    cv = metrics.get("cv")
+    if cv:
+        summary = [(name, f"{s['mean']:.4f}", f"{s['std']:.4f}", f"{s['min']:.4f}", f"{s['max']:.4f}", s["n"])
+                   for name, s in cv["mean_over_folds"].items()]
+        sections.append("<h2>Cross-validated metrics</h2>" + _table(summary, ("metric", "mean", "std", "min", "max",
+                                                                                "folds")))
+        pooled = [(k, f"{v:.4f}") for k, v in cv["pooled"].items()]
+        sections.append("<h3>Pooled out-of-fold</h3>" + _table(pooled, ("metric", "value")))
+        per_class = [(lab, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"])
+                     for lab, v in cv["per_class"].items()]
+        sections.append("<h3>Per class</h3>" + _table(per_class, ("class", "precision", "recall", "F1", "clips")))
+        charts += [_confusion(cv, out), _per_class(cv, out)]
+    try:
+        charts += _examples(out, cfg, classes, folds)
+    except (audio.AudioError, OSError, KeyError) as exc:  # the report never fails a finished run
+        log.warning("report: example spectrograms skipped: %s", exc)
+    images = "".join(f'<figure><img src="{c}" alt="{c}"><figcaption>{c}</figcaption></figure>' for c in charts)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(cfg['experiment_name'])}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:inline-block;margin:1em}}
+img{{max-width:100%}}</style></head><body>
+<h1>{html.escape(cfg['experiment_name'])}</h1>
+<p>{len(classes)} classes; folds {', '.join(folds)}; backbone {html.escape(cfg['architecture']['backbone'])};
+audio: {html.escape(metrics['audio']['reason'])}</p>
+{''.join(sections)}
+<h2>Charts</h2>{images}
+</body></html>"""
+    uri = storage.join(out, "report.html")
+    storage.write_text(uri, page)
+    return uri
