@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from gunsound import storage
 from gunsound.config import ConfigError, load_config
 from gunsound.dataset import ManifestError
 
@@ -47,6 +48,38 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser)
+    parser.add_argument("--num-samples", type=int, default=8, help="trials to sample (default 8)")
+    parser.add_argument("--then-train", action="store_true", help="then train every fold with the best config")
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from gunsound import training, tuning
+
+    cfg = load_config(args.config, args.overrides)
+    output = args.output or str(Path("outputs") / cfg.experiment_name)
+    plan = training.prepare(cfg, args.data, output, drop_bad_rows=args.drop_bad_rows)
+    print(plan.describe())
+    print("search space: " + ", ".join(f"{k} {v}" for k, v in tuning.search_space(plan.cfg).items()))
+    if args.dry_run:
+        print("dry run: nothing tuned")
+        return 0
+    result = tuning.run_tune(plan, args.num_samples)
+    print(result.table.to_string(index=False))
+    print(f"best: {result.best_params}")
+    print(f"best config: {result.best_config_uri}")
+    if args.then_train:
+        final = training.prepare(result.best_config, args.data, storage.join(output, "best"), args.drop_bad_rows)
+        final.cfg.dataset.folds = list(range(training.num_folds(final.cfg.dataset)))
+        final.fold_ids = final.cfg.dataset.folds
+        results = training.run(final, drop_bad_rows=args.drop_bad_rows)
+        cv = results["cv"]["mean_over_folds"]
+        print("cross-validated: " + ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in cv.items()))
+        print(f"outputs: {final.output}")
+    return 0
+
+
 def run_synth(args: argparse.Namespace) -> int:
     from gunsound.synthesis import generate_dataset
 
@@ -63,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the folds of an experiment on Ray")
     add_run_arguments(train)
     train.set_defaults(func=run_train)
+
+    tune = sub.add_parser("tune", help="sweep learning rate, epochs and search_space with Ray Tune (ASHA)")
+    add_tune_arguments(tune)
+    tune.set_defaults(func=run_tune)
 
     synth = sub.add_parser("synth", help="write a synthetic gunshot dataset (Hydrogen Torch layout)")
     synth.add_argument("out", help="output folder")
@@ -84,7 +121,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     setup_logging(getattr(args, "verbose", False))
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, ManifestError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

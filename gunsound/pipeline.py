@@ -32,7 +32,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     # A laptop: a local Ray with a modest object store (Ray's default is 30% of RAM).
-    ray.init(num_cpus=num_cpus, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=True)
+    # The dashboard serves the State API, which Ray Train uses to clean up after stopped trials and folds.
+    ray.init(num_cpus=num_cpus, object_store_memory=1 << 30, include_dashboard=True, log_to_driver=True)
 
 
 def cluster_gpus() -> float:

@@ -375,7 +375,7 @@ def _write_parquet(frame: pd.DataFrame, uri: str) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def _worker_sizing(cfg: Config, gpus_in_cluster: float) -> tuple[int, float, float]:
+def worker_sizing(cfg: Config, gpus_in_cluster: float) -> tuple[int, float, float]:
     env = cfg.environment
     gpus_per_worker = env.gpus_per_worker if env.gpus_per_worker is not None else (1.0 if gpus_in_cluster else 0.0)
     if env.workers_per_fold is not None:
@@ -414,20 +414,21 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False):
     return ds
 
 
-def fit_fold(plan: TrainingPlan, k: int, train_ds, valid_ds, workers: int, gpus_per_worker: float,
-             cpus_per_worker: float) -> dict:
-    """Train one fold with Ray Train and export its model; returns the fold's epoch history."""
+def make_trainer(plan: TrainingPlan, k: int, train_ds, valid_ds, fold_dir: str, name: str, storage_dir: str,
+                 callbacks: list | None = None):
+    """The Ray Train TorchTrainer for fold k of a plan (also what every Tune trial fits)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    storage.configure_s3(plan.cfg.storage.endpoint_url, plan.cfg.storage.region)
-    out, t = plan.output, plan.cfg.training
+    from gunsound.pipeline import cluster_gpus
+
+    workers, gpus_per_worker, cpus_per_worker = worker_sizing(plan.cfg, cluster_gpus())
+    t = plan.cfg.training
     n_train = int(np.sum(plan.folds != k)) + (int(np.sum(plan.folds == k)) if t.train_validation_data else 0)
     per_worker = n_train // workers
     batches = per_worker // t.batch_size if t.drop_last_batch else math.ceil(per_worker / t.batch_size)
-    fold_dir = storage.join(out, f"fold_{k}")
-    storage_path, storage_fs = storage.storage_path_for_ray(storage.join(out, "ray"))
-    trainer = TorchTrainer(
+    storage_path, storage_fs = storage.storage_path_for_ray(storage_dir)
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": plan.cfg.to_dict(), "classes": plan.manifest.classes, "fold_dir": fold_dir,
                            "optimizer_steps_per_epoch": max(1, batches // t.grad_accumulation)},
@@ -436,13 +437,22 @@ def fit_fold(plan: TrainingPlan, k: int, train_ds, valid_ds, workers: int, gpus_
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=f"fold_{k}", storage_path=storage_path, storage_filesystem=storage_fs,
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=3),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
         ),
         datasets={"train": train_ds, "valid": valid_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def fit_fold(plan: TrainingPlan, k: int, train_ds, valid_ds) -> dict:
+    """Train one fold with Ray Train and export its model; returns the fold's epoch history."""
+    storage.configure_s3(plan.cfg.storage.endpoint_url, plan.cfg.storage.region)
+    t = plan.cfg.training
+    fold_dir = storage.join(plan.output, f"fold_{k}")
+    trainer = make_trainer(plan, k, train_ds, valid_ds, fold_dir, f"fold_{k}", storage.join(plan.output, "ray"))
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
@@ -487,12 +497,36 @@ def cross_validate(plan: TrainingPlan) -> dict:
             **per_class_report(probs, targets, classes, *args)}
 
 
-def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
-    """Train every planned fold (concurrently when the cluster has room); returns what metrics.json holds."""
-    import ray
+def fold_datasets(plan: TrainingPlan, ds, k: int):
+    """Fold k's training and validation sets, materialized so that Train workers only read blocks and need
+    no CPU for Ray Data tasks (on a small machine the workers hold every CPU)."""
     from ray.data.expressions import col
 
-    from gunsound.pipeline import cluster_gpus, init_ray
+    train_all = ds if plan.cfg.training.train_validation_data else ds.filter(expr=col("fold") != k)
+    train_ds = train_all.select_columns(["features", "target"]).materialize()
+    valid_ds = ds.filter(expr=col("fold") == k).select_columns(["row", "features", "target"]).materialize()
+    return train_ds, valid_ds
+
+
+def finished_fold(plan: TrainingPlan, k: int) -> dict | None:
+    """The history of a fold that an earlier run of the same command already finished, else None."""
+    fold_dir = storage.join(plan.output, f"fold_{k}")
+    if not (storage.exists(storage.join(fold_dir, "model.pt")) and storage.exists(storage.join(fold_dir, "metrics.json"))):
+        return None
+    history = json.loads(storage.read_text(storage.join(fold_dir, "metrics.json")))
+    if len(history) != plan.cfg.training.epochs:
+        return None
+    return {"epochs": [_scalar_metrics(m) for m in history], "final": _scalar_metrics(history[-1])}
+
+
+def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
+    """Train every planned fold (concurrently when the cluster has room); returns what metrics.json holds.
+
+    Rerunning the same command with the same output resumes: finished folds are kept, unfinished ones
+    continue from their last checkpoint."""
+    import ray
+
+    from gunsound.pipeline import init_ray
 
     init_ray(plan.cfg.environment.ray_address)
     out = plan.output
@@ -502,24 +536,24 @@ def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
     if plan.manifest.dropped:
         _write_parquet(pd.DataFrame([asdict(p) for p in plan.manifest.dropped]), storage.join(out, "dropped_rows.parquet"))
 
-    ds = featurize(plan, drop_bad_rows)
-    workers, gpus_per_worker, cpus_per_worker = _worker_sizing(plan.cfg, cluster_gpus())
-    # A fold's driver holds almost nothing; its Train workers reserve their own resources, so folds
-    # queue for workers when the cluster is full and run side by side when it is not.
-    remote_fit = ray.remote(num_cpus=0.01, max_retries=0)(fit_fold)
-    pending = {}
-    for k in plan.fold_ids:
-        # Materialized here so the Train workers read blocks and need no CPU for Ray Data tasks.
-        train_all = ds if plan.cfg.training.train_validation_data else ds.filter(expr=col("fold") != k)
-        train_ds = train_all.select_columns(["features", "target"]).materialize()
-        valid_ds = ds.filter(expr=col("fold") == k).select_columns(["row", "features", "target"]).materialize()
-        log.info("fold %d: %d train / %d validation clips on %d worker(s)", k, train_ds.count(), valid_ds.count(),
-                 workers)
-        pending[k] = remote_fit.remote(plan, k, train_ds, valid_ds, workers, gpus_per_worker, cpus_per_worker)
     results: dict = {"classes": plan.manifest.classes, "audio": {"sample_rate": plan.audio.sample_rate,
                      "chunk_seconds": plan.audio.chunk_seconds, "reason": plan.audio.reason}, "folds": {}}
-    for k, ref in pending.items():
-        results["folds"][str(k)] = ray.get(ref)
+    done = {k: h for k in plan.fold_ids if (h := finished_fold(plan, k)) is not None}
+    for k in done:
+        log.info("fold %d: finished by an earlier run, kept", k)
+    todo = [k for k in plan.fold_ids if k not in done]
+    pending = {}
+    if todo:
+        ds = featurize(plan, drop_bad_rows)
+        # A fold's driver holds almost nothing; its Train workers reserve their own resources, so folds
+        # queue for workers when the cluster is full and run side by side when it is not.
+        remote_fit = ray.remote(num_cpus=0.01, max_retries=0)(fit_fold)
+        for k in todo:
+            train_ds, valid_ds = fold_datasets(plan, ds, k)
+            log.info("fold %d: %d train / %d validation clips", k, train_ds.count(), valid_ds.count())
+            pending[k] = remote_fit.remote(plan, k, train_ds, valid_ds)
+    for k in plan.fold_ids:
+        results["folds"][str(k)] = done[k] if k in done else ray.get(pending[k])
     results["cv"] = cross_validate(plan)
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(results, indent=1))
     storage.write_text(storage.join(out, "ensemble.json"), json.dumps(

@@ -48,7 +48,7 @@ def ray_local(s3_server):
     """One small local Ray for the whole session (started after the S3 credentials are in the environment)."""
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=400 * 1024 * 1024, include_dashboard=False,
+    ray.init(num_cpus=2, object_store_memory=400 * 1024 * 1024, include_dashboard=True,
              log_to_driver=False, configure_logging=False)
     import ray.data
 

@@ -1,0 +1,150 @@
+"""Ray Tune sweeps over the learning rate, the number of epochs and any setting in `search_space`.
+
+Each trial is a small Tune function (a "driver" holding 0.01 CPU) that fits the fold's TorchTrainer, whose
+reports reach Tune through `TuneReportCallback`: the pattern Ray 2.60 supports for Train inside Tune.
+ASHA stops weak trials early. The sweep runs on one split (the first planned fold), since early-stopping
+across folds would bias the cross-validation estimate; `--then-train` then runs every fold with the best
+configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from gunsound import storage
+from gunsound.config import Config, ConfigError, apply_overrides, config_from_dict
+from gunsound.training import METRIC_KEYS, TrainingPlan, featurize, fold_datasets, make_trainer, worker_sizing
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("loguniform", "uniform", "randint", "choice", "quniform")
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """The sweep's space as data: {"section.key": {"sampler": [args...]}}.
+
+    Defaults: learning rate log-uniform over a decade either side of the configured one, and epochs from
+    half to twice the configured number. `search_space` in the config adds or replaces entries.
+    """
+    t = cfg.training
+    space: dict[str, Any] = {
+        "training.learning_rate": {"loguniform": [t.learning_rate / 10, t.learning_rate * 10]},
+        "training.epochs": {"randint": [max(1, t.epochs // 2), 2 * t.epochs + 1]},
+    }
+    space.update(cfg.search_space)
+    for key, spec in space.items():
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS):
+            raise ConfigError(f"search_space.{key}: must be one of {{{', '.join(SAMPLERS)}: [...]}}, got {spec!r}")
+        # Every searched key must exist and accept the sampler's values.
+        sample = next(iter(spec.values()))[0]
+        try:
+            config_from_dict(apply_overrides(cfg.to_dict(), [f"{key}={json.dumps(sample)}"]))
+        except ConfigError as exc:
+            raise ConfigError(f"search_space.{key}: {exc}") from exc
+    return space
+
+
+def to_tune_space(space: dict[str, Any]) -> dict[str, Any]:
+    from ray import tune
+
+    return {key: getattr(tune, sampler)(*args) if sampler != "choice" else tune.choice(args)
+            for key, spec in space.items() for sampler, args in spec.items()}
+
+
+def config_with(cfg: Config, params: dict[str, Any]) -> Config:
+    data = cfg.to_dict()
+    apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in params.items()])
+    return config_from_dict(data)
+
+
+@dataclass
+class TuneResult:
+    table: pd.DataFrame
+    best_params: dict[str, Any]
+    best_config: Config
+    best_config_uri: str
+
+
+def trial_driver(config: dict) -> None:
+    """One Tune trial: fit the fold's TorchTrainer with this trial's settings; its epochs report to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    plan: TrainingPlan = config["plan"]
+    plan = copy.copy(plan)
+    plan.cfg = config_with(plan.cfg, config["params"])
+    storage.configure_s3(plan.cfg.storage.endpoint_url, plan.cfg.storage.region)
+    trial = tune.get_context().get_trial_id()
+    trial_dir = storage.join(plan.output, "tune", "trials", trial)
+    trainer = make_trainer(plan, config["fold"], config["train_ds"], config["valid_ds"], trial_dir,
+                           f"trial_{trial}", storage.join(plan.output, "tune", "ray"),
+                           callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def run_tune(plan: TrainingPlan, num_samples: int) -> TuneResult:
+    """Sweep on the plan's first fold; write results.csv and best_config.yaml under OUTPUT/tune."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from gunsound.pipeline import cluster_gpus, init_ray
+
+    init_ray(plan.cfg.environment.ray_address)
+    space = search_space(plan.cfg)
+    metric = METRIC_KEYS[plan.cfg.prediction.metric]
+    mode = "min" if plan.cfg.prediction.metric == "LogLoss" else "max"
+    k = plan.fold_ids[0]
+    ds = featurize(plan)
+    train_ds, valid_ds = fold_datasets(plan, ds, k)
+
+    workers, gpus_per_worker, cpus_per_worker = worker_sizing(plan.cfg, cluster_gpus())
+    resources = ray.cluster_resources()
+    fits = [int(resources.get("CPU", 1) // (workers * cpus_per_worker + 0.01))]
+    if gpus_per_worker:
+        fits.append(int(resources.get("GPU", 0) // (workers * gpus_per_worker)))
+    concurrent = max(1, min(fits))
+    max_epochs = max(int(v["randint"][1]) - 1 if "randint" in v else int(max(next(iter(v.values()))))
+                     for key, v in space.items() if key == "training.epochs") if "training.epochs" in space \
+        else plan.cfg.training.epochs
+    log.info("tune: %d samples, %d at a time, ASHA on %s (%s), up to %d epochs, fold %d",
+             num_samples, concurrent, metric, mode, max_epochs, k)
+
+    storage_path, storage_fs = storage.storage_path_for_ray(storage.join(plan.output, "tune"))
+    tuner = tune.Tuner(
+        tune.with_resources(trial_driver, {"CPU": 0.01}),
+        param_space={"params": to_tune_space(space), "plan": plan, "fold": k,
+                     "train_ds": train_ds, "valid_ds": valid_ds},
+        tune_config=tune.TuneConfig(
+            num_samples=num_samples, max_concurrent_trials=concurrent,
+            scheduler=ASHAScheduler(metric=metric, mode=mode, time_attr="training_iteration",
+                                    max_t=max_epochs, grace_period=1, reduction_factor=2),
+        ),
+        run_config=tune.RunConfig(name="sweep", storage_path=storage_path, storage_filesystem=storage_fs),
+    )
+    results = tuner.fit()
+    rows = []
+    for r in results:
+        params = r.config["params"] if r.config else {}
+        last = r.metrics or {}
+        rows.append({**{f"param:{k}": v for k, v in params.items()}, metric: last.get(metric),
+                     "epochs_run": last.get("training_iteration"), "valid_loss": last.get("valid_loss"),
+                     "error": str(r.error) if r.error else ""})
+    table = pd.DataFrame(rows).sort_values(metric, ascending=(mode == "min"), na_position="last")
+    if table[metric].isna().all():
+        raise RuntimeError(f"tune: no trial reported {metric}; errors: {set(table['error'])}")
+    best = results.get_best_result(metric=metric, mode=mode, scope="last")
+    best_params = best.config["params"]
+    best_cfg = config_with(plan.cfg, best_params)
+    out = storage.join(plan.output, "tune")
+    storage.write_text(storage.join(out, "results.csv"), table.to_csv(index=False))
+    best_uri = storage.join(out, "best_config.yaml")
+    storage.write_text(best_uri, yaml.safe_dump(best_cfg.to_dict(), sort_keys=True))
+    return TuneResult(table, best_params, best_cfg, best_uri)

@@ -1,0 +1,44 @@
+"""Ray Tune sweeps: the search space as data, and a small ASHA sweep on a local Ray."""
+
+import pandas as pd
+import pytest
+import yaml
+
+from gunsound.cli import main
+from gunsound.config import ConfigError, load_config
+from gunsound.tuning import search_space
+from tests.conftest import LAPTOP_CONFIG
+from tests.test_training import FAST
+
+
+def test_default_space_sweeps_learning_rate_and_epochs():
+    cfg = load_config(LAPTOP_CONFIG, ["training.learning_rate=0.001", "training.epochs=4"])
+    space = search_space(cfg)
+    assert space["training.learning_rate"] == {"loguniform": [pytest.approx(1e-4), pytest.approx(1e-2)]}
+    assert space["training.epochs"] == {"randint": [2, 9]}
+
+
+def test_config_search_space_adds_keys_and_is_validated():
+    cfg = load_config(LAPTOP_CONFIG, ['search_space={"architecture.dropout": {"choice": [0.0, 0.3]}}'])
+    assert search_space(cfg)["architecture.dropout"] == {"choice": [0.0, 0.3]}
+    with pytest.raises(ConfigError, match="search_space.training.nope"):
+        search_space(load_config(LAPTOP_CONFIG, ['search_space={"training.nope": {"choice": [1]}}']))
+    with pytest.raises(ConfigError, match="search_space.training.epochs"):
+        search_space(load_config(LAPTOP_CONFIG, ['search_space={"training.epochs": {"choice": ["x"]}}']))
+    with pytest.raises(ConfigError, match="must be one of"):
+        search_space(load_config(LAPTOP_CONFIG, ['search_space={"training.epochs": {"normal": [1, 2]}}']))
+
+
+@pytest.mark.ray
+def test_asha_sweep_writes_results_and_a_ready_best_config(ray_local, synth_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["tune", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out), "--num-samples", "2",
+                 *[arg for kv in FAST for arg in ("--set", kv)], "--set", "training.epochs=1"])
+    assert code == 0, capsys.readouterr().err
+    table = pd.read_csv(out / "tune" / "results.csv")
+    assert len(table) == 2 and table["valid_roc_auc"].notna().all()
+    assert {"param:training.learning_rate", "param:training.epochs"} <= set(table.columns)
+    best = load_config(out / "tune" / "best_config.yaml")  # a ready config, loadable as is
+    assert best.training.learning_rate in set(table["param:training.learning_rate"])
+    assert yaml.safe_load((out / "tune" / "best_config.yaml").read_text())["architecture"]["backbone"] == "resnet10t"
+    assert "best:" in capsys.readouterr().out
