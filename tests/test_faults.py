@@ -1,0 +1,67 @@
+"""Faults: a Train worker killed mid-epoch, and the same command run again after the driver stopped."""
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from gunsound.cli import main
+from tests.conftest import LAPTOP_CONFIG
+from tests.test_training import FAST
+
+pytestmark = pytest.mark.ray
+
+
+def _train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, synth_dir, tmp_path):
+    out = tmp_path / "run"
+    live = out / "fold_0" / "metrics.json"
+    killed = []
+
+    def kill_after_first_epoch():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if live.exists() and len(json.loads(live.read_text() or "[]")) >= 1:
+                checkpoints = list((out / "ray" / "fold_0").glob("checkpoint_*"))
+                pids = _train_worker_pids()
+                if checkpoints and pids:
+                    time.sleep(0.5)  # into the second epoch
+                    for pid in pids:
+                        os.kill(pid, signal.SIGKILL)
+                    killed.extend(pids)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_epoch, daemon=True)
+    killer.start()
+    code = main(["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out),
+                 *[arg for kv in FAST for arg in ("--set", kv)], "--set", "training.epochs=3"])
+    killer.join(timeout=5)
+    assert killed, "no Train worker was killed"
+    assert code == 0
+    epochs = json.loads((out / "metrics.json").read_text())["folds"]["0"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]  # every epoch reported once
+    assert [e["epoch"] for e in json.loads(live.read_text())] == [1, 2, 3]
+
+
+def test_rerun_of_a_finished_command_keeps_its_folds(ray_local, synth_dir, tmp_path, caplog):
+    out = tmp_path / "run"
+    args = ["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out),
+            *[arg for kv in FAST for arg in ("--set", kv)], "--set", "training.epochs=1"]
+    assert main(args) == 0
+    first = (out / "fold_0" / "model.pt").stat().st_mtime_ns
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="gunsound")
+    assert main(args) == 0
+    assert (out / "fold_0" / "model.pt").stat().st_mtime_ns == first
+    assert "finished by an earlier run" in caplog.text

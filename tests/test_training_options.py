@@ -1,0 +1,100 @@
+"""Every training option of the seed config, as unit tests of the loop's parts and one run with all of them."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from gunsound.cli import main
+from gunsound.config import load_config
+from gunsound.model import build_model
+from gunsound.training import loss_fn, lr_lambda, make_optimizer, mixup, spec_augment
+from tests.conftest import LAPTOP_CONFIG, SEED_CONFIG
+from tests.test_training import FAST
+
+
+def cfg_with(*overrides):
+    return load_config(SEED_CONFIG, list(overrides))
+
+
+def test_differential_learning_rate_for_listed_layers():
+    cfg = cfg_with("training.learning_rate=0.01", "training.differential_learning_rate=0.001",
+                   "training.differential_learning_rate_layers=[backbone]")
+    model = build_model(load_config(LAPTOP_CONFIG).architecture, 9)
+    opt = make_optimizer(model, cfg)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.001]
+    head = {id(p) for p in model.head.parameters()}
+    assert {id(p) for p in opt.param_groups[0]["params"]} == head
+    assert isinstance(opt, torch.optim.AdamW)
+    assert len(make_optimizer(model, cfg_with()).param_groups) == 1  # [] in the seed: one rate for all
+
+
+def test_warmup_then_cosine_schedule():
+    f = lr_lambda(cfg_with("training.epochs=4", "training.warmup_epochs=1", "training.schedule=Cosine"), 10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(25) == pytest.approx(0.5, abs=0.03)
+    assert f(40) == pytest.approx(0.0, abs=1e-9)
+    assert lr_lambda(cfg_with("training.schedule=Constant"), 10)(30) == 1.0
+    assert lr_lambda(cfg_with("training.schedule=Linear", "training.epochs=2"), 10)(10) == pytest.approx(0.5)
+
+
+def test_time_and_frequency_masks():
+    x = torch.randn(8, 1, 32, 50)
+    assert torch.equal(spec_augment(x, cfg_with()), x)  # off by default
+    torch.manual_seed(0)
+    masked = spec_augment(x, cfg_with("augmentation.time_mask_frames=10", "augmentation.frequency_mask_bins=6"))
+    changed = masked != x
+    assert changed.any()
+    for clip in changed[:, 0]:
+        rows, cols = clip.all(dim=1), clip.all(dim=0)  # fully masked mel bins and frames
+        assert rows.sum() <= 6 and cols.sum() <= 10
+
+
+def test_mixup_mixes_power_and_targets():
+    x = torch.log(torch.rand(6, 1, 8, 10) + 0.1)
+    y = torch.eye(3)[[0, 1, 2, 0, 1, 2]]
+    assert mixup(x, y, cfg_with())[0] is x  # Disabled in the seed
+    torch.manual_seed(1)
+    np.random.seed(1)
+    mx, my = mixup(x, y, cfg_with("augmentation.mix_audio=Mixup", "augmentation.mix_probability=1.0"))
+    assert torch.allclose(my.sum(dim=1), torch.ones(6))  # Ratio targets stay a distribution
+    lam = my.max(dim=1).values.min().item()
+    assert 0 < lam <= 1
+    assert mx.exp().sum() == pytest.approx(x.exp().sum().item(), rel=1e-4)  # power is conserved in total
+    _, ymax = mixup(x, y, cfg_with("augmentation.mix_audio=Mixup", "augmentation.mix_target=Max"))
+    assert set(ymax.unique().tolist()) <= {0.0, 1.0}
+    never = mixup(x, y, cfg_with("augmentation.mix_audio=Mixup", "augmentation.mix_probability=0.0"))
+    assert torch.equal(never[0], x)
+
+
+def test_losses():
+    logits, targets = torch.tensor([[2.0, -1.0]]), torch.tensor([[1.0, 0.0]])
+    assert loss_fn(logits, targets, "BCE").item() == pytest.approx(
+        -(math.log(1 / (1 + math.exp(-2))) + math.log(1 - 1 / (1 + math.exp(1)))) / 2)
+    assert loss_fn(logits, targets, "CrossEntropy").item() == pytest.approx(-math.log(math.exp(2) / (math.exp(2) + math.exp(-1))))
+
+
+@pytest.mark.ray
+def test_a_run_with_every_option_on(ray_local, synth_dir, tmp_path):
+    out = tmp_path / "run"
+    options = ["training.epochs=2", "training.grad_accumulation=2", "training.gradient_clip=0.5",
+               "training.drop_last_batch=false", "training.evaluation_epochs=2", "training.save_best_checkpoint=true",
+               "training.calculate_train_metric=true", "training.differential_learning_rate_layers=[backbone]",
+               "training.warmup_epochs=1", "augmentation.mix_audio=Mixup", "augmentation.mix_probability=0.5",
+               "augmentation.time_mask_frames=8", "augmentation.frequency_mask_bins=4", "environment.seed=-1",
+               "environment.mixed_precision_training=true"]
+    code = main(["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out),
+                 *[arg for kv in FAST + options for arg in ("--set", kv)]])
+    assert code == 0
+    epochs = json.loads((out / "metrics.json").read_text())["folds"]["0"]["epochs"]
+    assert "valid_roc_auc" not in epochs[0] and "valid_roc_auc" in epochs[1]  # evaluation_epochs=2
+    assert all("train_roc_auc" in e for e in epochs)  # calculate_train_metric
+    assert epochs[0]["train_clips"] == 76  # drop_last_batch=false keeps the last partial batch
+    assert (out / "fold_0" / "best_state.pt").exists()
+    model = torch.load(out / "fold_0" / "model.pt", weights_only=False)
+    assert model["best_epoch"] == 2
+    seed = yaml.safe_load((out / "config.yaml").read_text())["environment"]["seed"]
+    assert seed >= 0  # -1 drew a seed, and the resolved config records it
