@@ -80,6 +80,50 @@ def run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a training run (fold ensemble), a fold folder, or a model.pt")
+    parser.add_argument("input", help="audio folder, s3:// prefix, manifest (.csv/.parquet with a path column) or file")
+    parser.add_argument("output", help="where windows/, files/, events/ and summary.json go, local or s3://")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="e.g. --set prediction.inference_chunk_method=Sliding --set scoring.hop_seconds=0.5")
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from gunsound import scoring
+
+    cfg = scoring.scoring_config(args.model, args.overrides)
+    summary = scoring.score(args.model, args.input, args.output, cfg)
+    print(summary.describe())
+    return 0 if summary.errors == 0 else 1
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from gunsound import scoring
+
+    cfg = scoring.scoring_config(args.model, args.overrides)
+    model = scoring.load_scoring_model(args.model)
+    row, events, windows = scoring.predict_file(model, args.file, cfg)
+    if row["status"] != "ok":
+        print(f"{args.file}: {row['error']}", file=sys.stderr)
+        return 1
+    ranked = sorted(((row[f"max_{c}"], c) for c in model.classes), reverse=True)
+    print(f"{args.file}: {row['duration']:.1f} s, {row['windows']} windows, top class {row['top_class']}")
+    for p, c in ranked[: args.top]:
+        print(f"  {c:<20} max {p:.3f}  mean {row[f'mean_{c}']:.3f}")
+    print(f"{len(events)} shots")
+    for e in events:
+        rpm = "" if e["rounds_per_minute"] != e["rounds_per_minute"] else f", {e['rounds_per_minute']:.0f} rpm"
+        print(f"  {e['time']:8.3f} s  {e['class']:<20} {e['probability']:.2f}  burst {e['burst']}"
+              f" ({e['shots_in_burst']} shots{rpm})")
+    if args.png:
+        from gunsound.report import plot_timeline
+
+        plot_timeline(args.file, windows, events, model.classes, model.features, cfg.prediction.probability_threshold,
+                      args.png)
+        print(f"timeline: {args.png}")
+    return 0
+
+
 def run_synth(args: argparse.Namespace) -> int:
     from gunsound.synthesis import generate_dataset
 
@@ -100,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="sweep learning rate, epochs and search_space with Ray Tune (ASHA)")
     add_tune_arguments(tune)
     tune.set_defaults(func=run_tune)
+
+    score = sub.add_parser("score", help="score an audio archive with a trained model (Ray batch job)")
+    add_score_arguments(score)
+    score.set_defaults(func=run_score)
+
+    predict = sub.add_parser("predict", help="top classes and shots of one file, without Ray")
+    predict.add_argument("model")
+    predict.add_argument("file")
+    predict.add_argument("--top", type=int, default=3)
+    predict.add_argument("--png", help="write a timeline (waveform, spectrogram, shots, probabilities)")
+    predict.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    predict.set_defaults(func=run_predict)
 
     synth = sub.add_parser("synth", help="write a synthetic gunshot dataset (Hydrogen Torch layout)")
     synth.add_argument("out", help="output folder")

@@ -135,6 +135,18 @@ class TrainingConfig:
 
 
 @dataclass
+class ScoringConfig:
+    """gunsound: how archives are cut for scoring (prediction.inference_chunk_method picks Fix or Sliding)."""
+
+    window_seconds: float | None = None  # Sliding: default the training chunk
+    hop_seconds: float | None = None  # Sliding: default half a window
+    chunk_seconds: float = 60.0  # audio read as one frame range, one unit of parallel work
+    batch_size: int = 64
+    shard_files: int = 256  # files committed to the output together (the unit of resume)
+    onset_detection: bool = True
+
+
+@dataclass
 class StorageConfig:
     """Where S3-compatible data lives. Credentials never go here: they come from the AWS environment."""
 
@@ -154,6 +166,7 @@ class Config:
     prediction: PredictionConfig = field(default_factory=PredictionConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     # gunsound: Ray Tune search space, e.g. {"training.learning_rate": {"loguniform": [1e-4, 1e-2]}}.
     search_space: dict[str, Any] = field(default_factory=dict)
 

@@ -224,3 +224,33 @@ audio: {html.escape(metrics['audio']['reason'])}</p>
     uri = storage.join(out, "report.html")
     storage.write_text(uri, page)
     return uri
+
+
+def plot_timeline(path: str, windows: pd.DataFrame, events: list[dict], classes: list[str], params: FeatureParams,
+                  threshold: float, out_png: str, max_seconds: float = 600.0) -> str:
+    """A PNG of one file: waveform with detected shots, log-mel spectrogram, and per-window probabilities."""
+    wave, sr = audio.read(path, params.sample_rate, duration=max_seconds)
+    t = np.arange(len(wave)) / sr
+    with torch.inference_mode():
+        spec = LogMelSpectrogram(params)(torch.from_numpy(wave)[None])[0, 0].numpy()
+    fig, axes = plt.subplots(3, 1, figsize=(12, 7), sharex=True)
+    axes[0].plot(t, wave, lw=0.4, color="k")
+    for e in events:
+        axes[0].axvline(e["time"], color="r", lw=0.8, alpha=0.7)
+    axes[0].set(ylabel="amplitude", title=f"{path.rsplit('/', 1)[-1]}: {len(events)} shots")
+    axes[1].imshow(spec, origin="lower", aspect="auto", cmap="magma", extent=(0, len(wave) / sr, 0, spec.shape[0]))
+    axes[1].set(ylabel="mel bin")
+    if len(windows):
+        centres = ((windows["start"] + windows["end"]) / 2).to_numpy()
+        probs = np.stack(windows["probs"].to_numpy())
+        for i, c in enumerate(classes):
+            if probs[:, i].max() >= threshold / 2:
+                axes[2].plot(centres, probs[:, i], marker=".", label=c)
+        axes[2].axhline(threshold, color="grey", ls="--", lw=0.8)
+        axes[2].legend(fontsize=7, loc="upper right")
+    axes[2].set(xlabel="time (s)", ylabel="probability", ylim=(0, 1.02))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    storage.write_bytes(out_png, buffer.getvalue())
+    return out_png

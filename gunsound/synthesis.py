@@ -229,3 +229,48 @@ def generate_dataset(
     df = pd.DataFrame(rows)
     df.to_parquet(out / DATAFRAME, index=False)
     return df
+
+
+def generate_archive(
+    path: str | Path,
+    minutes: float,
+    bursts_per_minute: float = 2.0,
+    sample_rate: int = 48000,
+    seed: int = 0,
+    classes: list[str] | None = None,
+    subtype: str = "PCM_16",
+) -> pd.DataFrame:
+    """A long recording of background sound with bursts of gunfire at known times, written one minute at a
+    time (memory stays bounded for hour-long files). Returns the true shots: time (s, the muzzle blast) and class."""
+    rng = np.random.default_rng(seed)
+    classes = classes or CLASSES
+    total = int(round(minutes * 60 * sample_rate))
+    block = 60 * sample_rate
+    truth = []
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with sf.SoundFile(path, "w", samplerate=sample_rate, channels=1, subtype=subtype) as out:
+        for first in range(0, total, block):
+            n = min(block, total - first)
+            signal = _background(n, sample_rate, rng) * 0.005
+            seconds = n / sample_rate
+            count = int(rng.poisson(bursts_per_minute * seconds / 60))
+            starts = np.sort(rng.uniform(0.2, max(0.3, seconds - 2.5), count))
+            last_end = -1.0
+            for start in starts:
+                if start < last_end + 0.6:  # bursts do not overlap
+                    continue
+                label = str(rng.choice(classes))
+                weapon = WEAPONS[label]
+                distance = float(rng.uniform(20, 150))
+                times = [start + t for t in _shot_times(weapon, 2.0, rng)]
+                for when in times:
+                    shot, onset = _shot(weapon, sample_rate, distance, rng)
+                    shot = _lowpass(shot, 18000 * np.exp(-distance / 600), sample_rate) * (10.0 / distance)
+                    at = int(round((when - onset) * sample_rate))
+                    lo, hi = max(at, 0), min(at + len(shot), n)
+                    if hi > lo:
+                        signal[lo:hi] += shot[lo - at: hi - at]
+                    truth.append({"time": first / sample_rate + when, "class": label})  # the muzzle blast
+                last_end = times[-1] if times else start
+            out.write(np.clip(signal, -1, 1).astype(np.float32))
+    return pd.DataFrame(truth, columns=["time", "class"])

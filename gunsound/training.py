@@ -322,6 +322,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 cfg.prediction.probability_threshold, cfg.dataset.background_label).items()})
         last = epoch + 1 == t.epochs
         predictions = None
+        metrics["train_seconds"] = time.perf_counter() - started
         if rank == 0 and ((epoch + 1) % eval_every == 0 or last):
             result = evaluate(core, valid_shard.iter_torch_batches(batch_size=64), cfg, device)
             metrics["valid_loss"] = float(result["loss"])

@@ -1,0 +1,121 @@
+"""Training throughput, in one run on the same model and features:
+
+1. one epoch through the Ray Train path (one worker) against a plain PyTorch loop (target ratio <= 1.15);
+2. the seed's recipe (every clip padded to a 60 s chunk) against the automatic chunk length: one epoch each,
+   with the time ratio and the validation ROC AUC of each.
+
+    python benchmarks/training_ray_vs_loop.py [--clips-per-class 40] [--pad-clips-per-class 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gunsound import training
+from gunsound.config import load_config
+from gunsound.model import build_model
+from gunsound.synthesis import generate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["architecture.backbone=resnet18", "training.batch_size=32", "training.epochs=1", "dataset.folds=[0]",
+         "augmentation.time_mask_frames=0", "augmentation.frequency_mask_bins=0"]
+
+
+def plain_epoch(plan: training.TrainingPlan, features: np.ndarray, targets: np.ndarray) -> float:
+    """The same model, optimizer, schedule and loss as the Ray loop, without Ray."""
+    cfg = plan.cfg
+    torch.manual_seed(0)
+    model = build_model(cfg.architecture, len(plan.manifest.classes))
+    optimizer = training.make_optimizer(model, cfg)
+    steps = len(features) // cfg.training.batch_size
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda(cfg, steps))
+    order = np.random.default_rng(0).permutation(len(features))
+    start = time.perf_counter()
+    model.train()
+    for i in range(steps):
+        idx = order[i * cfg.training.batch_size:(i + 1) * cfg.training.batch_size]
+        x = torch.from_numpy(features[idx]).unsqueeze(1)
+        y = torch.from_numpy(targets[idx])
+        loss = training.loss_fn(model(x), y, cfg.training.loss_function)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    return time.perf_counter() - start
+
+
+def ray_vs_plain(data: Path, work: Path) -> None:
+    from ray.data.expressions import col
+
+    cfg = load_config(ROOT / "configs" / "laptop.yaml", MODEL)
+    plan = training.prepare(cfg, str(data), str(work / "ray_vs_plain"))
+    from gunsound.pipeline import init_ray
+
+    init_ray()
+    ds = training.featurize(plan)
+    train = ds.filter(expr=col("fold") != 0).select_columns(["features", "target"]).to_pandas()
+    features = np.stack(train["features"].to_numpy()).astype(np.float32)
+    targets = np.stack(train["target"].to_numpy()).astype(np.float32)
+    plain_s = plain_epoch(plan, features, targets)
+    start = time.perf_counter()
+    training.run(plan)
+    ray_total = time.perf_counter() - start
+    history = json.loads((work / "ray_vs_plain" / "fold_0" / "metrics.json").read_text())
+    ray_epoch = history[0]["epoch_seconds"]
+    ray_train = history[0]["train_seconds"]
+    print(f"[1] {len(features)} training clips, {features.shape[1]}x{features.shape[2]} log-mel, "
+          f"{cfg.architecture.backbone}, batch {cfg.training.batch_size}")
+    print(f"    plain PyTorch loop, one epoch:      {plain_s:7.1f} s")
+    print(f"    Ray Train (1 worker), train part:    {ray_train:7.1f} s  (epoch with validation {ray_epoch:.1f} s)")
+    print(f"    ratio Ray/plain: {ray_train / plain_s:.2f} (target <= 1.15); whole Ray job incl. featurizing, "
+          f"trainer start-up, validation, checkpoint, report: {ray_total:.0f} s")
+
+
+def padding(data: Path, work: Path) -> None:
+    rows = []
+    for name, extra in (("seed recipe: 60 s chunk", ["audio.audio_parameters=Manual", "audio.training_chunk_seconds=60"]),
+                        ("automatic chunk", ["audio.audio_parameters=Auto"])):
+        cfg = load_config(ROOT / "configs" / "laptop.yaml", [*MODEL, "architecture.backbone=resnet10t", *extra])
+        plan = training.prepare(cfg, str(data), str(work / name.split(":")[0].replace(" ", "_")))
+        start = time.perf_counter()
+        result = training.run(plan)
+        final = result["folds"]["0"]["final"]
+        rows.append((name, plan.audio.chunk_seconds, final["epoch_seconds"], time.perf_counter() - start,
+                     final["valid_roc_auc"]))
+    print(f"[2] {len(plan.manifest.frame)} clips, resnet10t, one epoch each")
+    for name, chunk, epoch_s, total_s, auc in rows:
+        print(f"    {name:<26} chunk {chunk:5.1f} s  epoch {epoch_s:7.1f} s  job {total_s:6.0f} s  valid ROC AUC {auc:.3f}")
+    print(f"    time ratio 60 s / automatic (epoch): {rows[0][2] / rows[1][2]:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips-per-class", type=int, default=40)
+    parser.add_argument("--pad-clips-per-class", type=int, default=12)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--part", choices=["all", "ray", "padding"], default="all")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="gunsound-train-bench-"))
+    if args.part in ("all", "ray"):
+        data = work / "data"
+        if not (data / "train.pq").exists():
+            generate_dataset(data, clips_per_class=args.clips_per_class, seed=0)
+        ray_vs_plain(data, work)
+    if args.part in ("all", "padding"):
+        small = work / "data_small"
+        if not (small / "train.pq").exists():
+            generate_dataset(small, clips_per_class=args.pad_clips_per_class, seed=1)
+        padding(small, work)
+
+
+if __name__ == "__main__":
+    main()

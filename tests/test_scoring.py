@@ -1,0 +1,122 @@
+"""Scoring archives: chunk planning, a scored archive with odd files, resume, predict, the onset detector."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from gunsound import audio, scoring, training
+from gunsound.cli import main
+from gunsound.config import load_config
+from gunsound.synthesis import generate_archive
+from tests.conftest import LAPTOP_CONFIG
+from tests.test_training import FAST
+
+
+@pytest.mark.parametrize(("duration", "window", "hop", "chunk"), [
+    (0.4, 2.0, 1.0, 60.0), (2.0, 2.0, 1.0, 60.0), (121.3, 2.0, 0.5, 20.0), (3600.0, 2.0, 1.0, 60.0),
+    (59.99, 2.0, 1.0, 10.0), (7.0, 60.0, 60.0, 60.0),
+])
+def test_chunks_own_every_window_exactly_once(duration, window, hop, chunk):
+    s = scoring.ScoringSettings("Sliding", window, hop, chunk, 0.5)
+    expected = scoring.window_starts(duration, window, hop)
+    chunks = scoring.plan_chunks("f.wav", duration, s)
+    owned = np.concatenate([c["starts"] for c in chunks])
+    np.testing.assert_allclose(owned, expected)  # none lost, none twice, in order
+    assert expected[-1] + window >= duration and (len(expected) == 1 or expected[-1] < duration)
+    for c in chunks:  # each chunk reads exactly the span its windows need
+        assert c["read_start"] == c["starts"][0] and c["read_end"] == c["starts"][-1] + window
+
+
+def test_onset_detector_recall_and_timing_on_generated_archive(tmp_path):
+    path = tmp_path / "archive.wav"
+    truth = generate_archive(path, minutes=3, bursts_per_minute=4, seed=3)
+    wave, sr = audio.read(str(path))
+    onsets = scoring.detect_onsets(wave, sr)
+    errors = np.array([np.abs(onsets - t).min() for t in truth["time"]])
+    assert np.mean(errors < 0.02) >= 0.75  # recall at 20 ms
+    assert np.median(errors[errors < 0.02]) < 0.005
+
+
+@pytest.fixture(scope="module")
+def trained_run(ray_local, synth_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scoring-run")
+    cfg = load_config(LAPTOP_CONFIG, [*FAST, "training.epochs=1", "dataset.validation_size=0.5",
+                                      "dataset.folds=[0, 1]"])
+    training.run(training.prepare(cfg, str(synth_dir), str(out)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, synth_dir):
+    root = tmp_path_factory.mktemp("archive")
+    truth = generate_archive(root / "street" / "long.wav", minutes=2, bursts_per_minute=3, seed=5)
+    wave, sr = sf.read(synth_dir / "Gun_Classifier" / pd.read_parquet(synth_dir / "train.pq")["image"][0])
+    sf.write(root / "short.flac", wave[: sr // 2], sr)                      # shorter than a window
+    sf.write(root / "clip.mp3", wave, sr, format="MP3")
+    (root / "corrupt.wav").write_bytes(b"RIFF" + b"\x01" * 200)
+    sf.write(root / "empty.wav", np.zeros((0, 1)), 48000)
+    return root, truth
+
+
+@pytest.mark.ray
+def test_every_file_once_with_status_windows_and_events(trained_run, archive, tmp_path):
+    root, truth = archive
+    out = tmp_path / "scored"
+    code = main(["score", str(trained_run), str(root), str(out), "--set", "prediction.inference_chunk_method=Sliding",
+                 "--set", "scoring.hop_seconds=1.0", "--set", "scoring.chunk_seconds=20",
+                 "--set", "prediction.probability_threshold=0.0"])
+    assert code == 1  # some inputs are errors
+    files = pd.read_parquet(out / "files")
+    assert sorted(files["file"]) == sorted(str(p) for p in root.rglob("*") if p.is_file())
+    status = dict(zip(files["file"].map(lambda f: f.rsplit("/", 1)[-1]), files["status"], strict=True))
+    assert status == {"long.wav": "ok", "short.flac": "ok", "clip.mp3": "ok", "corrupt.wav": "error",
+                      "empty.wav": "error"}
+    errors = files.set_index(files["file"].map(lambda f: f.rsplit("/", 1)[-1]))["error"]
+    assert "unreadable" in errors["corrupt.wav"] and "empty" in errors["empty.wav"]
+    windows = pd.read_parquet(out / "windows")
+    long = windows[windows["file"].str.endswith("long.wav")].sort_values("start")
+    np.testing.assert_allclose(long["start"], scoring.window_starts(120.0, 2.0, 1.0))  # chunk edges: once each
+    probs = long[[c for c in long.columns if c.startswith("prob_")]].to_numpy()
+    assert np.all((probs >= 0) & (probs <= 1))
+    events = pd.read_parquet(out / "events")
+    long_events = events[events["file"].str.endswith("long.wav")]
+    hits = [np.abs(long_events["time"] - t).min() < 0.02 for t in truth["time"]]
+    assert np.mean(hits) >= 0.7
+    assert (long_events["rounds_per_minute"].dropna() > 0).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["files"] == 5 and summary["errors"] == 2 and summary["events"] == len(events)
+    row = files[files["file"].str.endswith("long.wav")].iloc[0]
+    assert row["shots"] == len(long_events) and row["windows"] == len(long)
+
+
+@pytest.mark.ray
+def test_rerun_after_a_kill_skips_finished_files_and_keeps_each_once(trained_run, archive, tmp_path):
+    root, _ = archive
+    out = tmp_path / "scored"
+    args = ["score", str(trained_run), str(root), str(out), "--set", "scoring.shard_files=2"]
+    main(args)
+    parts = sorted((out / "files").glob("*.parquet"))
+    assert len(parts) == 3
+    # What a kill during the last shard leaves: its windows and events written, its files part not.
+    parts[-1].unlink()
+    (out / "summary.json").unlink()
+    assert main(args) == 1
+    files = pd.read_parquet(out / "files")
+    assert sorted(files["file"]) == sorted(str(p) for p in root.rglob("*") if p.is_file())  # each exactly once
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_as_finished"] == 4
+    windows = pd.read_parquet(out / "windows")
+    assert not windows.duplicated(["file", "start"]).any()
+
+
+def test_predict_prints_classes_and_events_and_draws_a_timeline(trained_run, archive, tmp_path, capsys):
+    root, _ = archive
+    png = tmp_path / "timeline.png"
+    assert main(["predict", str(trained_run / "fold_0"), str(root / "street" / "long.wav"), "--png", str(png),
+                 "--set", "prediction.inference_chunk_method=Sliding"]) == 0
+    out = capsys.readouterr().out
+    assert "top class" in out and "shots" in out
+    assert png.stat().st_size > 10_000
