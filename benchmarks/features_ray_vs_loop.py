@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -16,45 +15,12 @@ import numpy as np
 import pandas as pd
 import psutil
 import torch
+from memory import PeakMemory
 
 from gunsound import audio
 from gunsound.config import load_config
 from gunsound.features import FeatureParams, LogMelSpectrogram
 from gunsound.synthesis import generate_dataset
-
-
-class PeakMemory:
-    """Samples the summed RSS of this process and its children (Ray's workers) every 50 ms."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _total(self) -> int:
-        me = psutil.Process()
-        procs = [me, *me.children(recursive=True)]
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._total())
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self.peak = self._total()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def plain_loop(paths: list[str], params: FeatureParams, chunk: int, batch: int = 32) -> int:

@@ -248,9 +248,12 @@ class WindowScorer:
         self.amp = self.device.type == "cuda" and mixed_precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         waves = torch.from_numpy(batch.pop("wave")).to(self.device)
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.amp):
             batch["probs"] = self.model(waves).float().cpu().numpy()
+        # Model-stage time, spread over the batch's rows, for throughput figures.
+        batch["model_seconds"] = np.full(len(waves), (time.perf_counter() - started) / max(1, len(waves)))
         return batch
 
 
@@ -377,6 +380,7 @@ class ScoreSummary:
     audio_seconds_per_second: float
     skipped_as_finished: int
     output: str
+    model_seconds: float = 0.0  # time inside the model stage (this run's windows)
 
     def describe(self) -> str:
         return (f"scored {self.files} files ({self.files_ok} ok, {self.errors} errors, "
@@ -411,6 +415,7 @@ def score(model_location: str, input_location: str, output: str, cfg: Config,
     gpus = cluster_gpus()
     actors = scorer_actors or (max(1, int(gpus)) if gpus else 1)
     run_id = uuid.uuid4().hex[:8]
+    model_seconds = 0.0
     for shard_index in range(0, len(todo), s.shard_files):
         shard = todo[shard_index: shard_index + s.shard_files]
         headers = _headers(shard, s)
@@ -427,10 +432,11 @@ def score(model_location: str, input_location: str, output: str, cfg: Config,
                                 num_gpus=0.5 if gpus else 0, num_cpus=0.5 if gpus else 1,
                                 compute=ray.data.ActorPoolStrategy(size=actors))
             windows = ds.to_pandas()
+            model_seconds += float(windows["model_seconds"].sum())
         _commit_shard(output, f"part-{run_id}-{shard_index // s.shard_files:05d}.parquet", shard, headers,
                       windows, model.classes, s)
         log.info("shard %d: %d files committed", shard_index // s.shard_files, len(shard))
-    return _summary(output, files, len(files) - len(todo), started)
+    return _summary(output, files, len(files) - len(todo), started, model_seconds)
 
 
 def _onsets(column) -> np.ndarray:
@@ -470,14 +476,15 @@ def _commit_shard(output: str, name: str, shard: list[str], headers: dict, windo
     _write_part(files, storage.join(output, "files", name))  # last: the shard's commit
 
 
-def _summary(output: str, files: list[str], skipped: int, started: float) -> ScoreSummary:
+def _summary(output: str, files: list[str], skipped: int, started: float, model_seconds: float) -> ScoreSummary:
     done = _read_parts(_parts(output, "files"))
     events = _read_parts(_parts(output, "events"))
     done = done[done["file"].isin(files)]
     wall = time.perf_counter() - started
     audio_s = float(done.loc[done["status"] == "ok", "duration"].sum())
     summary = ScoreSummary(len(done), int((done["status"] == "ok").sum()), int((done["status"] != "ok").sum()),
-                           audio_s / 3600, len(events), wall, audio_s / max(wall, 1e-9), skipped, output)
+                           audio_s / 3600, len(events), wall, audio_s / max(wall, 1e-9), skipped, output,
+                           model_seconds)
     storage.write_text(storage.join(output, "summary.json"), json.dumps(asdict(summary), indent=1))
     return summary
 

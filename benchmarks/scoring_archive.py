@@ -1,0 +1,129 @@
+"""Batch scoring of a generated archive (an hour of background audio with shots at known times) by the Ray
+job, against a naive loop that loads each whole file and scores it window by window; in one run, same model.
+
+Prints audio-seconds per wall-second and peak memory of both, the model stage's FLOP rate as a fraction of
+this machine's measured matmul rate, the job's peak memory on a 60-minute file against a 1-minute file
+(target: within 1.2x), and event recall and timing error against the known shot times.
+
+    python benchmarks/scoring_archive.py [--minutes 60] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from memory import PeakMemory
+from torch.utils.flop_counter import FlopCounterMode
+
+from gunsound import audio, scoring, training
+from gunsound.config import load_config
+from gunsound.synthesis import generate_archive, generate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["architecture.backbone=resnet18", "training.epochs=2", "dataset.folds=[0]"]
+SLIDING = ["prediction.inference_chunk_method=Sliding", "scoring.hop_seconds=1.0"]
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def naive_loop(model: scoring.ScoringModel, path: str, s: scoring.ScoringSettings) -> int:
+    """Load the whole file, then one window at a time (the EfficientAT-style loop)."""
+    net = model.build()
+    wave, sr = audio.read(path, model.features.sample_rate)
+    window = int(s.window_seconds * sr)
+    count = 0
+    with torch.inference_mode():
+        for start in scoring.window_starts(len(wave) / sr, s.window_seconds, s.hop_seconds):
+            piece = wave[int(start * sr): int(start * sr) + window]
+            piece = np.pad(piece, (0, window - len(piece)))
+            net(torch.from_numpy(piece)[None])
+            count += 1
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--naive-minutes", type=float, default=10.0,
+                        help="audio for the naive loop (it is slow); rates are per audio-second")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="gunsound-score-bench-"))
+
+    run = work / "run"
+    if not (run / "ensemble.json").exists():
+        generate_dataset(work / "data", clips_per_class=20, seed=0)
+        cfg = load_config(ROOT / "configs" / "laptop.yaml", MODEL)
+        training.run(training.prepare(cfg, str(work / "data"), str(run)))
+    long_path, short_path, naive_path = work / "long" / "hour.wav", work / "short" / "minute.wav", work / "naive.wav"
+    if not long_path.exists():
+        truth = generate_archive(long_path, args.minutes, bursts_per_minute=2, seed=1)
+        truth.to_parquet(work / "truth.parquet")
+        generate_archive(short_path, 1.0, bursts_per_minute=2, seed=2)
+        generate_archive(naive_path, args.naive_minutes, bursts_per_minute=2, seed=3)
+    truth = pd.read_parquet(work / "truth.parquet")
+    cfg = scoring.scoring_config(str(run), [*SLIDING, "prediction.probability_threshold=0.0"])
+    model = scoring.load_scoring_model(str(run))
+    s = scoring.ScoringSettings.from_config(cfg, model)
+
+    from gunsound.pipeline import init_ray
+
+    init_ray()
+    results = {}
+    for name, folder in (("1-minute file", short_path.parent), (f"{args.minutes:g}-minute file", long_path.parent)):
+        out = work / f"scored-{folder.name}-{int(time.time())}"
+        with PeakMemory() as mem:
+            summary = scoring.score(str(run), str(folder), str(out), cfg)
+        results[name] = (summary, mem.peak, out)
+
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        naive_windows = naive_loop(model, str(naive_path), s)
+        naive_s = time.perf_counter() - start
+    naive_peak = mem.peak
+
+    with FlopCounterMode(display=False) as counter:
+        model.build()(torch.zeros(1, int(s.window_seconds * model.features.sample_rate)))
+    flops_per_window = counter.get_total_flops()
+    peak_rate = matmul_rate()
+
+    print(f"model: {len(model.state_dicts)}-fold ensemble of resnet18, {flops_per_window / 1e9:.2f} GFLOP per "
+          f"{s.window_seconds:g} s window, hop {s.hop_seconds:g} s; machine matmul rate {peak_rate / 1e9:.0f} GFLOP/s")
+    print(f"{'path':<28}{'audio s/s':>11}{'peak RSS MiB':>14}{'model GFLOP/s':>15}{'of matmul':>11}")
+    for name, (summary, peak, _) in results.items():
+        windows = len(pd.read_parquet(summary.output + "/windows"))
+        rate = windows * flops_per_window / max(summary.model_seconds, 1e-9)
+        print(f"{'job, ' + name:<28}{summary.audio_seconds_per_second:>11.1f}{peak / 2**20:>14.0f}"
+              f"{rate / 1e9:>15.1f}{rate / peak_rate:>11.0%}")
+    naive_audio = args.naive_minutes * 60
+    naive_rate = naive_windows * flops_per_window / naive_s
+    print(f"{'naive loop, ' + format(args.naive_minutes, 'g') + ' min':<28}{naive_audio / naive_s:>11.1f}"
+          f"{naive_peak / 2**20:>14.0f}{naive_rate / 1e9:>15.1f}{naive_rate / peak_rate:>11.0%}")
+    (short_summary, short_peak, _), (long_summary, long_peak, long_out) = results.values()
+    print(f"job peak memory, 60-minute vs 1-minute file: {long_peak / short_peak:.2f}x (target <= 1.2)")
+    print(f"speed-up of the job over the naive loop: "
+          f"{long_summary.audio_seconds_per_second / (naive_audio / naive_s):.1f}x")
+    events = pd.read_parquet(long_out / "events")
+    errors = np.array([np.abs(events["time"] - t).min() if len(events) else np.inf for t in truth["time"]])
+    hit = errors < 0.02
+    print(f"events: {len(events)} detected, {len(truth)} true shots; recall at 20 ms {hit.mean():.2f}; "
+          f"median timing error {np.median(errors[hit]) * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
