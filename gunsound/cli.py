@@ -124,6 +124,15 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from gunsound.export import export_pipeline
+
+    spec = export_pipeline(args.run, args.out, args.overrides)
+    print(f"exported {len(spec['models'])} model(s), {len(spec['classes'])} classes, "
+          f"{spec['window_seconds']:g} s windows to {args.out}: model.ts, pipeline.json, score.py")
+    return 0
+
+
 def run_synth(args: argparse.Namespace) -> int:
     from gunsound.synthesis import generate_dataset
 
@@ -156,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--png", help="write a timeline (waveform, spectrogram, shots, probabilities)")
     predict.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     predict.set_defaults(func=run_predict)
+
+    export = sub.add_parser("export", help="write a self-contained scoring pipeline (TorchScript + score.py)")
+    export.add_argument("run", help="a training run (fold ensemble), a fold folder, or a model.pt")
+    export.add_argument("out", help="output folder, local or s3://")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    export.set_defaults(func=run_export)
 
     synth = sub.add_parser("synth", help="write a synthetic gunshot dataset (Hydrogen Torch layout)")
     synth.add_argument("out", help="output folder")

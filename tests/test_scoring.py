@@ -120,3 +120,42 @@ def test_predict_prints_classes_and_events_and_draws_a_timeline(trained_run, arc
     out = capsys.readouterr().out
     assert "top class" in out and "shots" in out
     assert png.stat().st_size > 10_000
+
+
+BLOCK_RAY_AND_GUNSOUND = '''
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "gunsound"):
+            raise ImportError(f"the exported pipeline must not import {name}")
+        return None
+sys.meta_path.insert(0, Block())
+'''
+
+
+@pytest.mark.ray
+def test_exported_pipeline_matches_the_ray_job_without_ray_or_the_repo(trained_run, archive, tmp_path):
+    import subprocess
+    import sys
+
+    root, _ = archive
+    sliding = ["--set", "prediction.inference_chunk_method=Sliding", "--set", "scoring.hop_seconds=1.0"]
+    assert main(["export", str(trained_run), str(tmp_path / "pipeline"), *sliding]) == 0
+    files = [root / "street" / "long.wav", root / "clip.mp3", root / "short.flac"]
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(BLOCK_RAY_AND_GUNSOUND)
+    result = subprocess.run([sys.executable, "score.py", *map(str, files), "--out", str(tmp_path / "exported.csv")],
+                            cwd=tmp_path / "pipeline", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(guard)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    exported = pd.read_csv(tmp_path / "exported.csv")
+    job_out = tmp_path / "job"
+    main(["score", str(trained_run), str(root), str(job_out), *sliding])
+    job = pd.read_parquet(job_out / "windows")
+    merged = exported.merge(job, on=["file", "start"], suffixes=("_exported", "_job"))
+    assert len(merged) == len(exported) == len(job[job["file"].isin(map(str, files))])
+    classes = [c.removeprefix("prob_").removesuffix("_job") for c in merged.columns if c.endswith("_job")
+               and c.startswith("prob_")]
+    for c in classes:
+        np.testing.assert_allclose(merged[f"prob_{c}_exported"], merged[f"prob_{c}_job"], atol=1e-4)
