@@ -26,6 +26,8 @@ from gunsound.synthesis import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["architecture.backbone=resnet18", "training.batch_size=32", "training.epochs=1", "dataset.folds=[0]",
+         # One worker with every core, as the plain loop has (Ray pins a 1-CPU worker to one torch thread).
+         "environment.cpus_per_worker=2",
          "augmentation.time_mask_frames=0", "augmentation.frequency_mask_bins=0"]
 
 
@@ -56,7 +58,8 @@ def ray_vs_plain(data: Path, work: Path) -> None:
     from ray.data.expressions import col
 
     cfg = load_config(ROOT / "configs" / "laptop.yaml", MODEL)
-    plan = training.prepare(cfg, str(data), str(work / "ray_vs_plain"))
+    out = work / f"ray_vs_plain-{int(time.time())}"  # a fresh run: an existing one would be resumed
+    plan = training.prepare(cfg, str(data), str(out))
     from gunsound.pipeline import init_ray
 
     init_ray()
@@ -68,7 +71,7 @@ def ray_vs_plain(data: Path, work: Path) -> None:
     start = time.perf_counter()
     training.run(plan)
     ray_total = time.perf_counter() - start
-    history = json.loads((work / "ray_vs_plain" / "fold_0" / "metrics.json").read_text())
+    history = json.loads((out / "fold_0" / "metrics.json").read_text())
     ray_epoch = history[0]["epoch_seconds"]
     ray_train = history[0]["train_seconds"]
     print(f"[1] {len(features)} training clips, {features.shape[1]}x{features.shape[2]} log-mel, "
@@ -84,7 +87,7 @@ def padding(data: Path, work: Path) -> None:
     for name, extra in (("seed recipe: 60 s chunk", ["audio.audio_parameters=Manual", "audio.training_chunk_seconds=60"]),
                         ("automatic chunk", ["audio.audio_parameters=Auto"])):
         cfg = load_config(ROOT / "configs" / "laptop.yaml", [*MODEL, "architecture.backbone=resnet10t", *extra])
-        plan = training.prepare(cfg, str(data), str(work / name.split(":")[0].replace(" ", "_")))
+        plan = training.prepare(cfg, str(data), str(work / f"{name.split(':')[0].replace(' ', '_')}-{int(time.time())}"))
         start = time.perf_counter()
         result = training.run(plan)
         final = result["folds"]["0"]["final"]

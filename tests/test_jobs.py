@@ -1,0 +1,90 @@
+"""`ray job submit` against a real two-node Ray cluster on loopback, with Ray 2.60's token authentication."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from tests.conftest import LAPTOP_CONFIG, REPO
+from tests.test_training import FAST
+
+pytestmark = pytest.mark.ray
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _node_ports(ports: list[int]) -> list[str]:
+    names = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
+             "--ray-client-server-port"]
+    return [f"{name}={port}" for name, port in zip(names, ports, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head and a worker node started with `ray start`; token auth on, the token in ~/.ray/auth_token."""
+    tempfile_dir = str(tmp_path_factory.mktemp("rc"))
+    temp = Path(tempfile_dir)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard, *rest = _ports(2 + 14)
+    common = ["--node-ip-address=127.0.0.1", "--object-store-memory=200000000", "--disable-usage-stats"]
+    subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common, *_node_ports(rest[:7])],
+                   env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common, *_node_ports(rest[7:])],
+                   env=env, check=True, capture_output=True, timeout=120)
+    address = f"http://127.0.0.1:{dashboard}"
+    yield address, env
+    # Stop only this cluster's processes: the session's own local Ray keeps running.
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if tempfile_dir in cmd or f"127.0.0.1:{gcs}" in cmd or f"--gcs-address=127.0.0.1:{gcs}" in cmd:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+
+def _submit(address: str, env: dict, args: list[str], timeout: float = 400) -> str:
+    runtime_env = json.dumps({"excludes": [".venv", ".git", "outputs", "data", "*.pt"]})
+    deadline = time.time() + timeout
+    while True:  # the job agent takes a few seconds to come up after `ray start`
+        result = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
+                                 "--runtime-env-json", runtime_env, "--", *args],
+                                env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if "No available agent" not in result.stdout + result.stderr or time.time() > deadline - 60:
+            break
+        time.sleep(3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_train_and_score_jobs_on_a_two_node_cluster(cluster, synth_dir, tmp_path):
+    address, env = cluster
+    run = tmp_path / "run"
+    out = _submit(address, env, [sys.executable, "-m", "ray_jobs.train", str(LAPTOP_CONFIG), "--data", str(synth_dir),
+                                 "--output", str(run), *[a for kv in FAST for a in ("--set", kv)],
+                                 "--set", "training.epochs=1"])
+    assert "fold 0:" in out and (run / "fold_0" / "model.pt").exists()
+    scored = tmp_path / "scored"
+    audio = synth_dir / "Gun_Classifier" / "MG-42"
+    out = _submit(address, env, [sys.executable, "-m", "ray_jobs.score", str(run), str(audio), str(scored)])
+    assert "scored 10 files (10 ok, 0 errors" in out
+    assert len(pd.read_parquet(scored / "files")) == 10
