@@ -183,10 +183,17 @@ def _table(rows: list[tuple], header: tuple) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_report(out: str) -> str:
-    """Write OUT/report.html and its charts from what a run wrote under OUT; returns the report's URI."""
-    metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
+def write_report(out: str, live: bool = False) -> str:
+    """Write OUT/report.html and its charts from what a run wrote under OUT; returns the report's URI.
+
+    With `live`, while folds still train: the curves from every fold's per-epoch metrics.json so far."""
     cfg = yaml.safe_load(storage.read_text(storage.join(out, "config.yaml")))
+    if live:
+        folds = sorted(u.rsplit("/", 2)[-2].removeprefix("fold_") for u in storage.list_files(out)
+                       if u.endswith("/metrics.json") and u.rsplit("/", 2)[-2].startswith("fold_"))
+        metrics = {"classes": [], "folds": dict.fromkeys(folds), "audio": {}}
+    else:
+        metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
     classes = metrics["classes"]
     folds = list(metrics["folds"])
     metric_key = {"ROC_AUC": "valid_roc_auc", "Accuracy": "valid_accuracy", "F1": "valid_f1",
@@ -207,7 +214,7 @@ def write_report(out: str) -> str:
         sections.append("<h3>Per class</h3>" + _table(per_class, ("class", "precision", "recall", "F1", "clips")))
         charts += [_confusion(cv, out), _per_class(cv, out)]
     try:
-        charts += _examples(out, cfg, classes, folds)
+        charts += [] if live else _examples(out, cfg, classes, folds)
     except (audio.AudioError, OSError, KeyError) as exc:  # the report never fails a finished run
         log.warning("report: example spectrograms skipped: %s", exc)
     images = "".join(f'<figure><img src="{c}" alt="{c}"><figcaption>{c}</figcaption></figure>' for c in charts)
@@ -216,8 +223,8 @@ def write_report(out: str) -> str:
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:inline-block;margin:1em}}
 img{{max-width:100%}}</style></head><body>
 <h1>{html.escape(cfg['experiment_name'])}</h1>
-<p>{len(classes)} classes; folds {', '.join(folds)}; backbone {html.escape(cfg['architecture']['backbone'])};
-audio: {html.escape(metrics['audio']['reason'])}</p>
+<p>{'<b>Training in progress</b> (updated after every epoch); ' if live else ''}folds {', '.join(folds)};
+backbone {html.escape(cfg['architecture']['backbone'])}; audio: {html.escape(metrics['audio'].get('reason', ''))}</p>
 {''.join(sections)}
 <h2>Charts</h2>{images}
 </body></html>"""

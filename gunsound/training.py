@@ -340,6 +340,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if t.save_best_checkpoint:
                     storage.write_bytes(storage.join(fold_dir, "best_state.pt"), _save_state(core.state_dict()))
             storage.write_text(storage.join(fold_dir, "metrics.json"), json.dumps(history, indent=1))
+            if loop_config.get("run_dir"):
+                _live_report(loop_config["run_dir"])
             if last and predictions is not None:
                 frame = pd.DataFrame({"row": predictions["row"]})
                 for i, c in enumerate(classes):
@@ -361,6 +363,16 @@ METRIC_KEYS = {"ROC_AUC": "valid_roc_auc", "Accuracy": "valid_accuracy", "F1": "
 
 def _better(score: float, best: float, metric: str) -> bool:
     return score < best if metric == "LogLoss" else score > best
+
+
+def _live_report(run_dir: str) -> None:
+    """Refresh report.html while training runs; a chart that fails never stops training."""
+    from gunsound.report import write_report
+
+    try:
+        write_report(run_dir, live=True)
+    except Exception as exc:  # noqa: BLE001 - the report is a view, training is the job
+        log.warning("live report not updated: %s", exc)
 
 
 def _scalar_metrics(metrics: dict) -> dict:
@@ -416,7 +428,7 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False):
 
 
 def make_trainer(plan: TrainingPlan, k: int, train_ds, valid_ds, fold_dir: str, name: str, storage_dir: str,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, run_dir: str | None = None):
     """The Ray Train TorchTrainer for fold k of a plan (also what every Tune trial fits)."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -432,7 +444,8 @@ def make_trainer(plan: TrainingPlan, k: int, train_ds, valid_ds, fold_dir: str, 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": plan.cfg.to_dict(), "classes": plan.manifest.classes, "fold_dir": fold_dir,
-                           "optimizer_steps_per_epoch": max(1, batches // t.grad_accumulation)},
+                           "optimizer_steps_per_epoch": max(1, batches // t.grad_accumulation),
+                           "run_dir": run_dir},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=gpus_per_worker > 0,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
@@ -453,7 +466,8 @@ def fit_fold(plan: TrainingPlan, k: int, train_ds, valid_ds) -> dict:
     storage.configure_s3(plan.cfg.storage.endpoint_url, plan.cfg.storage.region)
     t = plan.cfg.training
     fold_dir = storage.join(plan.output, f"fold_{k}")
-    trainer = make_trainer(plan, k, train_ds, valid_ds, fold_dir, f"fold_{k}", storage.join(plan.output, "ray"))
+    trainer = make_trainer(plan, k, train_ds, valid_ds, fold_dir, f"fold_{k}", storage.join(plan.output, "ray"),
+                           run_dir=plan.output)
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)

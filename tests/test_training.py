@@ -64,3 +64,13 @@ def test_two_folds_end_to_end_with_cv_metrics_and_report(ray_local, synth_dir, t
     for chart in ("learning_rate.png", "train_batch_loss.png", "validation_curves.png", "confusion_matrix.png",
                   "per_class.png", "train_spectrograms.png", "valid_predictions.png", "grad_cam.png"):
         assert f'src="{chart}"' in page and (out / chart).stat().st_size > 1000
+    # While folds train, the report is rebuilt after every epoch from the per-fold metrics written so far.
+    live = tmp_path / "live"
+    (live / "fold_0").mkdir(parents=True)
+    (live / "config.yaml").write_text((out / "config.yaml").read_text())
+    (live / "fold_0" / "metrics.json").write_text((out / "fold_0" / "metrics.json").read_text())
+    from gunsound.report import write_report
+
+    write_report(str(live), live=True)
+    page = (live / "report.html").read_text()
+    assert "Training in progress" in page and (live / "validation_curves.png").exists()
