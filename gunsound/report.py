@@ -144,7 +144,7 @@ def _examples(out: str, cfg: dict, classes: list[str], folds: list[str]) -> list
     saved = torch.load(io.BytesIO(storage.read_bytes(model_uri)), map_location="cpu", weights_only=False)
     params = FeatureParams(**saved["features"])
     n = max(1, int(cfg.get("logging", {}).get("number_of_audios", 8)))
-    manifest = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(out, "manifest.parquet"))))
+    manifest = storage.read_parquet(storage.join(out, "manifest.parquet"))
     fold = int(folds[0])
     charts = []
     train = manifest[manifest["fold"] != fold].sample(min(n, (manifest["fold"] != fold).sum()), random_state=0)
@@ -155,7 +155,7 @@ def _examples(out: str, cfg: dict, classes: list[str], folds: list[str]) -> list
     oof_uri = storage.join(out, "oof_predictions.parquet")
     if not storage.exists(oof_uri):
         return charts
-    oof = pd.read_parquet(io.BytesIO(storage.read_bytes(oof_uri)))
+    oof = storage.read_parquet(oof_uri)
     oof = oof[oof["fold"] == fold].sample(min(n, int((oof["fold"] == fold).sum())), random_state=0)
     paths = list(manifest.set_index("row").loc[oof["row"], "path"])
     probs = oof[[f"prob_{c}" for c in classes]].to_numpy()

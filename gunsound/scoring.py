@@ -326,14 +326,8 @@ def _parts(output: str, table: str) -> list[str]:
 
 
 def _read_parts(uris: list[str]) -> pd.DataFrame:
-    frames = [pd.read_parquet(io.BytesIO(storage.read_bytes(u))) for u in uris]
+    frames = [storage.read_parquet(u) for u in uris]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def _write_part(frame: pd.DataFrame, uri: str) -> None:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    storage.write_bytes(uri, buffer.getvalue())
 
 
 def _remove(uri: str) -> None:
@@ -468,12 +462,12 @@ def _commit_shard(output: str, name: str, shard: list[str], headers: dict, windo
                 frame[f"prob_{c}"] = probs[:, i]
             window_rows.append(frame)
     event_columns = ["file", "time", "class", "probability", "burst", "shots_in_burst", "rounds_per_minute"]
-    _write_part(pd.concat(window_rows, ignore_index=True) if window_rows else
+    storage.write_parquet(pd.concat(window_rows, ignore_index=True) if window_rows else
                 pd.DataFrame(columns=["file", "start", "end", *[f"prob_{c}" for c in classes]]),
                 storage.join(output, "windows", name))
-    _write_part(pd.DataFrame(events, columns=event_columns), storage.join(output, "events", name))
+    storage.write_parquet(pd.DataFrame(events, columns=event_columns), storage.join(output, "events", name))
     files = pd.DataFrame(rows).astype({"file": str, "status": str, "error": str, "top_class": str, "note": str})
-    _write_part(files, storage.join(output, "files", name))  # last: the shard's commit
+    storage.write_parquet(files, storage.join(output, "files", name))  # last: the shard's commit
 
 
 def _summary(output: str, files: list[str], skipped: int, started: float, model_seconds: float) -> ScoreSummary:

@@ -152,6 +152,19 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode()
 
 
+def write_parquet(frame, uri: str) -> None:
+    """A pandas DataFrame as one Parquet file, written whole (see write_bytes)."""
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    write_bytes(uri, buffer.getvalue())
+
+
+def read_parquet(uri: str):
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(read_bytes(uri)))
+
+
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
     fs.create_dir(path, recursive=True)

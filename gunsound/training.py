@@ -347,7 +347,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 for i, c in enumerate(classes):
                     frame[f"prob_{c}"] = predictions["probs"][:, i]
                     frame[f"true_{c}"] = predictions["targets"][:, i]
-                _write_parquet(frame, storage.join(fold_dir, "valid_predictions.parquet"))
+                storage.write_parquet(frame, storage.join(fold_dir, "valid_predictions.parquet"))
             state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "epoch": epoch, "history": history, "best_score": best_score, "best_epoch": best_epoch}
@@ -377,12 +377,6 @@ def _live_report(run_dir: str) -> None:
 
 def _scalar_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-
-
-def _write_parquet(frame: pd.DataFrame, uri: str) -> None:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    storage.write_bytes(uri, buffer.getvalue())
 
 
 # ---------------------------------------------------------------- the driver
@@ -490,14 +484,13 @@ def cross_validate(plan: TrainingPlan) -> dict:
     classes, cfg = plan.manifest.classes, plan.cfg
     frames = []
     for k in plan.fold_ids:
-        pred = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(plan.output, f"fold_{k}",
-                                                                           "valid_predictions.parquet"))))
+        pred = storage.read_parquet(storage.join(plan.output, f"fold_{k}", "valid_predictions.parquet"))
         frames.append(pred.assign(fold=k))
     oof = pd.concat(frames, ignore_index=True)
     manifest = plan.manifest.frame.set_index("row")
     oof.insert(1, "file", manifest.loc[oof["row"], "rel_path"].to_numpy())
     oof.insert(2, "label", manifest.loc[oof["row"], "label"].to_numpy())
-    _write_parquet(oof, storage.join(plan.output, "oof_predictions.parquet"))
+    storage.write_parquet(oof, storage.join(plan.output, "oof_predictions.parquet"))
     probs = oof[[f"prob_{c}" for c in classes]].to_numpy()
     targets = oof[[f"true_{c}" for c in classes]].to_numpy()
     args = (cfg.prediction.probability_threshold, cfg.dataset.background_label)
@@ -547,9 +540,9 @@ def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
     out = plan.output
     storage.makedirs(out)
     storage.write_text(storage.join(out, "config.yaml"), plan.cfg.to_yaml())
-    _write_parquet(plan.manifest.frame.assign(fold=plan.folds), storage.join(out, "manifest.parquet"))
+    storage.write_parquet(plan.manifest.frame.assign(fold=plan.folds), storage.join(out, "manifest.parquet"))
     if plan.manifest.dropped:
-        _write_parquet(pd.DataFrame([asdict(p) for p in plan.manifest.dropped]), storage.join(out, "dropped_rows.parquet"))
+        storage.write_parquet(pd.DataFrame([asdict(p) for p in plan.manifest.dropped]), storage.join(out, "dropped_rows.parquet"))
 
     results: dict = {"classes": plan.manifest.classes, "audio": {"sample_rate": plan.audio.sample_rate,
                      "chunk_seconds": plan.audio.chunk_seconds, "reason": plan.audio.reason}, "folds": {}}
