@@ -65,3 +65,49 @@ def test_rerun_of_a_finished_command_keeps_its_folds(ray_local, synth_dir, tmp_p
     assert main(args) == 0
     assert (out / "fold_0" / "model.pt").stat().st_mtime_ns == first
     assert "finished by an earlier run" in caplog.text
+
+
+def _run_then_kill(args: list[str], ready, log_path, timeout: float = 300) -> None:
+    """Start `python -m ...args` as a driver of the session's Ray, SIGKILL it once ready() holds."""
+    import subprocess
+    import sys
+
+    import ray
+
+    # An explicit address: with several Ray instances on one machine, auto-detection refuses to choose.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = open(log_path, "w")  # noqa: SIM115 - closed below, after the process is gone
+    proc = subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.3)
+        tail = open(log_path).read()[-3000:]
+        assert proc.poll() is None, f"the job ended before it could be killed:\n{tail}"
+        assert ready(), f"the job never reached the point to kill it at:\n{tail}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its job's actors die with it
+        proc.wait()
+        log.close()
+
+
+def test_rerun_after_the_driver_died_resumes_the_fold(ray_local, synth_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(synth_dir), "--output", str(out), *[a for kv in FAST for a in ("--set", kv)],
+            "--set", "training.epochs=3"]
+    live = out / "fold_0" / "metrics.json"
+
+    def one_epoch_checkpointed() -> bool:
+        return live.exists() and len(json.loads(live.read_text() or "[]")) >= 1 and \
+            any((out / "ray" / "fold_0").glob("checkpoint_*/state.pt"))
+
+    _run_then_kill(["ray_jobs.train", str(LAPTOP_CONFIG), *args], one_epoch_checkpointed, tmp_path / "job.log")
+    before = json.loads(live.read_text())
+    assert 1 <= len(before) < 3
+    assert main(["train", str(LAPTOP_CONFIG), *args]) == 0
+    after = json.loads((out / "metrics.json").read_text())["folds"]["0"]["epochs"]
+    assert [e["epoch"] for e in after] == [1, 2, 3]
+    # The epochs finished before the kill were not trained again: their records are the same.
+    assert after[0]["epoch_seconds"] == before[0]["epoch_seconds"]

@@ -159,3 +159,21 @@ def test_exported_pipeline_matches_the_ray_job_without_ray_or_the_repo(trained_r
                and c.startswith("prob_")]
     for c in classes:
         np.testing.assert_allclose(merged[f"prob_{c}_exported"], merged[f"prob_{c}_job"], atol=1e-4)
+
+
+@pytest.mark.ray
+def test_a_killed_scoring_job_run_again_ends_with_each_file_once(trained_run, archive, tmp_path):
+    from tests.test_faults import _run_then_kill
+
+    root, _ = archive
+    out = tmp_path / "scored"
+    args = [str(trained_run), str(root), str(out), "--set", "scoring.shard_files=1"]
+    _run_then_kill(["ray_jobs.score", *args], lambda: len(list((out / "files").glob("*.parquet"))) >= 2,
+                   tmp_path / "job.log")
+    committed = len(list((out / "files").glob("*.parquet")))
+    assert 2 <= committed < 5
+    main(["score", *args])
+    files = pd.read_parquet(out / "files")
+    assert sorted(files["file"]) == sorted(str(p) for p in root.rglob("*") if p.is_file())
+    assert json.loads((out / "summary.json").read_text())["skipped_as_finished"] >= committed
+    assert not pd.read_parquet(out / "windows").duplicated(["file", "start"]).any()
