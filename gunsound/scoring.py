@@ -167,7 +167,7 @@ def plan_chunks(path: str, duration: float, s: ScoringSettings) -> list[dict]:
         owned = starts[i:i + per_chunk]
         chunks.append({"path": path, "chunk": i // per_chunk, "first_window": i, "starts": owned.tolist(),
                        "read_start": float(owned[0]), "read_end": float(owned[-1] + s.window_seconds),
-                       "duration": duration})
+                       "duration": duration, "hop": s.hop_seconds})
     return chunks
 
 
@@ -216,7 +216,8 @@ def read_chunks(batch: dict[str, np.ndarray], sample_rate: int, window_seconds: 
             wave, error = np.zeros(0, dtype=np.float32), str(exc)
         onsets = np.zeros(0)
         if onset_detection and not error:
-            owned_end = starts[-1] + (starts[1] - starts[0] if len(starts) > 1 else window_seconds)
+            # The chunk owns onsets up to where the next chunk's first window starts.
+            owned_end = starts[-1] + float(batch["hop"][i])
             found = detect_onsets(wave, sample_rate) + read_start
             last_chunk = owned_end >= duration
             onsets = found[(found >= starts[0]) & ((found < owned_end) | last_chunk) & (found < duration)]
@@ -301,7 +302,7 @@ def summarize_file(path: str, duration: float, windows: pd.DataFrame, onsets: np
 
 def _bursts(events: list[dict], max_gap: float = 0.5) -> None:
     """Group shots less than max_gap apart into bursts; a burst's rate of fire is 60 / median interval."""
-    burst, members = -1, []
+    members: list[dict] = []
     groups: list[list[dict]] = []
     for e in events:
         if members and e["time"] - members[-1]["time"] > max_gap:
@@ -461,11 +462,18 @@ def _commit_shard(output: str, name: str, shard: list[str], headers: dict, windo
             for i, c in enumerate(classes):
                 frame[f"prob_{c}"] = probs[:, i]
             window_rows.append(frame)
-    event_columns = ["file", "time", "class", "probability", "burst", "shots_in_burst", "rounds_per_minute"]
+    import pyarrow as pa
+
+    window_schema = pa.schema([("file", pa.string()), ("start", pa.float64()), ("end", pa.float64()),
+                               *[(f"prob_{c}", pa.float64()) for c in classes]])
+    event_schema = pa.schema([("file", pa.string()), ("time", pa.float64()), ("class", pa.string()),
+                              ("probability", pa.float64()), ("burst", pa.int64()), ("shots_in_burst", pa.int64()),
+                              ("rounds_per_minute", pa.float64())])
     storage.write_parquet(pd.concat(window_rows, ignore_index=True) if window_rows else
-                pd.DataFrame(columns=["file", "start", "end", *[f"prob_{c}" for c in classes]]),
-                storage.join(output, "windows", name))
-    storage.write_parquet(pd.DataFrame(events, columns=event_columns), storage.join(output, "events", name))
+                          pd.DataFrame(columns=window_schema.names), storage.join(output, "windows", name),
+                          window_schema)
+    storage.write_parquet(pd.DataFrame(events, columns=event_schema.names), storage.join(output, "events", name),
+                          event_schema)
     files = pd.DataFrame(rows).astype({"file": str, "status": str, "error": str, "top_class": str, "note": str})
     storage.write_parquet(files, storage.join(output, "files", name))  # last: the shard's commit
 

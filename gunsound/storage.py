@@ -152,10 +152,14 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode()
 
 
-def write_parquet(frame, uri: str) -> None:
-    """A pandas DataFrame as one Parquet file, written whole (see write_bytes)."""
+def write_parquet(frame, uri: str, schema=None) -> None:
+    """A pandas DataFrame as one Parquet file, written whole (see write_bytes). A schema keeps the column
+    types of empty frames, so the parts of one dataset always share them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
+    pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), buffer)
     write_bytes(uri, buffer.getvalue())
 
 

@@ -58,6 +58,12 @@ def to_tune_space(space: dict[str, Any]) -> dict[str, Any]:
             for key, spec in space.items() for sampler, args in spec.items()}
 
 
+def _largest(spec: dict[str, Any]) -> int:
+    """The largest value a sampler can draw (randint's upper bound is exclusive)."""
+    sampler, args = next(iter(spec.items()))
+    return int(args[1]) - 1 if sampler == "randint" else int(max(args))
+
+
 def config_with(cfg: Config, params: dict[str, Any]) -> Config:
     data = cfg.to_dict()
     apply_overrides(data, [f"{key}={json.dumps(value)}" for key, value in params.items()])
@@ -111,9 +117,7 @@ def run_tune(plan: TrainingPlan, num_samples: int) -> TuneResult:
     if gpus_per_worker:
         fits.append(int(resources.get("GPU", 0) // (workers * gpus_per_worker)))
     concurrent = max(1, min(fits))
-    max_epochs = max(int(v["randint"][1]) - 1 if "randint" in v else int(max(next(iter(v.values()))))
-                     for key, v in space.items() if key == "training.epochs") if "training.epochs" in space \
-        else plan.cfg.training.epochs
+    max_epochs = _largest(space["training.epochs"]) if "training.epochs" in space else plan.cfg.training.epochs
     log.info("tune: %d samples, %d at a time, ASHA on %s (%s), up to %d epochs, fold %d",
              num_samples, concurrent, metric, mode, max_epochs, k)
 
