@@ -392,6 +392,7 @@ def score(model_location: str, input_location: str, output: str, cfg: Config,
     from gunsound.pipeline import cluster_gpus, init_ray
 
     started = time.perf_counter()
+    output, input_location = storage.absolute(output), storage.absolute(input_location)
     storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
     init_ray(cfg.environment.ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = True

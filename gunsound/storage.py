@@ -81,6 +81,11 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray Train workers run in their own working directory); URIs unchanged."""
+    return uri if is_s3(uri) else str(Path(uri).expanduser().absolute())
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a local path or an s3:// URI."""
     if is_s3(base):

@@ -87,6 +87,7 @@ class TrainingPlan:
 def prepare(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = False) -> TrainingPlan:
     """Check the dataset and settle everything a run needs, without training (this is --dry-run)."""
     s3 = storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
+    output, data = storage.absolute(output), storage.absolute(data) if data else None
     resolved = config_from_dict(cfg.to_dict())
     # Workers may run in processes that never saw this environment; the endpoint travels in the config.
     resolved.storage.endpoint_url, resolved.storage.region = s3.endpoint_url, s3.region
