@@ -14,6 +14,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+# The config's prediction.metric -> the validation metric each epoch reports.
+METRIC_KEYS = {"ROC_AUC": "valid_roc_auc", "Accuracy": "valid_accuracy", "F1": "valid_f1", "LogLoss": "valid_log_loss"}
+
 
 def predicted_labels(probs: np.ndarray, classes: list[str], threshold: float, background: str | None) -> list[str]:
     """Top class per row; with background clips in play, a row whose every probability is under the

@@ -17,7 +17,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from gunsound import audio, storage  # noqa: E402
+from gunsound.config import ArchitectureConfig  # noqa: E402
 from gunsound.features import FeatureParams, LogMelSpectrogram  # noqa: E402
+from gunsound.metrics import METRIC_KEYS  # noqa: E402
 from gunsound.model import build_model  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -164,17 +166,11 @@ def _examples(out: str, cfg: dict, classes: list[str], folds: list[str]) -> list
     specs = _log_mels(paths, params, saved["chunk_seconds"])
     charts.append(_tiles(specs[:, 0].numpy(), titles, out, "valid_predictions.png"))
     if cfg.get("training", {}).get("run_interpretations", True):
-        model = build_model(_arch(saved["architecture"]), len(classes), pretrained=False)
+        model = build_model(ArchitectureConfig(**saved["architecture"]), len(classes), pretrained=False)
         model.load_state_dict(saved["state_dict"])
         cams = grad_cam(model, specs, torch.from_numpy(top))
         charts.append(_tiles(specs[:, 0].numpy(), [t.replace("\n", ", ") for t in titles], out, "grad_cam.png", cams))
     return charts
-
-
-def _arch(data: dict):
-    from gunsound.config import ArchitectureConfig
-
-    return ArchitectureConfig(**data)
 
 
 def _table(rows: list[tuple], header: tuple) -> str:
@@ -196,8 +192,7 @@ def write_report(out: str, live: bool = False) -> str:
         metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
     classes = metrics["classes"]
     folds = list(metrics["folds"])
-    metric_key = {"ROC_AUC": "valid_roc_auc", "Accuracy": "valid_accuracy", "F1": "valid_f1",
-                  "LogLoss": "valid_log_loss"}[cfg["prediction"]["metric"]]
+    metric_key = METRIC_KEYS[cfg["prediction"]["metric"]]
     histories = _fold_histories(out, folds)
     charts = _curves(histories, out, metric_key)
     sections = []

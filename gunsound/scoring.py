@@ -348,7 +348,7 @@ def finished_files(output: str) -> set[str]:
     return set(done["file"]) if len(done) else set()
 
 
-def _headers(paths: list[str], s: ScoringSettings) -> dict[str, tuple[float, str]]:
+def _headers(paths: list[str]) -> dict[str, tuple[float, str]]:
     from concurrent.futures import ThreadPoolExecutor
 
     def one(path: str) -> tuple[str, tuple[float, str]]:
@@ -414,7 +414,7 @@ def score(model_location: str, input_location: str, output: str, cfg: Config,
     model_seconds = 0.0
     for shard_index in range(0, len(todo), s.shard_files):
         shard = todo[shard_index: shard_index + s.shard_files]
-        headers = _headers(shard, s)
+        headers = _headers(shard)
         chunks = [c for f in shard if not headers[f][1] for c in plan_chunks(f, headers[f][0], s)]
         windows = pd.DataFrame(columns=["path", "index", "start", "end", "error", "onsets", "probs"])
         if chunks:

@@ -39,7 +39,7 @@ from gunsound.dataset import (
     num_folds,
 )
 from gunsound.features import FeatureParams, mel_frames
-from gunsound.metrics import classification_metrics
+from gunsound.metrics import METRIC_KEYS, classification_metrics
 from gunsound.model import build_model
 
 log = logging.getLogger(__name__)
@@ -357,9 +357,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report(_scalar_metrics(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(_scalar_metrics(metrics))
-
-
-METRIC_KEYS = {"ROC_AUC": "valid_roc_auc", "Accuracy": "valid_accuracy", "F1": "valid_f1", "LogLoss": "valid_log_loss"}
 
 
 def _better(score: float, best: float, metric: str) -> bool:
