@@ -1,7 +1,7 @@
 """Feature extraction (read, decode, resample, log-mel) through Ray Data against a plain single-process loop
 doing the same work on the same files, in one run. Target: Ray at least as fast (ratio >= 1.0) on 2 cores.
 
-    python benchmarks/features_ray_vs_loop.py [--clips-per-class 95] [--workdir DIR]
+    python benchmarks/features_ray_vs_loop.py [--clips-per-class 95] [--repeats 5] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips-per-class", type=int, default=95)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gunsound-bench-"))
     if not (work / "train.pq").exists():
@@ -50,39 +51,54 @@ def main() -> None:
     print(f"{len(paths)} clips, {audio_seconds:.0f} s of audio, log-mel {params.n_mels} mels, "
           f"n_fft {params.n_fft}, hop {params.hop_length}, {psutil.cpu_count()} CPUs")
 
-    with PeakMemory() as mem:
-        start = time.perf_counter()
-        plain_loop(paths, params, int(chunk_seconds * params.sample_rate))
-        loop_s = time.perf_counter() - start
-    loop_mem = mem.peak
+    loop_pass = lambda: plain_loop(paths, params, int(chunk_seconds * params.sample_rate))  # noqa: E731
+    first_loop = timed(loop_pass)
 
     import ray
 
-    from gunsound.pipeline import feature_dataset, init_ray
+    from gunsound.pipeline import feature_dataset, init_ray, warm_up_workers
 
+    # Start-up, paid once per job and not by the loop either (it has torch imported before its clock starts):
+    # Ray itself, then its pooled workers importing torch (init_ray starts that; here we wait for it).
     start = time.perf_counter()
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    startup_s = time.perf_counter() - start
-    timings = []
-    for _ in range(2):  # first pass: cold workers (torch imported in each); second: warm, as later passes in a job
-        with PeakMemory() as mem:
-            start = time.perf_counter()
-            out = feature_dataset(pd.DataFrame({"path": paths}), params, chunk_seconds).materialize()
-            timings.append((time.perf_counter() - start, mem.peak))
+    ray_start_s = time.perf_counter() - start
+    ray.get(warm_up_workers())
+    warm_up_s = time.perf_counter() - start - ray_start_s
+
+    def ray_pass() -> None:
+        out = feature_dataset(pd.DataFrame({"path": paths}), params, chunk_seconds).materialize()
         assert out.count() == len(paths)
-    (ray_s, ray_mem), (warm_s, warm_mem) = timings
 
-    print(f"{'path':<24}{'clips/s':>10}{'audio s/s':>12}{'wall s':>9}{'peak RSS MiB':>14}")
-    print(f"{'plain loop':<24}{len(paths) / loop_s:>10.1f}{audio_seconds / loop_s:>12.1f}{loop_s:>9.2f}"
-          f"{loop_mem / 2**20:>14.0f}")
-    print(f"{'Ray Data':<24}{len(paths) / ray_s:>10.1f}{audio_seconds / ray_s:>12.1f}{ray_s:>9.2f}"
-          f"{ray_mem / 2**20:>14.0f}")
-    print(f"{'Ray Data (warm workers)':<24}{len(paths) / warm_s:>10.1f}{audio_seconds / warm_s:>12.1f}{warm_s:>9.2f}"
-          f"{warm_mem / 2**20:>14.0f}")
-    print(f"Ray start-up (once per job, not in the rows above): {startup_s:.1f} s")
-    print(f"speed ratio Ray/loop: cold {loop_s / ray_s:.2f}, warm {loop_s / warm_s:.2f} (target >= 1.0)")
+    ray_runs = [timed(ray_pass)]
+    loop_runs = [first_loop]
+    for _ in range(args.repeats - 1):  # interleaved, so drift in the machine's speed hits both paths alike
+        loop_runs.append(timed(loop_pass))
+        ray_runs.append(timed(ray_pass))
 
+    print(f"{'path':<26}{'clips/s':>10}{'audio s/s':>12}{'wall s':>9}{'peak RSS MiB':>14}")
+    rows = [("plain loop, first", loop_runs[0]), ("plain loop, median", median_run(loop_runs)),
+            ("Ray Data, first pass", ray_runs[0]), ("Ray Data, median", median_run(ray_runs))]
+    for name, (wall, peak) in rows:
+        print(f"{name:<26}{len(paths) / wall:>10.1f}{audio_seconds / wall:>12.1f}{wall:>9.2f}{peak / 2**20:>14.0f}")
+    print(f"Ray start-up, once per job (not in the rows above): {ray_start_s:.1f} s, "
+          f"then {warm_up_s:.1f} s for its workers to import torch")
+    print(f"speed ratio Ray/loop ({args.repeats} runs each): first pass {loop_runs[0][0] / ray_runs[0][0]:.2f}, "
+          f"median {median_run(loop_runs)[0] / median_run(ray_runs)[0]:.2f} (target >= 1.0)")
+
+
+def timed(work) -> tuple[float, int]:
+    """Wall seconds and peak RSS (this process and its children, i.e. Ray's workers) of one run."""
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        work()
+        wall = time.perf_counter() - start
+    return wall, mem.peak
+
+
+def median_run(runs: list[tuple[float, int]]) -> tuple[float, int]:
+    return sorted(runs)[len(runs) // 2]
 
 if __name__ == "__main__":
     main()

@@ -92,6 +92,9 @@ class EnvironmentConfig:
     gpus_per_worker: float | None = None
     cpus_per_worker: float = 1.0
     ray_address: str | None = None
+    # gunsound: a Train worker whose dataset shard is estimated under this size reads it once and shuffles it
+    # in memory every epoch (no per-epoch Ray Data execution); larger shards stream every epoch. 0: always stream.
+    shard_cache_mb: float = 2048.0
 
 
 @dataclass

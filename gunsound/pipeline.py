@@ -34,6 +34,23 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # A laptop: a local Ray with a modest object store (Ray's default is 30% of RAM).
     # The dashboard serves the State API, which Ray Train uses to clean up after stopped trials and folds.
     ray.init(num_cpus=num_cpus, object_store_memory=1 << 30, include_dashboard=True, log_to_driver=True)
+    warm_up_workers()
+
+
+@ray.remote(num_cpus=1)
+def _load_feature_stack() -> None:
+    """Unpickling this function imports gunsound.pipeline (torch, torchaudio, soundfile) in the worker
+    that runs it; Ray Data's map-task machinery is the rest of what a first batch would wait for."""
+    import ray.data._internal.execution.operators.map_operator  # noqa: F401
+
+
+def warm_up_workers() -> list[ray.ObjectRef]:
+    """Import the feature stack in one pooled worker per CPU, without waiting for it.
+
+    Importing torch takes a worker about two seconds; done here it overlaps the driver's own start-up
+    instead of delaying the first batches of the first pipeline. Later CPU tasks reuse these workers.
+    """
+    return [_load_feature_stack.remote() for _ in range(int(ray.cluster_resources().get("CPU", 1)))]
 
 
 def cluster_gpus() -> float:
@@ -106,20 +123,23 @@ def feature_dataset(
         raise ValueError("no clips to featurize")
     chunk_samples = int(round(chunk_seconds * params.sample_rate))
     records = clips.to_dict("records")
-    ds = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // batch_size)))
+    # Blocks of at most batch_size clips, at least one per CPU; each block is then one batch
+    # (a batch_size in map_batches would make Ray Data bundle two short blocks into one task).
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    blocks = max(-(-len(records) // batch_size), min(len(records), cpus))
+    ds = ray.data.from_items(records, override_num_blocks=blocks)
     decode_kwargs = {"sample_rate": params.sample_rate, "chunk_samples": chunk_samples,
                      "s3": storage.current_settings()}
     gpus = cluster_gpus()
     if not gpus and feature_actors is None:
         return ds.map_batches(decode_and_featurize, fn_kwargs={**decode_kwargs, "params": params},
-                              batch_format="numpy", batch_size=batch_size, num_cpus=1)
-    ds = ds.map_batches(decode_clips, fn_kwargs=decode_kwargs, batch_format="numpy", batch_size=batch_size,
-                        num_cpus=1)
+                              batch_format="numpy", batch_size=None, num_cpus=1)
+    ds = ds.map_batches(decode_clips, fn_kwargs=decode_kwargs, batch_format="numpy", batch_size=None, num_cpus=1)
     ds = ds.map_batches(
         FeatureExtractor,
         fn_constructor_kwargs={"params": asdict(params)},
         batch_format="numpy",
-        batch_size=batch_size,
+        batch_size=batch_size,  # Ray Data requires an int batch size with num_gpus
         num_gpus=0.25 if gpus else 0,
         num_cpus=0.5 if gpus else 1,
         compute=ray.data.ActorPoolStrategy(size=feature_actors or max(1, int(gpus * 4))),

@@ -237,6 +237,27 @@ def evaluate(model: torch.nn.Module, batches, cfg: Config, device: torch.device)
             "loss": np.array(sum(losses) / max(1, sum(len(t) for t in targets)))}
 
 
+def load_shard(shard, columns: list[str]) -> dict[str, np.ndarray]:
+    """A worker's whole dataset shard as NumPy arrays (one pass over its blocks)."""
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
+        for c in columns:
+            parts[c].append(np.asarray(batch[c]))
+    if not parts[columns[0]]:
+        raise RuntimeError("this worker's dataset shard is empty")
+    return {c: np.concatenate(v) for c, v in parts.items()}
+
+
+def shuffled_batches(arrays: dict[str, np.ndarray], batch_size: int, drop_last: bool, seed: int):
+    """Batches of in-memory arrays in a fresh random order (a full shuffle, unlike a streaming buffer)."""
+    n = len(next(iter(arrays.values())))
+    order = np.random.default_rng(seed).permutation(n)
+    stop = n - n % batch_size if drop_last else n
+    for i in range(0, stop, batch_size):
+        idx = np.sort(order[i:i + batch_size])  # sorted indices gather faster; the batch's order does not matter
+        yield {c: torch.from_numpy(a[idx]) for c, a in arrays.items()}
+
+
 def _save_state(state: dict) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -284,16 +305,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
+    # A shard that fits is read once and reshuffled in memory each epoch: streaming it again costs a Ray Data
+    # execution (a second or two) per epoch, which dominates short epochs.
+    cached = loop_config.get("cache_shards", False)
+    if cached:
+        loading = time.perf_counter()
+        train_arrays = load_shard(train_shard, ["features", "target"])
+        valid_arrays = load_shard(valid_shard, ["row", "features", "target"]) if rank == 0 else None
+        load_seconds = time.perf_counter() - loading
+        log.info("worker %d holds its shard in memory: %d training clips, read in %.1f s",
+                 rank, len(train_arrays["target"]), load_seconds)
     eval_every = max(1, round(t.evaluation_epochs))
     for epoch in range(start_epoch, t.epochs):
         started = time.perf_counter()
         model.train()
         batch_losses, seen, train_probs, train_targets = [], 0, [], []
         optimizer.zero_grad(set_to_none=True)
-        batches = train_shard.iter_torch_batches(
-            batch_size=t.batch_size, drop_last=t.drop_last_batch, local_shuffle_buffer_size=4 * t.batch_size,
-            local_shuffle_seed=cfg.environment.seed + epoch * 1000 + rank,
-        )
+        seed = cfg.environment.seed + epoch * 1000 + rank
+        if cached:
+            batches = shuffled_batches(train_arrays, t.batch_size, t.drop_last_batch, seed)
+        else:
+            batches = train_shard.iter_torch_batches(
+                batch_size=t.batch_size, drop_last=t.drop_last_batch, local_shuffle_buffer_size=4 * t.batch_size,
+                local_shuffle_seed=seed,
+            )
         for step, batch in enumerate(batches):
             x = batch["features"].to(device, non_blocking=True).unsqueeze(1)
             y = batch["target"].to(device, non_blocking=True)
@@ -324,8 +359,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         last = epoch + 1 == t.epochs
         predictions = None
         metrics["train_seconds"] = time.perf_counter() - started
+        if cached and epoch == start_epoch:
+            metrics["shard_load_seconds"] = load_seconds  # once per worker start, before the first epoch
         if rank == 0 and ((epoch + 1) % eval_every == 0 or last):
-            result = evaluate(core, valid_shard.iter_torch_batches(batch_size=64), cfg, device)
+            valid_batches = (shuffled_batches(valid_arrays, 64, False, 0) if cached
+                             else valid_shard.iter_torch_batches(batch_size=64))
+            result = evaluate(core, valid_batches, cfg, device)
             metrics["valid_loss"] = float(result["loss"])
             metrics.update({f"valid_{k}": v for k, v in classification_metrics(
                 result["probs"], result["targets"], classes, cfg.prediction.probability_threshold,
@@ -432,12 +471,16 @@ def make_trainer(plan: TrainingPlan, k: int, train_ds, valid_ds, fold_dir: str, 
     n_train = int(np.sum(plan.folds != k)) + (int(np.sum(plan.folds == k)) if t.train_validation_data else 0)
     per_worker = n_train // workers
     batches = per_worker // t.batch_size if t.drop_last_batch else math.ceil(per_worker / t.batch_size)
+    n_valid = int(np.sum(plan.folds == k))
+    clip_bytes = 4 * (plan.features.n_mels * mel_frames(plan.audio.chunk_seconds, plan.features)
+                      + len(plan.manifest.classes))
+    cache_shards = (per_worker + n_valid) * clip_bytes <= plan.cfg.environment.shard_cache_mb * 2**20
     storage_path, storage_fs = storage.storage_path_for_ray(storage_dir)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": plan.cfg.to_dict(), "classes": plan.manifest.classes, "fold_dir": fold_dir,
                            "optimizer_steps_per_epoch": max(1, batches // t.grad_accumulation),
-                           "run_dir": run_dir},
+                           "run_dir": run_dir, "cache_shards": cache_shards},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=gpus_per_worker > 0,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},

@@ -11,7 +11,15 @@ import yaml
 from gunsound.cli import main
 from gunsound.config import load_config
 from gunsound.model import build_model
-from gunsound.training import loss_fn, lr_lambda, make_optimizer, mixup, spec_augment
+from gunsound.training import (
+    load_shard,
+    loss_fn,
+    lr_lambda,
+    make_optimizer,
+    mixup,
+    shuffled_batches,
+    spec_augment,
+)
 from tests.conftest import LAPTOP_CONFIG, SEED_CONFIG
 from tests.test_training import FAST
 
@@ -77,6 +85,35 @@ def test_losses():
     assert loss_fn(logits, targets, "CrossEntropy").item() == pytest.approx(-math.log(math.exp(2) / (math.exp(2) + math.exp(-1))))
 
 
+def test_in_memory_shard_gives_every_clip_once_per_epoch_in_a_new_order():
+    n = 10
+    arrays = {"features": np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 2, 3), np.float32),
+              "target": np.eye(n, dtype=np.float32)}
+    epoch = list(shuffled_batches(arrays, 4, drop_last=False, seed=1))
+    assert [len(b["target"]) for b in epoch] == [4, 4, 2]
+    labels = torch.cat([b["target"].argmax(1) for b in epoch])
+    assert sorted(labels.tolist()) == list(range(n))
+    assert all(torch.equal(b["features"][:, 0, 0], b["target"].argmax(1).float()) for b in epoch)  # rows kept whole
+    assert [len(b["target"]) for b in shuffled_batches(arrays, 4, drop_last=True, seed=1)] == [4, 4]
+
+    def order(seed):
+        return torch.cat([b["target"].argmax(1) for b in shuffled_batches(arrays, 2, False, seed)]).tolist()
+    assert order(1) == order(1) and order(1) != order(2)
+
+
+@pytest.mark.ray
+def test_load_shard_reads_a_dataset_into_arrays(ray_local):
+    import ray.data
+
+    ds = ray.data.from_items([{"features": np.full((2, 3), i, np.float32), "target": np.eye(4, dtype=np.float32)[i % 4]}
+                              for i in range(70)], override_num_blocks=3)
+    arrays = load_shard(ds, ["features", "target"])
+    assert arrays["features"].shape == (70, 2, 3) and arrays["target"].shape == (70, 4)
+    assert sorted(arrays["features"][:, 0, 0].tolist()) == list(range(70))
+    with pytest.raises(RuntimeError, match="empty"):
+        load_shard(ds.filter(lambda row: False), ["features", "target"])
+
+
 @pytest.mark.ray
 def test_a_run_with_every_option_on(ray_local, synth_dir, tmp_path):
     out = tmp_path / "run"
@@ -85,7 +122,8 @@ def test_a_run_with_every_option_on(ray_local, synth_dir, tmp_path):
                "training.calculate_train_metric=true", "training.differential_learning_rate_layers=[backbone]",
                "training.warmup_epochs=1", "augmentation.mix_audio=Mixup", "augmentation.mix_probability=0.5",
                "augmentation.time_mask_frames=8", "augmentation.frequency_mask_bins=4", "environment.seed=-1",
-               "environment.mixed_precision_training=true"]
+               "environment.mixed_precision_training=true",
+               "environment.shard_cache_mb=0"]  # stream the shard every epoch (the other runs hold it in memory)
     code = main(["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out),
                  *[arg for kv in FAST + options for arg in ("--set", kv)]])
     assert code == 0
