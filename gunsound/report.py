@@ -143,7 +143,7 @@ def _examples(out: str, cfg: dict, classes: list[str], folds: list[str]) -> list
     model_uri = storage.join(out, f"fold_{folds[0]}", "model.pt")
     if not storage.exists(model_uri):
         return []
-    saved = torch.load(io.BytesIO(storage.read_bytes(model_uri)), map_location="cpu", weights_only=False)
+    saved = storage.read_torch(model_uri)
     params = FeatureParams(**saved["features"])
     n = max(1, int(cfg.get("logging", {}).get("number_of_audios", 8)))
     manifest = storage.read_parquet(storage.join(out, "manifest.parquet"))

@@ -14,7 +14,6 @@ time, class, probability, burst, rate of fire), and summary.json.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -76,10 +75,6 @@ class ScoringModel:
         return Ensemble(LogMelSpectrogram(self.features), models, self.loss_function).eval()
 
 
-def _load_model_file(uri: str) -> dict:
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
-
-
 def load_scoring_model(location: str) -> ScoringModel:
     """A training run (its fold ensemble, from ensemble.json), a fold folder, or a model.pt file."""
     if location.endswith(".pt"):
@@ -91,7 +86,7 @@ def load_scoring_model(location: str) -> ScoringModel:
         uris = [storage.join(location, "model.pt")]
     else:
         raise FileNotFoundError(f"{location}: not a training run (ensemble.json), a fold folder or a model.pt file")
-    saved = [_load_model_file(u) for u in uris]
+    saved = [storage.read_torch(u) for u in uris]
     first = saved[0]
     for other, uri in zip(saved[1:], uris[1:], strict=True):
         if other["classes"] != first["classes"] or other["features"] != first["features"]:

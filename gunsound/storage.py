@@ -135,6 +135,13 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def read_torch(uri: str):
+    """A file written with torch.save (our own checkpoints and model files), loaded onto the CPU."""
+    import torch  # here, so that storage stays importable without torch's import cost
+
+    return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=False)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file atomically where the filesystem allows it (temp name, then rename)."""
     fs, path = resolve(uri)

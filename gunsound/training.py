@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,9 @@ from gunsound.metrics import METRIC_KEYS, classification_metrics
 from gunsound.model import build_model
 
 log = logging.getLogger(__name__)
+
+WORKER_GROUP_START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+FOLD_QUEUE_TIMEOUT_S = 7 * 24 * 3600
 
 
 @dataclass
@@ -508,8 +512,7 @@ def fit_fold(plan: TrainingPlan, k: int, train_ds, valid_ds) -> dict:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
     weights = state["model"]
     if t.save_best_checkpoint and storage.exists(storage.join(fold_dir, "best_state.pt")):
-        weights = torch.load(io.BytesIO(storage.read_bytes(storage.join(fold_dir, "best_state.pt"))),
-                             map_location="cpu", weights_only=False)
+        weights = storage.read_torch(storage.join(fold_dir, "best_state.pt"))
     export = {"state_dict": weights, "classes": plan.manifest.classes, "features": asdict(plan.features),
               "chunk_seconds": plan.audio.chunk_seconds, "architecture": asdict(plan.cfg.architecture),
               "loss_function": t.loss_function, "probability_threshold": plan.cfg.prediction.probability_threshold,
@@ -596,7 +599,11 @@ def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
         ds = featurize(plan, drop_bad_rows)
         # A fold's driver holds almost nothing; its Train workers reserve their own resources, so folds
         # queue for workers when the cluster is full and run side by side when it is not.
-        remote_fit = ray.remote(num_cpus=0.01, max_retries=0)(fit_fold)
+        # Ray Train gives up waiting for a worker group after 60 s and retries, logging an error each time;
+        # a fold queued behind others should simply wait (Ray Train reads this variable where fit() runs).
+        queue_timeout = os.environ.get(WORKER_GROUP_START_TIMEOUT_VAR, str(FOLD_QUEUE_TIMEOUT_S))
+        remote_fit = ray.remote(num_cpus=0.01, max_retries=0, runtime_env={
+            "env_vars": {WORKER_GROUP_START_TIMEOUT_VAR: queue_timeout}})(fit_fold)
         for k in todo:
             train_ds, valid_ds = fold_datasets(plan, ds, k)
             log.info("fold %d: %d train / %d validation clips", k, train_ds.count(), valid_ds.count())
