@@ -116,8 +116,8 @@ def feature_dataset(
     where it could not be decoded. `clips` needs a `path` column; other columns are passed through.
 
     With GPUs, decoding runs as 1-CPU tasks and the features in actors holding a quarter GPU each. Without,
-    both stages ask for one CPU, so Ray fuses them into one actor pool as wide as the cluster's CPUs and
-    waveforms never travel through the object store.
+    one 1-CPU task per block does both (`decode_and_featurize`), so waveforms never travel through the
+    object store and no actor has to start per pipeline.
     """
     if clips.empty:
         raise ValueError("no clips to featurize")
