@@ -51,8 +51,10 @@ def main() -> None:
     print(f"{len(paths)} clips, {audio_seconds:.0f} s of audio, log-mel {params.n_mels} mels, "
           f"n_fft {params.n_fft}, hop {params.hop_length}, {psutil.cpu_count()} CPUs")
 
-    loop_pass = lambda: plain_loop(paths, params, int(chunk_seconds * params.sample_rate))  # noqa: E731
-    first_loop = timed(loop_pass)
+    def loop_pass() -> None:
+        plain_loop(paths, params, int(chunk_seconds * params.sample_rate))
+
+    loop_runs = [timed(loop_pass)]  # before Ray starts: its peak memory is the loop's alone
 
     import ray
 
@@ -72,7 +74,6 @@ def main() -> None:
         assert out.count() == len(paths)
 
     ray_runs = [timed(ray_pass)]
-    loop_runs = [first_loop]
     for _ in range(args.repeats - 1):  # interleaved, so drift in the machine's speed hits both paths alike
         loop_runs.append(timed(loop_pass))
         ray_runs.append(timed(ray_pass))
@@ -100,6 +101,7 @@ def timed(work) -> tuple[float, int]:
 
 def median_run(runs: list[tuple[float, int]]) -> tuple[float, int]:
     return sorted(runs)[len(runs) // 2]
+
 
 if __name__ == "__main__":
     main()

@@ -50,7 +50,11 @@ def warm_up_workers() -> list[ray.ObjectRef]:
     Importing torch takes a worker about two seconds; done here it overlaps the driver's own start-up
     instead of delaying the first batches of the first pipeline. Later CPU tasks reuse these workers.
     """
-    return [_load_feature_stack.remote() for _ in range(int(ray.cluster_resources().get("CPU", 1)))]
+    return [_load_feature_stack.remote() for _ in range(cluster_cpus())]
+
+
+def cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def cluster_gpus() -> float:
@@ -125,8 +129,7 @@ def feature_dataset(
     records = clips.to_dict("records")
     # Blocks of at most batch_size clips, at least one per CPU; each block is then one batch
     # (a batch_size in map_batches would make Ray Data bundle two short blocks into one task).
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    blocks = max(-(-len(records) // batch_size), min(len(records), cpus))
+    blocks = max(-(-len(records) // batch_size), min(len(records), cluster_cpus()))
     ds = ray.data.from_items(records, override_num_blocks=blocks)
     decode_kwargs = {"sample_rate": params.sample_rate, "chunk_samples": chunk_samples,
                      "s3": storage.current_settings()}

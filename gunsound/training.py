@@ -472,10 +472,10 @@ def make_trainer(plan: TrainingPlan, k: int, train_ds, valid_ds, fold_dir: str, 
 
     workers, gpus_per_worker, cpus_per_worker = worker_sizing(plan.cfg, cluster_gpus())
     t = plan.cfg.training
-    n_train = int(np.sum(plan.folds != k)) + (int(np.sum(plan.folds == k)) if t.train_validation_data else 0)
+    n_valid = int(np.sum(plan.folds == k))
+    n_train = len(plan.folds) - n_valid + (n_valid if t.train_validation_data else 0)
     per_worker = n_train // workers
     batches = per_worker // t.batch_size if t.drop_last_batch else math.ceil(per_worker / t.batch_size)
-    n_valid = int(np.sum(plan.folds == k))
     clip_bytes = 4 * (plan.features.n_mels * mel_frames(plan.audio.chunk_seconds, plan.features)
                       + len(plan.manifest.classes))
     cache_shards = (per_worker + n_valid) * clip_bytes <= plan.cfg.environment.shard_cache_mb * 2**20
