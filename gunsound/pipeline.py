@@ -39,9 +39,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 @ray.remote(num_cpus=1)
 def _load_feature_stack() -> None:
-    """Unpickling this function imports gunsound.pipeline (torch, torchaudio, soundfile) in the worker
-    that runs it; Ray Data's map-task machinery is the rest of what a first batch would wait for."""
+    """Import what a first feature batch would wait for: this module (torch, torchaudio, soundfile) and
+    Ray Data's map-task machinery. The imports are explicit because a remote function is pickled by value
+    (the module attribute is Ray's wrapper), so unpickling it imports nothing of gunsound by itself."""
     import ray.data._internal.execution.operators.map_operator  # noqa: F401
+
+    import gunsound.pipeline  # noqa: F401
 
 
 def warm_up_workers() -> list[ray.ObjectRef]:
@@ -50,7 +53,22 @@ def warm_up_workers() -> list[ray.ObjectRef]:
     Importing torch takes a worker about two seconds; done here it overlaps the driver's own start-up
     instead of delaying the first batches of the first pipeline. Later CPU tasks reuse these workers.
     """
+    _start_ray_data_helpers()
     return [_load_feature_stack.remote() for _ in range(cluster_cpus())]
+
+
+def _start_ray_data_helpers() -> None:
+    """Ray Data starts two detached helper actors (execution stats, resource coordination) in its first
+    pipeline, which then waits about a second for them; started here, with Ray, they are up by then.
+    Both calls are Ray Data's own get-or-create and return at once."""
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:  # internal names of Ray 2.60; elsewhere the first pipeline just starts them itself
+        log.debug("Ray Data helper actors not pre-started: internal API not found")
+        return
+    get_or_create_stats_actor()
+    get_or_create_autoscaling_coordinator()
 
 
 def cluster_cpus() -> int:
@@ -135,8 +153,14 @@ def feature_dataset(
                      "s3": storage.current_settings()}
     gpus = cluster_gpus()
     if not gpus and feature_actors is None:
+        # One operator, so Ray Data's per-operator resource reservation has nothing to share out; left on, it
+        # grants no CPU for the first second (its budget starts at zero) and then launches a task only after
+        # noticing the last one finished, leaving each CPU idle ~0.2 s per block. Without it, a cap of two
+        # tasks per CPU keeps the next block queued at every worker and bounds what is in flight.
+        ds.context.op_resource_reservation_enabled = False
         return ds.map_batches(decode_and_featurize, fn_kwargs={**decode_kwargs, "params": params},
-                              batch_format="numpy", batch_size=None, num_cpus=1)
+                              batch_format="numpy", batch_size=None, num_cpus=1,
+                              compute=ray.data.TaskPoolStrategy(size=min(blocks, 2 * cluster_cpus())))
     ds = ds.map_batches(decode_clips, fn_kwargs=decode_kwargs, batch_format="numpy", batch_size=None, num_cpus=1)
     ds = ds.map_batches(
         FeatureExtractor,

@@ -24,6 +24,9 @@ def test_features_match_the_module_and_bad_files_become_error_rows(ray_local, sy
 
     out = feature_dataset(clips, params, chunk_seconds=2.0).to_pandas().sort_values("row")
 
+    # Its scheduling settings stay with this dataset; other pipelines keep Ray Data's defaults.
+    assert ray_local.data.DataContext.get_current().op_resource_reservation_enabled
+
     assert list(out["row"]) == list(range(len(paths)))  # every input row comes out exactly once
     errors = dict(zip(out["path"], out["error"], strict=True))
     assert "corrupt.wav" in errors[str(corrupt)] and "missing.wav" in errors[str(tmp_path / "missing.wav")]
