@@ -53,22 +53,23 @@ def warm_up_workers() -> list[ray.ObjectRef]:
     Importing torch takes a worker about two seconds; done here it overlaps the driver's own start-up
     instead of delaying the first batches of the first pipeline. Later CPU tasks reuse these workers.
     """
-    _start_ray_data_helpers()
+    start_ray_data_helpers()
     return [_load_feature_stack.remote() for _ in range(cluster_cpus())]
 
 
-def _start_ray_data_helpers() -> None:
+def start_ray_data_helpers() -> bool:
     """Ray Data starts two detached helper actors (execution stats, resource coordination) in its first
     pipeline, which then waits about a second for them; started here, with Ray, they are up by then.
-    Both calls are Ray Data's own get-or-create and return at once."""
+    Both calls are Ray Data's own get-or-create and return at once. False where this Ray lacks them."""
     try:
         from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
         from ray.data._internal.stats import get_or_create_stats_actor
     except ImportError:  # internal names of Ray 2.60; elsewhere the first pipeline just starts them itself
         log.debug("Ray Data helper actors not pre-started: internal API not found")
-        return
+        return False
     get_or_create_stats_actor()
     get_or_create_autoscaling_coordinator()
+    return True
 
 
 def cluster_cpus() -> int:

@@ -8,7 +8,7 @@ import torch
 from gunsound import audio
 from gunsound.config import AudioConfig
 from gunsound.features import FeatureParams, LogMelSpectrogram
-from gunsound.pipeline import feature_dataset
+from gunsound.pipeline import feature_dataset, start_ray_data_helpers, warm_up_workers
 
 pytestmark = pytest.mark.ray
 
@@ -36,3 +36,13 @@ def test_features_match_the_module_and_bad_files_become_error_rows(ray_local, sy
     got = np.asarray(out.iloc[0]["features"])
     assert got.shape == (64, 188)
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_warm_up_starts_ray_data_helpers_on_this_ray(ray_local):
+    # The helpers are found through Ray Data internals: this fails when a Ray upgrade moves them.
+    assert start_ray_data_helpers()
+    ray_local.get(warm_up_workers())
+    from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
+
+    ray_local.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)
+    ray_local.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
