@@ -110,6 +110,7 @@ class ScoringSettings:
     shard_files: int = 256
     onset_detection: bool = True
     mixed_precision: bool = True
+    actors: int | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, model: ScoringModel) -> ScoringSettings:
@@ -122,9 +123,11 @@ class ScoringSettings:
             hop = sc.hop_seconds or window / 2
         if hop <= 0 or window <= 0:
             raise ConfigError("scoring: window_seconds and hop_seconds must be positive")
+        if sc.actors is not None and sc.actors < 1:
+            raise ConfigError(f"scoring.actors: {sc.actors} (at least 1, or leave it out for one per GPU or CPU)")
         return cls(p.inference_chunk_method, float(window), float(hop), max(sc.chunk_seconds, window),
                    p.probability_threshold, sc.batch_size, sc.shard_files, sc.onset_detection,
-                   cfg.environment.mixed_precision_inference)
+                   cfg.environment.mixed_precision_inference, sc.actors)
 
 
 def list_inputs(location: str) -> list[str]:
@@ -236,18 +239,25 @@ def read_chunks(batch: dict[str, np.ndarray], sample_rate: int, window_seconds: 
 
 
 class WindowScorer:
-    """Actor: loads the ensemble once, then scores batches of windows (autocast on a GPU)."""
+    """Actor: loads the ensemble once, then scores windows in model batches of `batch_size` (autocast on a
+    GPU), however many windows a call brings."""
 
-    def __init__(self, model: ScoringModel, mixed_precision: bool = True):
+    def __init__(self, model: ScoringModel, mixed_precision: bool = True, batch_size: int = 64):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.build().to(self.device)
         self.amp = self.device.type == "cuda" and mixed_precision
+        self.batch_size = batch_size
+        self.classes = len(model.classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
-        waves = torch.from_numpy(batch.pop("wave")).to(self.device)
+        waves = batch.pop("wave")
+        probs = [np.zeros((0, self.classes), dtype=np.float32)]
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.amp):
-            batch["probs"] = self.model(waves).float().cpu().numpy()
+            for i in range(0, len(waves), self.batch_size):
+                piece = torch.from_numpy(np.ascontiguousarray(waves[i:i + self.batch_size])).to(self.device)
+                probs.append(self.model(piece).float().cpu().numpy())
+        batch["probs"] = np.concatenate(probs)
         # Model-stage time, spread over the batch's rows, for throughput figures.
         batch["model_seconds"] = np.full(len(waves), (time.perf_counter() - started) / max(1, len(waves)))
         return batch
@@ -370,7 +380,8 @@ class ScoreSummary:
     audio_seconds_per_second: float
     skipped_as_finished: int
     output: str
-    model_seconds: float = 0.0  # time inside the model stage (this run's windows)
+    model_seconds: float = 0.0  # time inside the model stage (this run's windows, summed over actors)
+    scorer_actors: int = 0  # the most scorer actors that ran at once
 
     def describe(self) -> str:
         return (f"scored {self.files} files ({self.files_ok} ok, {self.errors} errors, "
@@ -379,12 +390,11 @@ class ScoreSummary:
                 f"{self.audio_seconds_per_second:.0f} audio-s/s -> {self.output}")
 
 
-def score(model_location: str, input_location: str, output: str, cfg: Config,
-          scorer_actors: int | None = None) -> ScoreSummary:
+def score(model_location: str, input_location: str, output: str, cfg: Config) -> ScoreSummary:
     """Score every audio file under INPUT with the model and write windows/, files/, events/ to OUTPUT."""
     import ray
 
-    from gunsound.pipeline import cluster_gpus, init_ray
+    from gunsound.pipeline import cluster_cpus, cluster_gpus, init_ray
 
     started = time.perf_counter()
     output, input_location = storage.absolute(output), storage.absolute(input_location)
@@ -404,9 +414,11 @@ def score(model_location: str, input_location: str, output: str, cfg: Config,
     log.info("scoring %d file(s) (%d already finished) with %d model(s); %s windows of %gs, hop %gs",
              len(todo), len(files) - len(todo), len(model.state_dicts), s.method, s.window_seconds, s.hop_seconds)
     gpus = cluster_gpus()
-    actors = scorer_actors or (max(1, int(gpus)) if gpus else 1)
+    # Without GPUs the read stage fuses into the scorer actors (both take one CPU), so one actor per CPU
+    # keeps every core scoring and leaves no read task waiting for a CPU.
+    actors = s.actors or (max(1, int(gpus)) if gpus else cluster_cpus())
     run_id = uuid.uuid4().hex[:8]
-    model_seconds = 0.0
+    model_seconds, most_actors = 0.0, 0
     for shard_index in range(0, len(todo), s.shard_files):
         shard = todo[shard_index: shard_index + s.shard_files]
         headers = _headers(shard)
@@ -418,16 +430,20 @@ def score(model_location: str, input_location: str, output: str, cfg: Config,
                                 fn_kwargs={"sample_rate": model.features.sample_rate,
                                            "window_seconds": s.window_seconds,
                                            "onset_detection": s.onset_detection, "s3": storage.current_settings()})
-            ds = ds.map_batches(WindowScorer, batch_size=s.batch_size, batch_format="numpy",
-                                fn_constructor_kwargs={"model": model, "mixed_precision": s.mixed_precision},
+            # Without GPUs the read stage fuses into the actors, where a batch size would bundle that many
+            # chunks into one call (one actor would score a whole hour); one chunk per call instead.
+            ds = ds.map_batches(WindowScorer, batch_size=s.batch_size if gpus else None, batch_format="numpy",
+                                fn_constructor_kwargs={"model": model, "mixed_precision": s.mixed_precision,
+                                                       "batch_size": s.batch_size},
                                 num_gpus=0.5 if gpus else 0, num_cpus=0.5 if gpus else 1,
-                                compute=ray.data.ActorPoolStrategy(size=actors))
+                                compute=ray.data.ActorPoolStrategy(size=min(actors, len(chunks))))
+            most_actors = max(most_actors, min(actors, len(chunks)))
             windows = ds.to_pandas()
             model_seconds += float(windows["model_seconds"].sum())
         _commit_shard(output, f"part-{run_id}-{shard_index // s.shard_files:05d}.parquet", shard, headers,
                       windows, model.classes, s)
         log.info("shard %d: %d files committed", shard_index // s.shard_files, len(shard))
-    return _summary(output, files, len(files) - len(todo), started, model_seconds)
+    return _summary(output, files, len(files) - len(todo), started, model_seconds, most_actors)
 
 
 def _onsets(column) -> np.ndarray:
@@ -474,7 +490,8 @@ def _commit_shard(output: str, name: str, shard: list[str], headers: dict, windo
     storage.write_parquet(files, storage.join(output, "files", name))  # last: the shard's commit
 
 
-def _summary(output: str, files: list[str], skipped: int, started: float, model_seconds: float) -> ScoreSummary:
+def _summary(output: str, files: list[str], skipped: int, started: float, model_seconds: float,
+             scorer_actors: int) -> ScoreSummary:
     done = _read_parts(_parts(output, "files"))
     events = _read_parts(_parts(output, "events"))
     done = done[done["file"].isin(files)]
@@ -482,7 +499,7 @@ def _summary(output: str, files: list[str], skipped: int, started: float, model_
     audio_s = float(done.loc[done["status"] == "ok", "duration"].sum())
     summary = ScoreSummary(len(done), int((done["status"] == "ok").sum()), int((done["status"] != "ok").sum()),
                            audio_s / 3600, len(events), wall, audio_s / max(wall, 1e-9), skipped, output,
-                           model_seconds)
+                           model_seconds, scorer_actors)
     storage.write_text(storage.join(output, "summary.json"), json.dumps(asdict(summary), indent=1))
     return summary
 

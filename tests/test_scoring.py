@@ -9,7 +9,7 @@ import soundfile as sf
 
 from gunsound import audio, scoring, training
 from gunsound.cli import main
-from gunsound.config import load_config
+from gunsound.config import ConfigError, load_config
 from gunsound.synthesis import generate_archive
 from tests.conftest import LAPTOP_CONFIG
 from tests.test_training import FAST
@@ -88,8 +88,22 @@ def test_every_file_once_with_status_windows_and_events(trained_run, archive, tm
     assert (long_events["rounds_per_minute"].dropna() > 0).all()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["files"] == 5 and summary["errors"] == 2 and summary["events"] == len(events)
+    assert summary["scorer_actors"] == 2  # one per CPU of the local Ray: the long file's chunks are shared out
     row = files[files["file"].str.endswith("long.wav")].iloc[0]
     assert row["shots"] == len(long_events) and row["windows"] == len(long)
+
+
+@pytest.mark.ray
+def test_window_scorer_scores_any_number_of_windows_in_model_batches(trained_run):
+    model = scoring.load_scoring_model(str(trained_run))
+    waves = np.random.default_rng(0).normal(0, 0.1, (150, int(model.chunk_seconds * model.features.sample_rate)))
+    batch = {"index": np.arange(150), "wave": waves.astype(np.float32)}
+    split = scoring.WindowScorer(model, batch_size=64)(dict(batch))
+    whole = scoring.WindowScorer(model, batch_size=150)(dict(batch))
+    assert split["probs"].shape == (150, len(model.classes)) and len(split["model_seconds"]) == 150
+    np.testing.assert_allclose(split["probs"], whole["probs"], atol=1e-5)
+    with pytest.raises(ConfigError, match="scoring.actors"):
+        scoring.ScoringSettings.from_config(load_config(LAPTOP_CONFIG, ["scoring.actors=0"]), model)
 
 
 @pytest.mark.ray
