@@ -387,7 +387,7 @@ class ScoreSummary:
     skipped_as_finished: int
     output: str
     model_seconds: float = 0.0  # time inside the model stage (this run's windows, summed over actors)
-    scorer_actors: int = 0  # the most scorer actors that ran at once
+    scorer_actors: int = 0  # the most scorer actors started for one shard (at most one per chunk)
 
     def describe(self) -> str:
         return (f"scored {self.files} files ({self.files_ok} ok, {self.errors} errors, "
@@ -421,8 +421,12 @@ def score(model_location: str, input_location: str, output: str, cfg: Config) ->
              len(todo), len(files) - len(todo), len(model.state_dicts), s.method, s.window_seconds, s.hop_seconds)
     gpus = cluster_gpus()
     # Without GPUs the read stage fuses into the scorer actors (both take one CPU), so one actor per CPU
-    # keeps every core scoring and leaves no read task waiting for a CPU.
+    # keeps every core scoring and leaves no read task waiting for a CPU; more could never all start.
     actors = s.actors or (max(1, int(gpus)) if gpus else cluster_cpus())
+    if not gpus and actors > cluster_cpus():
+        log.warning("scoring.actors=%d but the cluster has %d CPUs and no GPU: using %d", actors, cluster_cpus(),
+                    cluster_cpus())
+        actors = cluster_cpus()
     run_id = uuid.uuid4().hex[:8]
     model_seconds, most_actors = 0.0, 0
     for shard_index in range(0, len(todo), s.shard_files):
