@@ -140,7 +140,8 @@ def feature_dataset(
 
     With GPUs, decoding runs as 1-CPU tasks and the features in actors holding a quarter GPU each. Without,
     one 1-CPU task per block does both (`decode_and_featurize`), so waveforms never travel through the
-    object store and no actor has to start per pipeline.
+    object store and no actor has to start per pipeline; that dataset's context (not the global one) turns
+    Ray Data's per-operator reservation off, and datasets derived from it share that context.
     """
     if clips.empty:
         raise ValueError("no clips to featurize")
