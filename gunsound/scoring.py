@@ -192,7 +192,9 @@ def detect_onsets(wave: np.ndarray, sr: int, min_gap: float = 0.03) -> np.ndarra
     level = 20 * np.log10(energy)
     # The noise floor: a low percentile of the past second, so a dense burst does not raise its own floor.
     floor = pd.Series(level).rolling(int(1.0 / 0.005), min_periods=1).quantile(0.2).shift(1).bfill().to_numpy()
-    rise = np.diff(level, prepend=level[0])
+    # The rise is over the quietest of the last three frames (15 ms): in automatic fire the next blast lands
+    # on the previous shot's ring and may climb over more than one frame.
+    rise = level - pd.Series(level).shift(1).rolling(3, min_periods=1).min().bfill().to_numpy()
     candidates = np.where((level - floor > 12) & (rise > 6))[0]
     onsets, last = [], -np.inf
     for c in candidates:
