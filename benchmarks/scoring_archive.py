@@ -3,7 +3,8 @@ job, against a naive loop that loads each whole file and scores it window by win
 
 Prints audio-seconds per wall-second and peak memory of both, the model stage's FLOP rate as a fraction of
 this machine's measured matmul rate, the job's peak memory on a 60-minute file against a 1-minute file
-(target: within 1.2x), and event recall and timing error against the known shot times.
+(target: within 1.2x), event recall and timing error against the known shot times, and per burst of
+shots the count and rate of fire the job reports against the true ones.
 
     python benchmarks/scoring_archive.py [--minutes 60] [--workdir DIR]
 """
@@ -131,6 +132,30 @@ def main() -> None:
     hit = errors < 0.02
     print(f"events: {len(events)} detected, {len(truth)} true shots; recall at 20 ms {hit.mean():.2f}; "
           f"median timing error {np.median(errors[hit]) * 1000:.1f} ms")
+    print(burst_figures(truth, events))
+
+
+def burst_figures(truth: pd.DataFrame, events: pd.DataFrame, max_gap: float = 0.5) -> str:
+    """Per true burst of automatic fire (shots under max_gap apart, as the job groups them): its shot count
+    and rate of fire against the job's burst that holds most of its detected shots."""
+    times = np.sort(truth["time"].to_numpy())
+    starts = np.r_[0, np.where(np.diff(times) >= max_gap)[0] + 1]
+    count_errors, rate_errors = [], []
+    for true_burst in np.split(times, starts[1:]):
+        if len(true_burst) < 2:
+            continue
+        inside = events[(events["time"] > true_burst[0] - 0.02) & (events["time"] < true_burst[-1] + 0.02)]
+        if inside.empty:
+            count_errors.append(len(true_burst))
+            rate_errors.append(np.inf)
+            continue
+        found = inside[inside["burst"] == inside["burst"].mode().iloc[0]]
+        count_errors.append(abs(len(found) - len(true_burst)))
+        true_rate, rate = 60 / np.median(np.diff(true_burst)), found["rounds_per_minute"].iloc[0]
+        rate_errors.append(abs(rate - true_rate) / true_rate if np.isfinite(rate) else np.inf)  # one shot: no rate
+    return (f"bursts (2+ shots under {max_gap:g} s apart): {len(count_errors)}; shots per burst exact in {np.mean(np.equal(count_errors, 0)):.0%}, "
+            f"median error {np.median(count_errors):.0f}; rate of fire median error {np.median(rate_errors):.1%}, "
+            f"within 5% in {np.mean(np.less(rate_errors, 0.05)):.0%}")
 
 
 if __name__ == "__main__":
