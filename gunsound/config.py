@@ -147,6 +147,7 @@ class ScoringConfig:
     batch_size: int = 64
     shard_files: int = 256  # files committed to the output together (the unit of resume)
     onset_detection: bool = True
+    onset_threshold_db: float = 12.0  # a shot's blast must rise this far above the running noise floor
     actors: int | None = None  # scorer actors; default one per GPU, or one per CPU on a CPU-only cluster
 
 

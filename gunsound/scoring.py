@@ -112,6 +112,7 @@ class ScoringSettings:
     onset_detection: bool = True
     mixed_precision: bool = True
     actors: int | None = None
+    onset_threshold_db: float = 12.0
 
     @classmethod
     def from_config(cls, cfg: Config, model: ScoringModel) -> ScoringSettings:
@@ -126,9 +127,11 @@ class ScoringSettings:
             raise ConfigError("scoring: window_seconds and hop_seconds must be positive")
         if sc.actors is not None and sc.actors < 1:
             raise ConfigError(f"scoring.actors: {sc.actors} (at least 1, or leave it out for one per GPU or CPU)")
+        if sc.onset_threshold_db <= 0:
+            raise ConfigError(f"scoring.onset_threshold_db: {sc.onset_threshold_db} (a positive number of dB)")
         return cls(p.inference_chunk_method, float(window), float(hop), max(sc.chunk_seconds, window),
                    p.probability_threshold, sc.batch_size, sc.shard_files, sc.onset_detection,
-                   cfg.environment.mixed_precision_inference, sc.actors)
+                   cfg.environment.mixed_precision_inference, sc.actors, sc.onset_threshold_db)
 
 
 def list_inputs(location: str) -> list[str]:
@@ -176,8 +179,8 @@ def plan_chunks(path: str, duration: float, s: ScoringSettings) -> list[dict]:
 BLAST_BAND_HZ = (200.0, 2000.0)
 
 
-def detect_onsets(wave: np.ndarray, sr: int, min_gap: float = 0.03) -> np.ndarray:
-    """Muzzle blasts in seconds: a jump of the short-time energy far above the running floor.
+def detect_onsets(wave: np.ndarray, sr: int, min_gap: float = 0.03, threshold_db: float = 12.0) -> np.ndarray:
+    """Muzzle blasts in seconds: a jump of the short-time energy threshold_db above the running floor.
 
     The energy is taken in the blast's band (200 Hz to 2 kHz). Below it are wind and traffic rumble; above it
     the supersonic crack, which reaches the microphone up to ~100 ms before the blast and, counted in a
@@ -195,7 +198,7 @@ def detect_onsets(wave: np.ndarray, sr: int, min_gap: float = 0.03) -> np.ndarra
     # The rise is over the quietest of the last three frames (15 ms): in automatic fire the next blast lands
     # on the previous shot's ring and may climb over more than one frame.
     rise = level - pd.Series(level).shift(1).rolling(3, min_periods=1).min().bfill().to_numpy()
-    candidates = np.where((level - floor > 12) & (rise > 6))[0]
+    candidates = np.where((level - floor > threshold_db) & (rise > 6))[0]
     onsets, last = [], -np.inf
     for c in candidates:
         t = c * hop / sr
@@ -206,7 +209,7 @@ def detect_onsets(wave: np.ndarray, sr: int, min_gap: float = 0.03) -> np.ndarra
 
 
 def read_chunks(batch: dict[str, np.ndarray], sample_rate: int, window_seconds: float, onset_detection: bool,
-                s3: storage.S3Settings) -> dict[str, np.ndarray]:
+                s3: storage.S3Settings, onset_threshold_db: float = 12.0) -> dict[str, np.ndarray]:
     """CPU task: read each chunk's frame range once and cut it into its windows (zero-padded at the end)."""
     storage.configure_s3(s3.endpoint_url, s3.region)
     window = int(round(window_seconds * sample_rate))
@@ -224,7 +227,7 @@ def read_chunks(batch: dict[str, np.ndarray], sample_rate: int, window_seconds: 
         if onset_detection and not error:
             # The chunk owns onsets up to where the next chunk's first window starts.
             owned_end = starts[-1] + float(batch["hop"][i])
-            found = detect_onsets(wave, sample_rate) + read_start
+            found = detect_onsets(wave, sample_rate, threshold_db=onset_threshold_db) + read_start
             last_chunk = owned_end >= duration
             onsets = found[(found >= starts[0]) & ((found < owned_end) | last_chunk) & (found < duration)]
         for j, start in enumerate(starts):
@@ -441,7 +444,8 @@ def score(model_location: str, input_location: str, output: str, cfg: Config) ->
             ds = ds.map_batches(read_chunks, batch_size=1, batch_format="numpy", num_cpus=1,
                                 fn_kwargs={"sample_rate": model.features.sample_rate,
                                            "window_seconds": s.window_seconds,
-                                           "onset_detection": s.onset_detection, "s3": storage.current_settings()})
+                                           "onset_detection": s.onset_detection, "s3": storage.current_settings(),
+                                           "onset_threshold_db": s.onset_threshold_db})
             # Without GPUs the read stage fuses into the actors, where a batch size would bundle that many
             # chunks into one call (one actor would score a whole hour); one chunk per call instead.
             ds = ds.map_batches(WindowScorer, batch_size=s.batch_size if gpus else None, batch_format="numpy",
@@ -541,7 +545,7 @@ def predict_file(model: ScoringModel, path: str, cfg: Config) -> tuple[dict, lis
     for chunk in plan_chunks(path, info.duration, s):
         batch = {k: np.array([v], dtype=object) for k, v in chunk.items()}
         cut = read_chunks(batch, model.features.sample_rate, s.window_seconds, s.onset_detection,
-                          storage.current_settings())
+                          storage.current_settings(), s.onset_threshold_db)
         with torch.inference_mode():
             probs = np.concatenate([ensemble(torch.from_numpy(cut["wave"][i:i + s.batch_size])).numpy()
                                     for i in range(0, len(cut["wave"]), s.batch_size)])

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from gunsound import audio, scoring, training
+from gunsound import audio, scoring, storage, training
 from gunsound.cli import main
 from gunsound.config import ConfigError, load_config
 from gunsound.synthesis import generate_archive
@@ -40,6 +40,15 @@ def test_onset_detector_recall_and_timing_on_generated_archive(tmp_path):
     assert np.median(errors[errors < 0.02]) < 0.005
     unmatched = np.mean([np.abs(truth["time"] - t).min() > 0.02 for t in onsets])
     assert unmatched <= 0.25  # not by firing everywhere
+
+    # scoring.onset_threshold_db reaches the chunk reader the job runs.
+    settings = scoring.ScoringSettings("Sliding", 2.0, 1.0, 60.0, 0.5)
+    chunk = scoring.plan_chunks(str(path), len(wave) / sr, settings)[0]
+    batch = {k: np.array([v], dtype=object) for k, v in chunk.items()}
+    found = {db: scoring._onsets(scoring.read_chunks(batch, sr, 2.0, True, storage.current_settings(), db)["onsets"])
+             for db in (12.0, 200.0)}
+    in_chunk = truth["time"][truth["time"] < chunk["starts"][-1] + 1.0]
+    assert len(found[12.0]) >= 0.9 * len(in_chunk) > 0 and len(found[200.0]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +113,9 @@ def test_window_scorer_scores_any_number_of_windows_in_model_batches(trained_run
     whole = scoring.WindowScorer(model, batch_size=150)(dict(batch))
     assert split["probs"].shape == (150, len(model.classes)) and len(split["model_seconds"]) == 150
     np.testing.assert_allclose(split["probs"], whole["probs"], atol=1e-5)
-    with pytest.raises(ConfigError, match="scoring.actors"):
-        scoring.ScoringSettings.from_config(load_config(LAPTOP_CONFIG, ["scoring.actors=0"]), model)
+    for bad in ("scoring.actors=0", "scoring.onset_threshold_db=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            scoring.ScoringSettings.from_config(load_config(LAPTOP_CONFIG, [bad]), model)
 
 
 @pytest.mark.ray
