@@ -84,7 +84,7 @@ def main() -> None:
 
     from gunsound.pipeline import init_ray
 
-    init_ray()
+    init_ray(feature_tasks=False)  # as `gunsound score` does
     # The memory pair runs one scorer actor each, so that it compares file lengths, not parallelism (by
     # default a job starts one actor per CPU, up to one per chunk); then the long file with the default.
     long_name = f"{args.minutes:g}-minute file"

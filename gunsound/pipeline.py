@@ -23,8 +23,12 @@ from gunsound.features import FeatureParams, LogMelSpectrogram
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster (address, or RAY_ADDRESS as set by `ray job submit`) or start a local Ray."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, feature_tasks: bool = True) -> None:
+    """Connect to a cluster (address, or RAY_ADDRESS as set by `ray job submit`) or start a local Ray.
+
+    A local Ray starts Ray Data's helper actors at once and, when `feature_tasks` says that feature tasks
+    follow (training, tuning), has its pooled workers import the feature stack; scoring runs in actors
+    that import it themselves, so there the warm-up would only hold the CPUs the actors wait for."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -34,7 +38,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # A laptop: a local Ray with a modest object store (Ray's default is 30% of RAM).
     # The dashboard serves the State API, which Ray Train uses to clean up after stopped trials and folds.
     ray.init(num_cpus=num_cpus, object_store_memory=1 << 30, include_dashboard=True, log_to_driver=True)
-    warm_up_workers()
+    if feature_tasks:
+        warm_up_workers()
+    else:
+        start_ray_data_helpers()
 
 
 @ray.remote(num_cpus=1)

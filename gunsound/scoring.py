@@ -410,7 +410,7 @@ def score(model_location: str, input_location: str, output: str, cfg: Config) ->
     started = time.perf_counter()
     output, input_location = storage.absolute(output), storage.absolute(input_location)
     storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
-    init_ray(cfg.environment.ray_address)
+    init_ray(cfg.environment.ray_address, feature_tasks=False)
     ray.data.DataContext.get_current().enable_progress_bars = True
     model = load_scoring_model(model_location)
     s = ScoringSettings.from_config(cfg, model)
