@@ -156,7 +156,8 @@ def feature_dataset(
     records = clips.to_dict("records")
     # Blocks of at most batch_size clips, at least one per CPU; each block is then one batch
     # (a batch_size in map_batches would make Ray Data bundle two short blocks into one task).
-    blocks = max(-(-len(records) // batch_size), min(len(records), cluster_cpus()))
+    cpus = cluster_cpus()
+    blocks = max(-(-len(records) // batch_size), min(len(records), cpus))
     ds = ray.data.from_items(records, override_num_blocks=blocks)
     decode_kwargs = {"sample_rate": params.sample_rate, "chunk_samples": chunk_samples,
                      "s3": storage.current_settings()}
@@ -169,7 +170,7 @@ def feature_dataset(
         ds.context.op_resource_reservation_enabled = False
         return ds.map_batches(decode_and_featurize, fn_kwargs={**decode_kwargs, "params": params},
                               batch_format="numpy", batch_size=None, num_cpus=1,
-                              compute=ray.data.TaskPoolStrategy(size=min(blocks, 2 * cluster_cpus())))
+                              compute=ray.data.TaskPoolStrategy(size=min(blocks, 2 * cpus)))
     ds = ds.map_batches(decode_clips, fn_kwargs=decode_kwargs, batch_format="numpy", batch_size=None, num_cpus=1)
     ds = ds.map_batches(
         FeatureExtractor,

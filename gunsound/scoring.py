@@ -209,7 +209,7 @@ def detect_onsets(wave: np.ndarray, sr: int, min_gap: float = 0.03, threshold_db
 
 
 def read_chunks(batch: dict[str, np.ndarray], sample_rate: int, window_seconds: float, onset_detection: bool,
-                s3: storage.S3Settings, onset_threshold_db: float = 12.0) -> dict[str, np.ndarray]:
+                s3: storage.S3Settings, onset_threshold_db: float) -> dict[str, np.ndarray]:
     """CPU task: read each chunk's frame range once and cut it into its windows (zero-padded at the end)."""
     storage.configure_s3(s3.endpoint_url, s3.region)
     window = int(round(window_seconds * sample_rate))
@@ -427,11 +427,11 @@ def score(model_location: str, input_location: str, output: str, cfg: Config) ->
     gpus = cluster_gpus()
     # Without GPUs the read stage fuses into the scorer actors (both take one CPU), so one actor per CPU
     # keeps every core scoring and leaves no read task waiting for a CPU; more could never all start.
-    actors = s.actors or (max(1, int(gpus)) if gpus else cluster_cpus())
-    if not gpus and actors > cluster_cpus():
-        log.warning("scoring.actors=%d but the cluster has %d CPUs and no GPU: using %d", actors, cluster_cpus(),
-                    cluster_cpus())
-        actors = cluster_cpus()
+    cpus = cluster_cpus()
+    actors = s.actors or (max(1, int(gpus)) if gpus else cpus)
+    if not gpus and actors > cpus:
+        log.warning("scoring.actors=%d but the cluster has %d CPUs and no GPU: using %d", actors, cpus, cpus)
+        actors = cpus
     run_id = uuid.uuid4().hex[:8]
     model_seconds, most_actors = 0.0, 0
     for shard_index in range(0, len(todo), s.shard_files):
@@ -440,6 +440,7 @@ def score(model_location: str, input_location: str, output: str, cfg: Config) ->
         chunks = [c for f in shard if not headers[f][1] for c in plan_chunks(f, headers[f][0], s)]
         windows = pd.DataFrame(columns=["path", "index", "start", "end", "error", "onsets", "probs"])
         if chunks:
+            pool = min(actors, len(chunks))  # no idle actor for a shard of few chunks
             ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
             ds = ds.map_batches(read_chunks, batch_size=1, batch_format="numpy", num_cpus=1,
                                 fn_kwargs={"sample_rate": model.features.sample_rate,
@@ -452,8 +453,8 @@ def score(model_location: str, input_location: str, output: str, cfg: Config) ->
                                 fn_constructor_kwargs={"model": model, "mixed_precision": s.mixed_precision,
                                                        "batch_size": s.batch_size},
                                 num_gpus=0.5 if gpus else 0, num_cpus=0.5 if gpus else 1,
-                                compute=ray.data.ActorPoolStrategy(size=min(actors, len(chunks))))
-            most_actors = max(most_actors, min(actors, len(chunks)))
+                                compute=ray.data.ActorPoolStrategy(size=pool))
+            most_actors = max(most_actors, pool)
             windows = ds.to_pandas()
             model_seconds += float(windows["model_seconds"].sum())
         _commit_shard(output, f"part-{run_id}-{shard_index // s.shard_files:05d}.parquet", shard, headers,
@@ -537,18 +538,16 @@ def scoring_config(model_location: str, overrides: list[str]) -> Config:
 
 
 def predict_file(model: ScoringModel, path: str, cfg: Config) -> tuple[dict, list[dict], pd.DataFrame]:
-    """Score one file in this process (no Ray): the same chunk plan, reader, model and summary as the job."""
+    """Score one file in this process (no Ray): the same chunk plan, reader, scorer and summary as the job."""
     s = ScoringSettings.from_config(cfg, model)
     info = audio.info(path)
-    ensemble = model.build()
+    scorer = WindowScorer(model, s.mixed_precision, s.batch_size)
     rows = []
     for chunk in plan_chunks(path, info.duration, s):
         batch = {k: np.array([v], dtype=object) for k, v in chunk.items()}
         cut = read_chunks(batch, model.features.sample_rate, s.window_seconds, s.onset_detection,
                           storage.current_settings(), s.onset_threshold_db)
-        with torch.inference_mode():
-            probs = np.concatenate([ensemble(torch.from_numpy(cut["wave"][i:i + s.batch_size])).numpy()
-                                    for i in range(0, len(cut["wave"]), s.batch_size)])
+        probs = scorer(cut)["probs"]
         for j in range(len(probs)):
             rows.append({"path": path, "index": int(cut["index"][j]), "start": float(cut["start"][j]),
                          "end": float(cut["end"][j]), "error": cut["error"][j], "onsets": cut["onsets"][j],
