@@ -2,7 +2,7 @@
 
 Three layouts are accepted, local or on S3:
 - Hydrogen Torch: a parquet or CSV dataframe whose audio column holds paths relative to a data folder;
-- a zip of that layout;
+- a zip of that layout (read in place through the storage layer, never extracted);
 - folder per class: <root>/<class name>/*.wav (the public gunshot audio dataset).
 """
 
@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import logging
 import posixpath
-import tempfile
-import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 from sklearn.model_selection import StratifiedGroupKFold
 
 from gunsound import audio, storage
@@ -85,22 +83,16 @@ def _existing_suffix(root: str, configured: str) -> str | None:
     return None
 
 
-def _unzip(uri: str) -> str:
-    """Extract a (local or S3) zip to a local cache folder; refuses members that escape it."""
-    work = Path(tempfile.mkdtemp(prefix="gunsound-zip-"))
-    local_zip = storage.copy_to_local(uri, work / "dataset.zip") if storage.is_s3(uri) else Path(uri)
-    target = work / "data"
-    try:
-        with zipfile.ZipFile(local_zip) as zf:
-            for member in zf.namelist():
-                resolved = (target / member).resolve()
-                if not resolved.is_relative_to(target.resolve()):
-                    raise ManifestError(uri, [Problem(-1, member, "zip member escapes the archive folder")])
-            zf.extractall(target)
-    except zipfile.BadZipFile as exc:
-        raise ValueError(f"{uri}: not a readable zip file ({exc})") from exc
-    log.info("extracted %s to %s", uri, target)
-    return str(target)
+def _zip_root(archive: str) -> str:
+    """A zip's root folder, read in place (so every node of a cluster reads the same archive); a zip that
+    holds one folder and nothing else (as zipping a folder makes) is entered."""
+    root = storage.zip_location(archive)
+    fs, path = storage.resolve(root)
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    if len(entries) == 1 and entries[0].type == pafs.FileType.Directory:
+        root = storage.join(root, entries[0].base_name)
+    log.info("reading %s in place as %s", archive, root)
+    return root
 
 
 @dataclass
@@ -113,7 +105,7 @@ class DatasetLocation:
 def locate(cfg: DatasetConfig, data: str | None) -> DatasetLocation:
     """Find the dataframe and data folder for a config and an optional --data location."""
     if data and data.lower().endswith(".zip"):
-        data = _unzip(data)
+        data = _zip_root(data)
     if data and not storage.is_dir(data):
         if data.lower().endswith(DATAFRAME_SUFFIXES) and storage.exists(data):
             folder = _existing_suffix(posixpath.dirname(data), cfg.data_folder) if cfg.data_folder else None
@@ -154,7 +146,7 @@ def _folder_per_class_frame(root: str) -> pd.DataFrame:
     files = storage.list_files(root, recursive=True)
     rows = []
     for uri in files:
-        rel = posixpath.relpath(uri, root) if storage.is_s3(root) else str(Path(uri).relative_to(root).as_posix())
+        rel = storage.relative(uri, root)
         parts = rel.split("/")
         if len(parts) < 2 or not rel.lower().endswith(audio.AUDIO_EXTENSIONS):
             continue

@@ -135,15 +135,17 @@ class ScoringSettings:
 
 
 def list_inputs(location: str) -> list[str]:
-    """Audio files under a folder or prefix, a manifest's `path` column, or one file."""
+    """Audio files under a folder or prefix, inside a zip, a manifest's `path` column, or one file."""
     lower = location.lower()
+    if lower.endswith(".zip"):
+        location, lower = storage.zip_location(location), ""
     if lower.endswith((".csv", ".pq", ".parquet")):
         with storage.open_input(location) as f:
             frame = pd.read_csv(f) if lower.endswith(".csv") else pd.read_parquet(f)
         column = "path" if "path" in frame.columns else frame.columns[0]
         base = location.rsplit("/", 1)[0] if "/" in location else "."
         paths = [str(p) for p in frame[column]]
-        return [p if storage.is_s3(p) or Path(p).is_absolute() else storage.join(base, p) for p in paths]
+        return [p if not storage.is_local(p) or Path(p).is_absolute() else storage.join(base, p) for p in paths]
     if lower.endswith(audio.AUDIO_EXTENSIONS) and not storage.is_dir(location):
         return [location]
     if not storage.exists(location):

@@ -1,8 +1,12 @@
-"""One filesystem layer for local paths and s3:// URIs (pyarrow.fs underneath).
+"""One filesystem layer for local paths, s3:// URIs and members of zip archives (pyarrow.fs underneath).
 
 Every read and write of data, checkpoints and outputs goes through `resolve`, so local runs, AWS S3 and
 S3-compatible stores share one code path. S3 credentials come from the standard AWS chain (environment,
 profile, instance role); only the endpoint may be configured, and it is never logged with secrets.
+
+A zip archive (local or on S3) is read in place, never extracted: `zip_location(archive)` names its root as
+`zip://ARCHIVE!/`, and every function here reads members through it with range reads of the archive.
+So a zipped dataset on S3 is readable from every node of a cluster, and nothing is left on any disk.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -58,6 +65,56 @@ def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
+ZIP_SCHEME = "zip://"
+
+
+def is_zip(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith(ZIP_SCHEME)
+
+
+def is_local(uri: str | os.PathLike) -> bool:
+    """A plain local path (not S3, not inside a zip)."""
+    return not (is_s3(uri) or is_zip(uri))
+
+
+def zip_location(archive: str, member: str = "") -> str:
+    """The location of a member (file or folder; "" for the root) inside a local or S3 zip archive:
+    zip://ARCHIVE!/MEMBER, so that the member's name ends the URI as a file's name ends a path."""
+    if not archive.lower().endswith(".zip"):
+        raise ValueError(f"{archive}: a zip archive's name ends with .zip")
+    return f"{ZIP_SCHEME}{absolute(archive)}!/{member.strip('/')}"
+
+
+_ZIP_PARTS = re.compile(r"zip://(.+?\.zip)!/(.*)", re.IGNORECASE | re.DOTALL)
+
+
+def _split_zip(uri: str) -> tuple[str, str]:
+    """(member, archive) of a zip location."""
+    match = _ZIP_PARTS.fullmatch(uri)
+    if not match:
+        raise ValueError(f"{uri}: a zip location is zip://ARCHIVE.zip!/MEMBER")
+    return match.group(2).strip("/"), match.group(1)
+
+
+@lru_cache(maxsize=8)
+def _zip_filesystem(archive: str, settings: S3Settings) -> pafs.FileSystem:
+    """A read-only filesystem over one archive, opened once per process (workers reuse it for every clip)."""
+    from fsspec.implementations.zip import ZipFileSystem
+
+    fs, path = _resolve_plain(archive, settings)
+    try:
+        handle = fs.open_input_file(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"zip archive {archive} does not exist") from exc
+    try:
+        # skip_instance_cache: fsspec would otherwise share instances between archives whose handles look alike.
+        zip_fs = ZipFileSystem(fo=handle, skip_instance_cache=True)
+    except zipfile.BadZipFile as exc:
+        handle.close()
+        raise ValueError(f"{archive}: not a readable zip file ({exc})") from exc
+    return pafs.PyFileSystem(pafs.FSSpecHandler(zip_fs))
+
+
 def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
     settings = settings or _settings
     kwargs: dict = {}
@@ -72,25 +129,45 @@ def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def _resolve_plain(uri: str, settings: S3Settings) -> tuple[pafs.FileSystem, str]:
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        return s3_filesystem(settings), f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+
+
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """Return (filesystem, path inside it) for a local path or an s3:// URI."""
+    """Return (filesystem, path inside it) for a local path, an s3:// URI or a zip member."""
     text = str(uri)
-    if is_s3(text):
-        parsed = urlparse(text)
-        return s3_filesystem(), f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(text).expanduser().absolute())
+    if is_zip(text):
+        member, archive = _split_zip(text)
+        return _zip_filesystem(archive, _settings), member
+    return _resolve_plain(text, _settings)
 
 
 def absolute(uri: str) -> str:
     """A local path made absolute (Ray Train workers run in their own working directory); URIs unchanged."""
-    return uri if is_s3(uri) else str(Path(uri).expanduser().absolute())
+    return str(Path(uri).expanduser().absolute()) if is_local(uri) else uri
 
 
 def join(base: str, *parts: str) -> str:
-    """Join path parts onto a local path or an s3:// URI."""
+    """Join path parts onto a local path, an s3:// URI or a zip location."""
+    if is_zip(base):
+        member, archive = _split_zip(base)
+        return zip_location(archive, posixpath.join(member, *parts))
     if is_s3(base):
         return posixpath.join(base.rstrip("/"), *parts)
     return str(Path(base).joinpath(*parts))
+
+
+def relative(uri: str, root: str) -> str:
+    """The posix path of `uri` under the folder `root` (both of one kind, as list_files returns them)."""
+    if is_zip(root):
+        (member, _), (root_member, _) = _split_zip(uri), _split_zip(root)
+        return posixpath.relpath(member, root_member or ".")
+    if is_s3(root):
+        return posixpath.relpath(uri, root)
+    return Path(uri).relative_to(root).as_posix()
 
 
 def exists(uri: str) -> bool:
@@ -119,7 +196,10 @@ def list_files(uri: str, recursive: bool = True) -> list[str]:
     for info in infos:
         if info.type != pafs.FileType.File:
             continue
-        rel = posixpath.relpath(info.path, path) if is_s3(uri) else os.path.relpath(info.path, path)
+        if is_local(uri):
+            rel = os.path.relpath(info.path, path)
+        else:  # an S3 key or a zip member; a zip's root is the empty path
+            rel = info.path[len(path):].lstrip("/") if path else info.path
         out.append(join(uri, rel))
     return sorted(out)
 
@@ -144,6 +224,7 @@ def read_torch(uri: str):
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file atomically where the filesystem allows it (temp name, then rename)."""
+    _check_writable(uri)
     fs, path = resolve(uri)
     if is_s3(uri):  # an S3 PUT is atomic already
         with fs.open_output_stream(path) as f:
@@ -181,16 +262,22 @@ def read_parquet(uri: str):
     return pd.read_parquet(io.BytesIO(read_bytes(uri)))
 
 
+def _check_writable(uri: str) -> None:
+    if is_zip(uri):
+        raise ValueError(f"{uri}: zip archives are read-only inputs; write outputs to a folder or s3:// prefix")
+
+
 def makedirs(uri: str) -> None:
+    _check_writable(uri)
     fs, path = resolve(uri)
     fs.create_dir(path, recursive=True)
 
 
 def copy_to_local(uri: str, local_path: str | Path) -> Path:
-    """Download a file (or copy a local one) to a local path."""
+    """Download a file (or copy a local one, or a zip member) to a local path."""
     local_path = Path(local_path)
     local_path.parent.mkdir(parents=True, exist_ok=True)
-    if not is_s3(uri):
+    if is_local(uri):
         shutil.copyfile(uri, local_path)
         return local_path
     with open_input(uri) as src, open(local_path, "wb") as dst:

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
+from gunsound import audio, storage
 from gunsound.config import load_config
 from gunsound.dataset import ManifestError, assign_folds, choose_audio_parameters, load_manifest, num_folds
 from tests.conftest import SEED_CONFIG
@@ -26,14 +27,54 @@ def test_seed_config_finds_the_hydrogen_torch_layout_under_data(cfg, synth_dir):
     assert (targets.sum(axis=1) == (manifest.frame["label"] != "background")).all()
 
 
-def test_zip_of_the_layout(cfg, synth_dir, tmp_path):
-    archive = tmp_path / "Gun_sound_detection.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for f in synth_dir.rglob("*"):
+def _zip_folder(folder, archive, prefix="Gun_sound_detection/"):
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(folder.rglob("*")):
             if f.is_file():
-                zf.write(f, "Gun_sound_detection/" + f.relative_to(synth_dir).as_posix())
+                zf.write(f, prefix + f.relative_to(folder).as_posix())
+    return archive
+
+
+def test_zip_of_the_layout_is_read_in_place(cfg, synth_dir, tmp_path):
+    archive = _zip_folder(synth_dir, tmp_path / "Gun_sound_detection.zip")
     manifest = load_manifest(cfg, str(archive))
     assert len(manifest.frame) == 95
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Gun_sound_detection.zip"]   # nothing extracted
+    first = manifest.frame.iloc[0]
+    assert first["path"] == storage.zip_location(str(archive), "Gun_sound_detection/Gun_Classifier/"
+                                                 + first["rel_path"])
+    from_zip, sr = audio.read(first["path"])
+    original, _ = audio.read(str(synth_dir / "Gun_Classifier" / first["rel_path"]))
+    np.testing.assert_array_equal(from_zip, original)
+    start = len(original) // 3                                          # a range read inside the member
+    window, _ = audio.read(first["path"], start=start / sr, duration=0.25)
+    np.testing.assert_array_equal(window, original[start:start + len(window)])
+
+
+def test_folder_per_class_zip_with_one_top_folder(cfg, tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "gunshot audio"
+    for cls in ("AK-12", "IMI Desert Eagle"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            sf.write(root / cls / f"{i}.wav", rng.normal(0, 0.1, 4800), 48000)
+    archive = _zip_folder(root, tmp_path / "gunshot audio.zip", prefix="gunshot audio/")
+    manifest = load_manifest(cfg, str(archive))
+    assert manifest.classes == ["AK-12", "IMI Desert Eagle"]
+    assert sorted(manifest.frame["rel_path"]) == ["AK-12/0.wav", "AK-12/1.wav",
+                                                  "IMI Desert Eagle/0.wav", "IMI Desert Eagle/1.wav"]
+
+
+def test_bad_zips_are_clear_errors_and_zips_are_read_only(cfg, synth_dir, tmp_path):
+    corrupt = tmp_path / "corrupt.zip"
+    corrupt.write_bytes(b"PK\x03\x04 this is not a zip")
+    with pytest.raises(ValueError, match="corrupt.zip: not a readable zip file"):
+        load_manifest(cfg, str(corrupt))
+    with pytest.raises(FileNotFoundError, match="missing.zip"):
+        load_manifest(cfg, str(tmp_path / "missing.zip"))
+    archive = _zip_folder(synth_dir, tmp_path / "data.zip")
+    with pytest.raises(ValueError, match="read-only"):
+        storage.write_text(storage.zip_location(str(archive), "Gun_sound_detection/notes.txt"), "x")
 
 
 def test_folder_per_class_with_spaces_and_hyphens(cfg, synth_dir, tmp_path):

@@ -46,3 +46,20 @@ def test_warm_up_starts_ray_data_helpers_on_this_ray(ray_local):
 
     ray_local.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)
     ray_local.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+
+
+def test_ray_workers_read_clips_inside_a_zip(ray_local, synth_dir, tmp_path):
+    # The archive is read in place: workers open it themselves, as they would on another node of a cluster.
+    from gunsound import storage
+    from tests.test_dataset import _zip_folder
+
+    archive = _zip_folder(synth_dir, tmp_path / "data.zip", prefix="")
+    rel = list(pd.read_parquet(synth_dir / "train.pq")["image"].head(4))
+    params = FeatureParams.from_config(AudioConfig(mel_frequency_bins=64, stft_window_size=1024))
+    plain = pd.DataFrame({"row": range(4), "path": [str(synth_dir / "Gun_Classifier" / r) for r in rel]})
+    zipped = plain.assign(path=[storage.zip_location(str(archive), "Gun_Classifier/" + r) for r in rel])
+    expected = feature_dataset(plain, params, chunk_seconds=2.0).to_pandas().sort_values("row")
+    got = feature_dataset(zipped, params, chunk_seconds=2.0).to_pandas().sort_values("row")
+    assert list(got["error"]) == [""] * 4
+    for a, b in zip(got["features"], expected["features"], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -3,6 +3,7 @@
 import json
 
 import boto3
+import numpy as np
 import pytest
 
 from gunsound import storage
@@ -28,6 +29,26 @@ def test_storage_layer_lists_reads_and_writes_s3(s3_server, bucket):
     storage.write_text("s3://gunsound-test/scratch/a.txt", "hello")
     assert storage.read_text("s3://gunsound-test/scratch/a.txt") == "hello"
     assert not storage.exists("s3://gunsound-test/scratch/b.txt")
+
+
+def test_zip_on_s3_is_read_in_place(s3_server, bucket, synth_dir, tmp_path):
+    from gunsound import audio
+    from gunsound.config import load_config
+    from gunsound.dataset import load_manifest
+    from tests.conftest import SEED_CONFIG
+    from tests.test_dataset import _zip_folder
+
+    storage.configure_s3(s3_server)
+    archive = _zip_folder(synth_dir, tmp_path / "Gun_sound_detection.zip")
+    bucket.upload_file(str(archive), "gunsound-test", "zips/Gun sound detection.zip")
+    cfg = load_config(SEED_CONFIG, ["architecture.pretrained=false"])
+    manifest = load_manifest(cfg, "s3://gunsound-test/zips/Gun sound detection.zip")
+    assert len(manifest.frame) == 95
+    row = manifest.frame.iloc[-1]
+    assert row["path"].startswith("zip://s3://gunsound-test/zips/Gun sound detection.zip!/Gun_sound_detection/")
+    from_s3_zip, _ = audio.read(row["path"], 48000)
+    original, _ = audio.read(str(synth_dir / "Gun_Classifier" / row["rel_path"]), 48000)
+    np.testing.assert_array_equal(from_s3_zip, original)
 
 
 @pytest.mark.ray

@@ -72,6 +72,17 @@ def archive(tmp_path_factory, synth_dir):
     return root, truth
 
 
+def test_inputs_inside_a_zip_are_listed_and_read_in_place(archive, tmp_path):
+    from tests.test_dataset import _zip_folder
+
+    root, _ = archive
+    zipped = _zip_folder(root, tmp_path / "recordings.zip", prefix="")
+    inputs = scoring.list_inputs(str(zipped))
+    assert [u.rsplit("!/", 1)[1] for u in inputs] == ["clip.mp3", "corrupt.wav", "empty.wav", "short.flac",
+                                                      "street/long.wav"]
+    assert audio.info(inputs[-1]).duration == pytest.approx(120.0)
+
+
 @pytest.mark.ray
 def test_every_file_once_with_status_windows_and_events(trained_run, archive, tmp_path):
     root, truth = archive
