@@ -3,108 +3,166 @@
 `gunsound export RUN OUT` writes:
     OUT/model.ts        TorchScript: waveform windows (batch, samples) -> per-class probabilities; the log-mel
                         front end and every fold model inside, averaged
-    OUT/pipeline.json   sample rate, window and hop, labels, threshold, how it was made
-    OUT/score.py        a scorer that needs torch, numpy and soundfile (torchaudio only to resample), not Ray
-                        and not this repository:  python score.py AUDIO [AUDIO ...] [--out results.csv]
+    OUT/pipeline.json   sample rate, window and hop, labels, threshold, the scoring settings, how it was made
+    OUT/score.py        a scorer that needs torch, numpy, pandas, scipy and soundfile (torchaudio only to
+                        resample), not Ray and not this repository:
+                            python score.py AUDIO [AUDIO ...] [--out DIR]
+                        It writes the job's three tables as DIR/windows.csv, files.csv and events.csv.
+
+score.py carries the job's own chunk plan, onset detector and per-file summary, copied from
+gunsound.scoring's source when the pipeline is exported, so the two give the same windows, files and shots.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from gunsound import storage
+from gunsound import scoring, storage
 from gunsound.scoring import ScoringSettings, load_scoring_model, scoring_config
 
-SCORER = '''"""Score audio files with an exported gunsound pipeline. Needs torch, numpy and soundfile only
-(torchaudio for files at another sample rate). Usage: python score.py AUDIO [AUDIO ...] [--out results.csv]"""
+# What score.py shares with the Ray job, in the order the script defines them.
+SHARED = [scoring.window_starts, scoring.plan_chunks, scoring.detect_onsets, scoring.chunk_onsets,
+          scoring.summarize_file, scoring._bursts]
+
+HEADER = '''"""Score audio files with an exported gunsound pipeline, without Ray or the gunsound repository.
+
+Needs torch, numpy, pandas, scipy and soundfile (torchaudio for files at another sample rate).
+Usage: python score.py AUDIO [AUDIO ...] [--out DIR]
+With --out, writes DIR/windows.csv (per-window probabilities), DIR/files.csv (per file: top class, shots)
+and DIR/events.csv (per shot: time, class, burst, rounds per minute), as the gunsound scoring job does."""
+
+from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
+import os
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import soundfile as sf
 import torch
+from scipy.signal import butter, sosfilt
 
 HERE = Path(__file__).resolve().parent
+BLAST_BAND_HZ = {band!r}
 
+# ---- copied from gunsound.scoring when this pipeline was exported: the job's own code
+'''
 
-def window_starts(duration, window, hop):
-    if duration <= 0:
-        return np.zeros(0)
-    count = max(1, int(math.ceil(max(duration - window, 0) / hop - 1e-9)) + 1)
-    return np.arange(count) * hop
+SCRIPT = '''
+
+# ---- this script
 
 
 def read(path, start, seconds, target_sr):
+    """[start, start + seconds) of a file, mono float32 at target_sr (the job's reader, on soundfile)."""
     with sf.SoundFile(path) as f:
         sr = f.samplerate
-        f.seek(min(int(round(start * sr)), f.frames))
+        first = int(round(start * sr))
+        if first:
+            f.seek(min(first, f.frames) if f.frames > 0 else first)
         frames = f.read(frames=int(round(seconds * sr)), dtype="float32", always_2d=True)
-    wave = frames.mean(axis=1) if frames.shape[1] > 1 else frames[:, 0]
-    if sr != target_sr:
+    wave = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else np.ascontiguousarray(frames[:, 0])
+    if not np.all(np.isfinite(wave)):
+        raise ValueError(f"{path}: decoded samples contain NaN or infinity")
+    if sr != target_sr and wave.size:
         import torchaudio.functional as AF
 
-        wave = AF.resample(torch.from_numpy(np.ascontiguousarray(wave)), sr, target_sr).numpy()
+        wave = AF.resample(torch.from_numpy(wave), sr, target_sr).numpy()
     return wave
 
 
-def score_file(model, spec, path, batch_size=64):
-    """Per-window probabilities of one file, read a chunk at a time."""
-    sr, window, hop = spec["sample_rate"], spec["window_seconds"], spec["hop_seconds"]
-    duration = sf.info(path).duration
-    starts = window_starts(duration, window, hop)
-    size = int(round(window * sr))
-    rows = []
-    for first in range(0, len(starts), batch_size):
-        batch = starts[first:first + batch_size]
-        wave = read(path, batch[0], batch[-1] + window - batch[0], sr)
-        pieces = []
-        for s in batch:
-            piece = wave[int(round((s - batch[0]) * sr)):][:size]
-            pieces.append(np.pad(piece, (0, size - len(piece))))
-        with torch.inference_mode():
-            probs = model(torch.from_numpy(np.stack(pieces).astype(np.float32))).numpy()
-        rows += [(float(s), float(min(s + window, duration)), p) for s, p in zip(batch, probs)]
-    return duration, rows
+def score_file(model, spec, settings, path):
+    """The file's windows (probabilities), its per-file row and its shots, chunk by chunk as the job reads it."""
+    sr, classes = spec["sample_rate"], spec["classes"]
+    size = int(round(settings.window_seconds * sr))
+    try:
+        duration = sf.info(path).duration
+        if duration <= 0:
+            raise ValueError(f"{path}: empty audio")
+        rows, onsets = [], [np.zeros(0)]
+        for chunk in plan_chunks(path, duration, settings):
+            wave = read(path, chunk["read_start"], chunk["read_end"] - chunk["read_start"], sr)
+            starts = np.asarray(chunk["starts"], dtype=float)
+            pieces = []
+            for start in starts:
+                piece = wave[int(round((start - chunk["read_start"]) * sr)):][:size]
+                pieces.append(np.pad(piece, (0, size - len(piece))))
+            pieces = np.stack(pieces).astype(np.float32)
+            with torch.inference_mode():
+                probs = np.concatenate([model(torch.from_numpy(pieces[i:i + settings.batch_size])).numpy()
+                                        for i in range(0, len(pieces), settings.batch_size)])
+            rows += [{"file": path, "start": float(st), "end": float(min(st + settings.window_seconds, duration)),
+                      "probs": p} for st, p in zip(starts, probs)]
+            if settings.onset_detection:
+                onsets.append(chunk_onsets(wave, sr, chunk["read_start"], starts, chunk["hop"], duration,
+                                           settings.onset_threshold_db))
+    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as exc:
+        row, _ = summarize_file(path, 0.0, pd.DataFrame(), np.zeros(0), classes, settings, str(exc))
+        return pd.DataFrame(columns=["file", "start", "end", "probs"]), row, []
+    windows = pd.DataFrame(rows)
+    row, events = summarize_file(path, duration, windows, np.concatenate(onsets), classes, settings)
+    return windows, row, events
+
+
+def write_csv(frame, path):
+    """Whole or not at all: a temporary name, then a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("audio", nargs="+")
-    parser.add_argument("--out", help="CSV of per-window probabilities")
+    parser.add_argument("--out", help="folder for windows.csv, files.csv and events.csv")
     args = parser.parse_args()
     spec = json.loads((HERE / "pipeline.json").read_text())
+    settings = SimpleNamespace(**spec["scoring"])
     model = torch.jit.load(str(HERE / "model.ts")).eval()
-    classes, threshold = spec["classes"], spec["probability_threshold"]
-    writer = None
-    if args.out:
-        handle = open(args.out, "w", newline="")
-        writer = csv.writer(handle)
-        writer.writerow(["file", "start", "end", *[f"prob_{c}" for c in classes]])
+    classes = spec["classes"]
+    window_tables, file_rows, events = [], [], []
     for path in args.audio:
-        duration, rows = score_file(model, spec, path)
-        probs = np.stack([p for _, _, p in rows])
-        peak = probs.max(axis=0)
-        top = int(peak.argmax())
-        label = classes[top] if peak[top] >= threshold else "no gunshot"
-        print(f"{path}: {duration:.1f} s, {len(rows)} windows, top {label} ({peak[top]:.3f})")
-        if writer:
-            for start, end, p in rows:
-                writer.writerow([path, start, end, *[f"{v:.7f}" for v in p]])
-    if writer:
-        handle.close()
+        windows, row, shots = score_file(model, spec, settings, path)
+        if row["status"] == "error":
+            print(f"{path}: error: {row['error']}", file=sys.stderr)
+        else:
+            print(f"{path}: {row['duration']:.1f} s, {row['windows']} windows, top {row['top_class']} "
+                  f"({row['top_probability']:.3f}), {row['shots']} shots")
+        probs = np.stack(windows["probs"].to_numpy()) if len(windows) else np.zeros((0, len(classes)))
+        window_tables.append(windows.drop(columns="probs").assign(
+            **{f"prob_{c}": probs[:, i] for i, c in enumerate(classes)}))
+        file_rows.append(row)
+        events += shots
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(pd.concat(window_tables, ignore_index=True), out / "windows.csv")
+        write_csv(pd.DataFrame(file_rows), out / "files.csv")
+        write_csv(pd.DataFrame(events, columns=["file", "time", "class", "probability", "burst",
+                                                "shots_in_burst", "rounds_per_minute"]), out / "events.csv")
+    return 1 if any(r["status"] == "error" for r in file_rows) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
 '''
+
+
+def scorer_source() -> str:
+    """score.py: its header, the job's shared functions (their source, so there is one implementation), its main."""
+    shared = "\n\n".join(inspect.getsource(fn) for fn in SHARED)
+    return HEADER.format(band=scoring.BLAST_BAND_HZ) + "\n\n" + shared + SCRIPT
 
 
 def export_pipeline(run: str, out: str, overrides: list[str] | None = None) -> dict:
@@ -116,22 +174,24 @@ def export_pipeline(run: str, out: str, overrides: list[str] | None = None) -> d
     example = torch.zeros(2, int(round(settings.window_seconds * model.features.sample_rate)))
     with torch.inference_mode():
         traced = torch.jit.trace(ensemble, example, check_trace=False)
-    local = Path(tempfile.mkdtemp(prefix="gunsound-export-")) if storage.is_s3(out) else Path(out)
-    local.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(traced, str(local / "model.ts"))
     spec = {
-        "format": "gunsound scoring pipeline v1",
+        "format": "gunsound scoring pipeline v2",
         "classes": model.classes,
         "sample_rate": model.features.sample_rate,
         "window_seconds": settings.window_seconds,
         "hop_seconds": settings.hop_seconds,
         "method": settings.method,
         "probability_threshold": settings.threshold,
+        "scoring": asdict(settings),
         "features": {k: v for k, v in vars(model.features).items()},
         "models": model.sources,
     }
-    (local / "pipeline.json").write_text(json.dumps(spec, indent=1))
-    (local / "score.py").write_text(SCORER)
-    if storage.is_s3(out):
-        storage.upload_dir(local, out)
+    with tempfile.TemporaryDirectory(prefix="gunsound-export-") as staging:
+        local = Path(out) if storage.is_local(out) else Path(staging)
+        local.mkdir(parents=True, exist_ok=True)
+        torch.jit.save(traced, str(local / "model.ts"))
+        (local / "pipeline.json").write_text(json.dumps(spec, indent=1))
+        (local / "score.py").write_text(scorer_source())
+        if not storage.is_local(out):
+            storage.upload_dir(local, out)
     return spec

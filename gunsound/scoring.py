@@ -210,6 +210,16 @@ def detect_onsets(wave: np.ndarray, sr: int, min_gap: float = 0.03, threshold_db
     return np.array(onsets)
 
 
+def chunk_onsets(wave: np.ndarray, sr: int, read_start: float, starts: np.ndarray, hop: float, duration: float,
+                 threshold_db: float) -> np.ndarray:
+    """The onsets (seconds in the file) that a chunk owns: from its first window's start up to where the next
+    chunk's first window starts, or to the file's end for the last chunk; so each shot is found once."""
+    owned_end = starts[-1] + hop
+    found = detect_onsets(wave, sr, threshold_db=threshold_db) + read_start
+    last_chunk = owned_end >= duration
+    return found[(found >= starts[0]) & ((found < owned_end) | last_chunk) & (found < duration)]
+
+
 def read_chunks(batch: dict[str, np.ndarray], sample_rate: int, window_seconds: float, onset_detection: bool,
                 s3: storage.S3Settings, onset_threshold_db: float) -> dict[str, np.ndarray]:
     """CPU task: read each chunk's frame range once and cut it into its windows (zero-padded at the end)."""
@@ -227,11 +237,8 @@ def read_chunks(batch: dict[str, np.ndarray], sample_rate: int, window_seconds: 
             wave, error = np.zeros(0, dtype=np.float32), str(exc)
         onsets = np.zeros(0)
         if onset_detection and not error:
-            # The chunk owns onsets up to where the next chunk's first window starts.
-            owned_end = starts[-1] + float(batch["hop"][i])
-            found = detect_onsets(wave, sample_rate, threshold_db=onset_threshold_db) + read_start
-            last_chunk = owned_end >= duration
-            onsets = found[(found >= starts[0]) & ((found < owned_end) | last_chunk) & (found < duration)]
+            onsets = chunk_onsets(wave, sample_rate, read_start, starts, float(batch["hop"][i]), duration,
+                                  onset_threshold_db)
         for j, start in enumerate(starts):
             offset = int(round((start - read_start) * sample_rate))
             piece = wave[offset: offset + window]

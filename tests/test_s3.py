@@ -65,3 +65,8 @@ def test_train_from_s3_writes_outputs_to_s3(ray_local, s3_server, bucket, capsys
     assert metrics["folds"]["0"]["epochs"][0]["valid_roc_auc"] > 0
     config_text = bucket.get_object(Bucket="gunsound-test", Key="runs/laptop/config.yaml")["Body"].read().decode()
     assert "testing" not in config_text  # the credentials never reach the outputs
+    # The run on S3 exports a scoring pipeline to S3 (staged in a temporary folder that is removed).
+    assert main(["export", "s3://gunsound-test/runs/laptop", "s3://gunsound-test/pipeline",
+                 "--set", f"storage.endpoint_url={s3_server}"]) == 0
+    keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="gunsound-test", Prefix="pipeline/")["Contents"]}
+    assert keys == {"pipeline/model.ts", "pipeline/pipeline.json", "pipeline/score.py"}

@@ -176,26 +176,41 @@ def test_exported_pipeline_matches_the_ray_job_without_ray_or_the_repo(trained_r
     import sys
 
     root, _ = archive
-    sliding = ["--set", "prediction.inference_chunk_method=Sliding", "--set", "scoring.hop_seconds=1.0"]
+    sliding = ["--set", "prediction.inference_chunk_method=Sliding", "--set", "scoring.hop_seconds=1.0",
+               "--set", "scoring.chunk_seconds=20", "--set", "prediction.probability_threshold=0.0"]
     assert main(["export", str(trained_run), str(tmp_path / "pipeline"), *sliding]) == 0
-    files = [root / "street" / "long.wav", root / "clip.mp3", root / "short.flac"]
+    files = [root / "street" / "long.wav", root / "clip.mp3", root / "short.flac", root / "corrupt.wav"]
     guard = tmp_path / "guard"
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(BLOCK_RAY_AND_GUNSOUND)
-    result = subprocess.run([sys.executable, "score.py", *map(str, files), "--out", str(tmp_path / "exported.csv")],
+    result = subprocess.run([sys.executable, "score.py", *map(str, files), "--out", str(tmp_path / "exported")],
                             cwd=tmp_path / "pipeline", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(guard)},
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    exported = pd.read_csv(tmp_path / "exported.csv")
+    assert result.returncode == 1, result.stderr                           # corrupt.wav is an error, not a crash
+    assert "corrupt.wav: error" in result.stderr and "shots" in result.stdout
+    exported = {t: pd.read_csv(tmp_path / "exported" / f"{t}.csv", keep_default_na=t != "files")
+                for t in ("windows", "files", "events")}
     job_out = tmp_path / "job"
     main(["score", str(trained_run), str(root), str(job_out), *sliding])
-    job = pd.read_parquet(job_out / "windows")
-    merged = exported.merge(job, on=["file", "start"], suffixes=("_exported", "_job"))
-    assert len(merged) == len(exported) == len(job[job["file"].isin(map(str, files))])
+    job = {t: pd.read_parquet(job_out / t) for t in ("windows", "files", "events")}
+    job = {t: f[f["file"].isin(map(str, files))] for t, f in job.items()}
+
+    merged = exported["windows"].merge(job["windows"], on=["file", "start"], suffixes=("_exported", "_job"))
+    assert len(merged) == len(exported["windows"]) == len(job["windows"])
     classes = [c.removeprefix("prob_").removesuffix("_job") for c in merged.columns if c.endswith("_job")
                and c.startswith("prob_")]
     for c in classes:
         np.testing.assert_allclose(merged[f"prob_{c}_exported"], merged[f"prob_{c}_job"], atol=1e-4)
+
+    per_file = exported["files"].merge(job["files"], on="file", suffixes=("_exported", "_job"))
+    assert len(per_file) == 4
+    for column in ("status", "windows", "top_class", "shots", "gunshot_windows"):
+        assert list(per_file[f"{column}_exported"]) == list(per_file[f"{column}_job"]), column
+    assert len(exported["events"]) == len(job["events"]) > 0            # the same shots, the same classes
+    shots = [f.sort_values(["file", "time"]).reset_index(drop=True) for f in (exported["events"], job["events"])]
+    np.testing.assert_allclose(shots[0]["time"], shots[1]["time"], atol=1e-4)
+    assert list(shots[0]["class"]) == list(shots[1]["class"])
+    assert list(shots[0]["burst"]) == list(shots[1]["burst"])
 
 
 @pytest.mark.ray
