@@ -7,7 +7,6 @@ doing the same work on the same files, in one run. Target: Ray at least as fast 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import torch
-from memory import PeakMemory
+from memory import PeakMemory, scratch_dir
 
 from gunsound import audio
 from gunsound.config import load_config
@@ -39,7 +38,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="gunsound-bench-"))
+    work = scratch_dir(args.workdir, "gunsound-bench-")
     if not (work / "train.pq").exists():
         generate_dataset(work, clips_per_class=args.clips_per_class, seed=0)
     frame = pd.read_parquet(work / "train.pq")

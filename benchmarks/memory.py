@@ -1,9 +1,14 @@
-"""Peak resident memory of this process and its children (Ray's workers), sampled every 50 ms."""
+"""Shared by the benchmarks: peak resident memory of this process and its children (Ray's workers), sampled
+every 50 ms, and the scratch folder for generated data."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
@@ -38,3 +43,13 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def scratch_dir(workdir: str | None, prefix: str) -> Path:
+    """--workdir when given (kept, so a rerun reuses its generated data); otherwise a temporary folder that is
+    removed when the benchmark exits, so runs do not pile up generated audio in /tmp."""
+    if workdir:
+        return Path(workdir)
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, True)
+    return work

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from pathlib import Path
+
+from memory import scratch_dir
 
 from gunsound import training
 from gunsound.config import load_config
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="gunsound-quality-"))
+    work = scratch_dir(args.workdir, "gunsound-quality-")
     data = work / "data"
     if not (data / "train.pq").exists():
         generate_dataset(data, clips_per_class=args.clips_per_class, background=args.background, seed=0)
@@ -45,7 +46,10 @@ def main() -> None:
     auc, acc = cv["mean_over_folds"]["roc_auc"]["mean"], cv["mean_over_folds"]["accuracy"]["mean"]
     print(f"target ROC AUC >= 0.99: {'met' if auc >= 0.99 else 'NOT met'} ({auc:.4f}); "
           f"accuracy >= 0.95: {'met' if acc >= 0.95 else 'NOT met'} ({acc:.4f})")
-    print(f"outputs: {plan.output} (report.html)")
+    if args.workdir:
+        print(f"outputs: {plan.output} (report.html)")
+    else:
+        print("outputs: removed with the temporary folder; pass --workdir DIR to keep them (report.html)")
 
 
 if __name__ == "__main__":

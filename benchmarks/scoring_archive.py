@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from memory import PeakMemory
+from memory import PeakMemory, scratch_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from gunsound import audio, scoring, training
@@ -64,7 +63,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="gunsound-score-bench-"))
+    work = scratch_dir(args.workdir, "gunsound-score-bench-")
 
     run = work / "run"
     if not (run / "ensemble.json").exists():

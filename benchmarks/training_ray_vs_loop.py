@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from memory import scratch_dir
 
 from gunsound import training
 from gunsound.config import load_config
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "ray", "padding"], default="all")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="gunsound-train-bench-"))
+    work = scratch_dir(args.workdir, "gunsound-train-bench-")
     if args.part in ("all", "ray"):
         data = work / "data"
         if not (data / "train.pq").exists():

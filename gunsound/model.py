@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import posixpath
 import tempfile
 from pathlib import Path
 
@@ -59,11 +61,12 @@ class GunClassifier(nn.Module):
         return self.head(self.dropout(self.pool(self.backbone.forward_features(spec))))
 
 
-def _local_weights(uri: str) -> str:
-    if storage.is_s3(uri):
-        local = Path(tempfile.mkdtemp(prefix="gunsound-weights-")) / Path(uri).name
-        storage.copy_to_local(uri, local)
-        return str(local)
+def _local_weights(uri: str, scratch: contextlib.ExitStack) -> str:
+    """A local file of the weights; a remote one is downloaded to a temporary folder that `scratch` removes
+    (every Train worker and tuning trial builds a model: the copies must not pile up)."""
+    if not storage.is_local(uri):
+        folder = scratch.enter_context(tempfile.TemporaryDirectory(prefix="gunsound-weights-"))
+        return str(storage.copy_to_local(uri, Path(folder) / posixpath.basename(uri)))
     if not Path(uri).exists():
         raise FileNotFoundError(f"architecture.pretrained_weights {uri} not found")
     return uri
@@ -76,15 +79,16 @@ def build_model(arch: ArchitectureConfig, num_classes: int, pretrained: bool | N
     """
     pretrained = arch.pretrained if pretrained is None else pretrained
     kwargs: dict = {"in_chans": 1, "num_classes": 0, "global_pool": ""}
-    if pretrained and arch.pretrained_weights:
-        kwargs["pretrained_cfg_overlay"] = {"file": _local_weights(arch.pretrained_weights)}
-        log.info("backbone %s: weights from %s", arch.backbone, arch.pretrained_weights)
-    elif pretrained:
-        log.info("backbone %s: weights from the timm model hub", arch.backbone)
-    try:
-        backbone = timm.create_model(arch.backbone, pretrained=pretrained, **kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise ValueError(f"architecture.backbone: unknown timm model {arch.backbone!r}") from exc
-        raise
+    with contextlib.ExitStack() as scratch:
+        if pretrained and arch.pretrained_weights:
+            kwargs["pretrained_cfg_overlay"] = {"file": _local_weights(arch.pretrained_weights, scratch)}
+            log.info("backbone %s: weights from %s", arch.backbone, arch.pretrained_weights)
+        elif pretrained:
+            log.info("backbone %s: weights from the timm model hub", arch.backbone)
+        try:
+            backbone = timm.create_model(arch.backbone, pretrained=pretrained, **kwargs)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise ValueError(f"architecture.backbone: unknown timm model {arch.backbone!r}") from exc
+            raise
     return GunClassifier(backbone, num_classes, arch.pool, arch.dropout)

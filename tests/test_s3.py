@@ -51,6 +51,29 @@ def test_zip_on_s3_is_read_in_place(s3_server, bucket, synth_dir, tmp_path):
     np.testing.assert_array_equal(from_s3_zip, original)
 
 
+def test_pretrained_weights_from_s3_leave_no_local_copy(s3_server, bucket, tmp_path, monkeypatch):
+    import tempfile
+
+    import timm
+    import torch
+
+    from gunsound.config import ArchitectureConfig
+    from gunsound.model import build_model
+
+    storage.configure_s3(s3_server)
+    imagenet = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    torch.save(imagenet.state_dict(), tmp_path / "resnet18.pth")
+    bucket.upload_file(str(tmp_path / "resnet18.pth"), "gunsound-test", "weights/resnet18.pth")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))     # where the download goes, to look at it after
+    arch = ArchitectureConfig(backbone="resnet18", pretrained=True,
+                              pretrained_weights="s3://gunsound-test/weights/resnet18.pth")
+    model = build_model(arch, 9)
+    torch.testing.assert_close(model.backbone.conv1.weight, imagenet.conv1.weight.sum(dim=1, keepdim=True))
+    assert list(scratch.iterdir()) == []                       # the downloaded copy is removed once loaded
+
+
 @pytest.mark.ray
 def test_train_from_s3_writes_outputs_to_s3(ray_local, s3_server, bucket, capsys):
     code = main(["train", str(LAPTOP_CONFIG), "--data", "s3://gunsound-test/datasets/synth",
