@@ -97,8 +97,8 @@ def _split_zip(uri: str) -> tuple[str, str]:
 
 
 @lru_cache(maxsize=8)
-def _zip_filesystem(archive: str, settings: S3Settings) -> pafs.FileSystem:
-    """A read-only filesystem over one archive, opened once per process (workers reuse it for every clip)."""
+def _open_zip(archive: str, settings: S3Settings):
+    """fsspec's filesystem over one archive, opened once per process (workers reuse it for every clip)."""
     from fsspec.implementations.zip import ZipFileSystem
 
     fs, path = _resolve_plain(archive, settings)
@@ -108,11 +108,16 @@ def _zip_filesystem(archive: str, settings: S3Settings) -> pafs.FileSystem:
         raise FileNotFoundError(f"zip archive {archive} does not exist") from exc
     try:
         # skip_instance_cache: fsspec would otherwise share instances between archives whose handles look alike.
-        zip_fs = ZipFileSystem(fo=handle, skip_instance_cache=True)
+        return ZipFileSystem(fo=handle, skip_instance_cache=True)
     except zipfile.BadZipFile as exc:
         handle.close()
         raise ValueError(f"{archive}: not a readable zip file ({exc})") from exc
-    return pafs.PyFileSystem(pafs.FSSpecHandler(zip_fs))
+
+
+@lru_cache(maxsize=8)
+def _zip_filesystem(archive: str, settings: S3Settings) -> pafs.FileSystem:
+    """The same archive as a (read-only) pyarrow filesystem, so every function here treats it like the others."""
+    return pafs.PyFileSystem(pafs.FSSpecHandler(_open_zip(archive, settings)))
 
 
 def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
@@ -204,9 +209,18 @@ def list_files(uri: str, recursive: bool = True) -> list[str]:
     return sorted(out)
 
 
+# A zip member up to this size is read whole: a compressed member cannot be range-read (a backward seek
+# decompresses it again from its start, and a decoder seeks), and on S3 one request beats many small ones.
+ZIP_MEMBER_WHOLE_READ_BYTES = 64 << 20
+
+
 def open_input(uri: str) -> io.RawIOBase:
     """A seekable binary file, so audio can be read by frame range without fetching the whole object."""
     fs, path = resolve(uri)
+    if is_zip(uri):
+        size = fs.get_file_info(path).size  # from the archive's central directory: no read
+        if size is not None and size <= ZIP_MEMBER_WHOLE_READ_BYTES:
+            return io.BytesIO(_open_zip(_split_zip(uri)[1], _settings).zip.read(path))
     return fs.open_input_file(path)
 
 

@@ -35,7 +35,9 @@ def _zip_folder(folder, archive, prefix="Gun_sound_detection/"):
     return archive
 
 
-def test_zip_of_the_layout_is_read_in_place(cfg, synth_dir, tmp_path):
+@pytest.mark.parametrize("whole_read_bytes", [64 << 20, 0])  # small members read whole; large ones streamed
+def test_zip_of_the_layout_is_read_in_place(cfg, synth_dir, tmp_path, monkeypatch, whole_read_bytes):
+    monkeypatch.setattr(storage, "ZIP_MEMBER_WHOLE_READ_BYTES", whole_read_bytes)
     archive = _zip_folder(synth_dir, tmp_path / "Gun_sound_detection.zip")
     manifest = load_manifest(cfg, str(archive))
     assert len(manifest.frame) == 95
