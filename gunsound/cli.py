@@ -129,7 +129,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     spec = export_pipeline(args.run, args.out, args.overrides)
     print(f"exported {len(spec['models'])} model(s), {len(spec['classes'])} classes, "
-          f"{spec['window_seconds']:g} s windows to {args.out}: model.ts, pipeline.json, score.py")
+          f"{spec['window_seconds']:g} s windows to {args.out}: model.pt2, pipeline.json, score.py")
     return 0
 
 
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     predict.set_defaults(func=run_predict)
 
-    export = sub.add_parser("export", help="write a self-contained scoring pipeline (TorchScript + score.py)")
+    export = sub.add_parser("export", help="write a self-contained scoring pipeline (torch.export program + score.py)")
     export.add_argument("run", help="a training run (fold ensemble), a fold folder, or a model.pt")
     export.add_argument("out", help="output folder, local or s3://")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

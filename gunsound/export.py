@@ -1,8 +1,8 @@
 """A self-contained scoring pipeline (Hydrogen Torch's build_scoring_pipelines).
 
 `gunsound export RUN OUT` writes:
-    OUT/model.ts        TorchScript: waveform windows (batch, samples) -> per-class probabilities; the log-mel
-                        front end and every fold model inside, averaged
+    OUT/model.pt2       a torch.export program: waveform windows (batch, samples) -> per-class probabilities;
+                        the log-mel front end and every fold model inside, averaged; any batch size
     OUT/pipeline.json   sample rate, window and hop, labels, threshold, the scoring settings, how it was made
     OUT/score.py        a scorer that needs torch, numpy, pandas, scipy and soundfile (torchaudio only to
                         resample), not Ray and not this repository:
@@ -44,6 +44,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -129,7 +130,9 @@ def main():
     args = parser.parse_args()
     spec = json.loads((HERE / "pipeline.json").read_text())
     settings = SimpleNamespace(**spec["scoring"])
-    model = torch.jit.load(str(HERE / "model.ts")).eval()
+    with warnings.catch_warnings():  # torch.export.load maps its weights read-only; they are never written
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        model = torch.export.load(str(HERE / spec["model"])).module()
     classes = spec["classes"]
     window_tables, file_rows, events = [], [], []
     for path in args.audio:
@@ -172,10 +175,12 @@ def export_pipeline(run: str, out: str, overrides: list[str] | None = None) -> d
     settings = ScoringSettings.from_config(cfg, model)
     ensemble = model.build()
     example = torch.zeros(2, int(round(settings.window_seconds * model.features.sample_rate)))
-    with torch.inference_mode():
-        traced = torch.jit.trace(ensemble, example, check_trace=False)
+    # torch.export, not TorchScript (deprecated as of torch 2.11); the batch dimension stays free.
+    program = torch.export.export(ensemble, (example,),
+                                  dynamic_shapes={"waves": {0: torch.export.Dim("batch", min=1)}})
     spec = {
         "format": "gunsound scoring pipeline v2",
+        "model": "model.pt2",
         "classes": model.classes,
         "sample_rate": model.features.sample_rate,
         "window_seconds": settings.window_seconds,
@@ -189,7 +194,7 @@ def export_pipeline(run: str, out: str, overrides: list[str] | None = None) -> d
     with tempfile.TemporaryDirectory(prefix="gunsound-export-") as staging:
         local = Path(out) if storage.is_local(out) else Path(staging)
         local.mkdir(parents=True, exist_ok=True)
-        torch.jit.save(traced, str(local / "model.ts"))
+        torch.export.save(program, str(local / "model.pt2"))
         (local / "pipeline.json").write_text(json.dumps(spec, indent=1))
         (local / "score.py").write_text(scorer_source())
         if not storage.is_local(out):

@@ -62,7 +62,8 @@ class LogMelSpectrogram(nn.Module):
         )
         used = int(torch.nonzero(fb.sum(dim=1)).max()) + 1  # bins above f_max carry no weight
         self.register_buffer("filterbank", fb[:used].T.contiguous(), persistent=False)  # (mels, bins)
-        self.register_buffer("window", torch.hann_window(params.n_fft), persistent=False)
+        # clone: hann_window returns a view of an n_fft + 1 storage, which torch.export.save warns about.
+        self.register_buffer("window", torch.hann_window(params.n_fft).clone(), persistent=False)
         self.used_bins = used
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:

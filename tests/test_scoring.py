@@ -30,6 +30,19 @@ def test_chunks_own_every_window_exactly_once(duration, window, hop, chunk):
         assert c["read_start"] == c["starts"][0] and c["read_end"] == c["starts"][-1] + window
 
 
+@pytest.mark.parametrize(("audio_parameters", "window"), [("Auto", 2.0), ("Manual", 60.0)])
+def test_fix_windows_are_the_training_chunk_that_auto_chose(audio_parameters, window):
+    # The seed's Fix/60 s around a model trained on the 2 s chunk Auto chose would score padding, not shots.
+    from gunsound.features import FeatureParams
+    from tests.conftest import SEED_CONFIG
+
+    model = scoring.ScoringModel(["a", "b"], FeatureParams(32000, 1024, 320, 64, 50.0, 14000.0, False), 2.0, 0.5,
+                                 "BCE", {}, [])
+    cfg = load_config(SEED_CONFIG, [f"audio.audio_parameters={audio_parameters}"])
+    s = scoring.ScoringSettings.from_config(cfg, model)
+    assert (s.method, s.window_seconds, s.hop_seconds) == ("Fix", window, window)
+
+
 def test_onset_detector_recall_and_timing_on_generated_archive(tmp_path):
     path = tmp_path / "archive.wav"
     truth = generate_archive(path, minutes=3, bursts_per_minute=4, seed=3)
