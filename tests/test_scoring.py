@@ -143,6 +143,23 @@ def test_window_scorer_scores_any_number_of_windows_in_model_batches(trained_run
 
 
 @pytest.mark.ray
+def test_default_scoring_reproduces_the_folds_validation_predictions(trained_run, tmp_path):
+    # The job with the run's own settings (the seed's Fix method) must see what validation saw: same windows,
+    # same features, same probabilities. Windows of inference_chunk_seconds (60 s) around 2 s clips did not.
+    manifest = pd.read_parquet(trained_run / "manifest.parquet")
+    valid = pd.read_parquet(trained_run / "fold_0" / "valid_predictions.parquet").merge(manifest, on="row")
+    clips = valid[np.isclose(valid["duration"], 2.0)]                # a file of exactly one training chunk
+    assert len(clips) >= 10
+    clips[["path"]].to_csv(tmp_path / "clips.csv", index=False)
+    assert main(["score", str(trained_run / "fold_0"), str(tmp_path / "clips.csv"), str(tmp_path / "out")]) == 0
+    files = pd.read_parquet(tmp_path / "out" / "files").set_index("file").loc[clips["path"]]
+    assert (files["windows"] == 1).all()
+    classes = [c.removeprefix("prob_") for c in valid.columns if c.startswith("prob_")]
+    for c in classes:
+        np.testing.assert_allclose(files[f"mean_{c}"].to_numpy(), clips[f"prob_{c}"].to_numpy(), atol=1e-4)
+
+
+@pytest.mark.ray
 def test_rerun_after_a_kill_skips_finished_files_and_keeps_each_once(trained_run, archive, tmp_path):
     root, _ = archive
     out = tmp_path / "scored"
