@@ -78,11 +78,15 @@ def _submit(address: str, env: dict, args: list[str], timeout: float = 400) -> s
 
 def test_train_and_score_jobs_on_a_two_node_cluster(cluster, synth_dir, tmp_path):
     address, env = cluster
+    from tests.test_dataset import _zip_folder
+
     run = tmp_path / "run"
-    out = _submit(address, env, [sys.executable, "-m", "ray_jobs.train", str(LAPTOP_CONFIG), "--data", str(synth_dir),
+    dataset = _zip_folder(synth_dir, tmp_path / "Gun_sound_detection.zip")   # as the README's cluster example
+    out = _submit(address, env, [sys.executable, "-m", "ray_jobs.train", str(LAPTOP_CONFIG), "--data", str(dataset),
                                  "--output", str(run), *[a for kv in FAST for a in ("--set", kv)],
                                  "--set", "training.epochs=1"])
     assert "fold 0:" in out and (run / "fold_0" / "model.pt").exists()
+    assert pd.read_parquet(run / "manifest.parquet")["path"].str.startswith(f"zip://{dataset}!/").all()
     scored = tmp_path / "scored"
     audio = synth_dir / "Gun_Classifier" / "MG-42"
     out = _submit(address, env, [sys.executable, "-m", "ray_jobs.score", str(run), str(audio), str(scored)])
