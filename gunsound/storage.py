@@ -5,7 +5,8 @@ S3-compatible stores share one code path. S3 credentials come from the standard 
 profile, instance role); only the endpoint may be configured, and it is never logged with secrets.
 
 A zip archive (local or on S3) is read in place, never extracted: `zip_location(archive)` names its root as
-`zip://ARCHIVE!/`, and every function here reads members through it with range reads of the archive.
+`zip://ARCHIVE!/`, and every function here reads members through it from the archive where it lies (range
+reads: its directory, then each member; members up to 64 MiB in one read).
 So a zipped dataset on S3 is readable from every node of a cluster, and nothing is left on any disk.
 """
 
