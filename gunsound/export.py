@@ -3,7 +3,7 @@
 `gunsound export RUN OUT` writes:
     OUT/model.pt2       a torch.export program: waveform windows (batch, samples) -> per-class probabilities;
                         the log-mel front end and every fold model inside, averaged; any batch size
-    OUT/pipeline.json   sample rate, window and hop, labels, threshold, the scoring settings, how it was made
+    OUT/pipeline.json   sample rate, labels, the scoring settings (window, hop, threshold...), how it was made
     OUT/score.py        a scorer that needs torch, numpy, pandas, scipy and soundfile (torchaudio only to
                         resample), not Ray and not this repository:
                             python score.py AUDIO [AUDIO ...] [--out DIR]
@@ -28,7 +28,7 @@ from gunsound.scoring import ScoringSettings, load_scoring_model, scoring_config
 
 # What score.py shares with the Ray job, in the order the script defines them.
 SHARED = [scoring.window_starts, scoring.plan_chunks, scoring.detect_onsets, scoring.chunk_onsets,
-          scoring.summarize_file, scoring._bursts]
+          scoring.cut_windows, scoring.summarize_file, scoring._bursts]
 
 HEADER = '''"""Score audio files with an exported gunsound pipeline, without Ray or the gunsound repository.
 
@@ -95,11 +95,7 @@ def score_file(model, spec, settings, path):
         for chunk in plan_chunks(path, duration, settings):
             wave = read(path, chunk["read_start"], chunk["read_end"] - chunk["read_start"], sr)
             starts = np.asarray(chunk["starts"], dtype=float)
-            pieces = []
-            for start in starts:
-                piece = wave[int(round((start - chunk["read_start"]) * sr)):][:size]
-                pieces.append(np.pad(piece, (0, size - len(piece))))
-            pieces = np.stack(pieces).astype(np.float32)
+            pieces = cut_windows(wave, sr, chunk["read_start"], starts, size)
             with torch.inference_mode():
                 probs = np.concatenate([model(torch.from_numpy(pieces[i:i + settings.batch_size])).numpy()
                                         for i in range(0, len(pieces), settings.batch_size)])
@@ -183,11 +179,7 @@ def export_pipeline(run: str, out: str, overrides: list[str] | None = None) -> d
         "model": "model.pt2",
         "classes": model.classes,
         "sample_rate": model.features.sample_rate,
-        "window_seconds": settings.window_seconds,
-        "hop_seconds": settings.hop_seconds,
-        "method": settings.method,
-        "probability_threshold": settings.threshold,
-        "scoring": asdict(settings),
+        "scoring": asdict(settings),  # method, window_seconds, hop_seconds, threshold, ...
         "features": {k: v for k, v in vars(model.features).items()},
         "models": model.sources,
     }

@@ -223,6 +223,16 @@ def chunk_onsets(wave: np.ndarray, sr: int, read_start: float, starts: np.ndarra
     return found[(found >= starts[0]) & ((found < owned_end) | last_chunk) & (found < duration)]
 
 
+def cut_windows(wave: np.ndarray, sr: int, read_start: float, starts: np.ndarray, window: int) -> np.ndarray:
+    """(windows, window samples) float32: each window from its start in a chunk read from read_start,
+    zero-padded where the audio ends."""
+    out = np.zeros((len(starts), window), dtype=np.float32)
+    for j, start in enumerate(starts):
+        piece = wave[int(round((start - read_start) * sr)):][:window]
+        out[j, : len(piece)] = piece
+    return out
+
+
 def read_chunks(batch: dict[str, np.ndarray], sample_rate: int, window_seconds: float, onset_detection: bool,
                 s3: storage.S3Settings, onset_threshold_db: float) -> dict[str, np.ndarray]:
     """CPU task: read each chunk's frame range once and cut it into its windows (zero-padded at the end)."""
@@ -242,14 +252,13 @@ def read_chunks(batch: dict[str, np.ndarray], sample_rate: int, window_seconds: 
         if onset_detection and not error:
             onsets = chunk_onsets(wave, sample_rate, read_start, starts, float(batch["hop"][i]), duration,
                                   onset_threshold_db)
+        pieces = cut_windows(wave, sample_rate, read_start, starts, window)
         for j, start in enumerate(starts):
-            offset = int(round((start - read_start) * sample_rate))
-            piece = wave[offset: offset + window]
             out["path"].append(path)
             out["index"].append(int(batch["first_window"][i]) + j)
             out["start"].append(start)
             out["end"].append(min(start + window_seconds, duration))
-            out["wave"].append(np.pad(piece, (0, window - len(piece))) if len(piece) < window else piece)
+            out["wave"].append(pieces[j])
             out["error"].append(error)
             # Arrow cannot unify ragged float arrays across blocks; the chunk's onsets travel as JSON text.
             out["onsets"].append(json.dumps(onsets.round(5).tolist()) if j == 0 else "[]")
