@@ -318,9 +318,15 @@ def assign_folds(manifest: Manifest, cfg: DatasetConfig, seed: int) -> np.ndarra
     """Fold index per row: stratified by class, every clip of one group on the same side."""
     k = num_folds(cfg)
     frame = manifest.frame
-    min_count = frame["label"].value_counts().min()
-    if min_count < k:
-        log.warning("the rarest class has %d clips, fewer than %d folds; its folds will be uneven", min_count, k)
+    counts = frame["label"].value_counts()
+    if counts.max() < k:  # sklearn's own message names neither the dataset nor a way out
+        raise ValueError(
+            f"{manifest.source}: every class has fewer clips than the {k} folds that dataset.validation_size="
+            f"{cfg.validation_size:g} makes (the largest, '{counts.index[0]}', has {counts.max()}): "
+            "add clips or raise dataset.validation_size")
+    if counts.min() < k:
+        log.warning("the rarest class '%s' has %d clips, fewer than %d folds; its folds will be uneven",
+                    counts.index[-1], counts.min(), k)
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed % (2**32))
     folds = np.full(len(frame), -1, dtype=np.int64)
     for fold, (_, valid_idx) in enumerate(splitter.split(frame, frame["label"], frame["group"])):

@@ -3,9 +3,10 @@
 Plan: every input file is split into chunks (units of work, read as frame ranges) and every chunk into
 windows. A window belongs to the chunk where it starts; a chunk reads one window length past its end so
 windows at chunk edges are scored once, never lost and never counted twice. Decoding runs as CPU tasks and
-the model in an actor pool (a GPU share and autocast when there is a GPU). Files are processed in shards;
-each shard's results are committed to OUTPUT before the next, so a killed job started again with the same
-OUTPUT skips the files it finished and ends with each file exactly once.
+the model in an actor pool (a GPU share and autocast when there is a GPU), one pool for the whole run. Files
+are grouped in shards; a shard's results are committed to OUTPUT as soon as its last window is scored, so a
+killed job started again with the same OUTPUT skips the files it finished and ends with each file exactly
+once.
 
 Outputs (Parquet datasets under OUTPUT): windows/ (file, start, end, prob_<class>), files/ (one row per
 input file: status, duration, top class, per-class max and mean, shots), events/ (one row per detected shot:
@@ -182,6 +183,9 @@ def plan_chunks(path: str, duration: float, s: ScoringSettings) -> list[dict]:
 
 
 BLAST_BAND_HZ = (200.0, 2000.0)
+# Chunks are the input blocks, one each up to this many (so every CPU reads); beyond it a block holds several
+# chunks, still read one at a time, and the driver does not track millions of tiny objects.
+MAX_INPUT_BLOCKS = 20_000
 
 
 def detect_onsets(wave: np.ndarray, sr: int, min_gap: float = 0.03, threshold_db: float = 12.0) -> np.ndarray:
@@ -292,6 +296,7 @@ class WindowScorer:
         batch["probs"] = np.concatenate(probs)
         # Model-stage time, spread over the batch's rows, for throughput figures.
         batch["model_seconds"] = np.full(len(waves), (time.perf_counter() - started) / max(1, len(waves)))
+        batch["device"] = np.full(len(waves), self.device.type, dtype=object)  # where the windows were scored
         return batch
 
 
@@ -413,7 +418,8 @@ class ScoreSummary:
     skipped_as_finished: int
     output: str
     model_seconds: float = 0.0  # time inside the model stage (this run's windows, summed over actors)
-    scorer_actors: int = 0  # the most scorer actors started for one shard (at most one per chunk)
+    scorer_actors: int = 0  # scorer actors started (at most one per chunk)
+    devices: list[str] = field(default_factory=list)  # where this run's windows were scored: cpu, cuda
 
     def describe(self) -> str:
         return (f"scored {self.files} files ({self.files_ok} ok, {self.errors} errors, "
@@ -454,34 +460,58 @@ def score(model_location: str, input_location: str, output: str, cfg: Config) ->
         log.warning("scoring.actors=%d but the cluster has %d CPUs and no GPU: using %d", actors, cpus, cpus)
         actors = cpus
     run_id = uuid.uuid4().hex[:8]
-    model_seconds, most_actors = 0.0, 0
-    for shard_index in range(0, len(todo), s.shard_files):
-        shard = todo[shard_index: shard_index + s.shard_files]
-        headers = _headers(shard)
-        chunks = [c for f in shard if not headers[f][1] for c in plan_chunks(f, headers[f][0], s)]
-        windows = pd.DataFrame(columns=["path", "index", "start", "end", "error", "onsets", "probs"])
-        if chunks:
-            pool = min(actors, len(chunks))  # no idle actor for a shard of few chunks
-            ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
-            ds = ds.map_batches(read_chunks, batch_size=1, batch_format="numpy", num_cpus=1,
-                                fn_kwargs={"sample_rate": model.features.sample_rate,
-                                           "window_seconds": s.window_seconds,
-                                           "onset_detection": s.onset_detection, "s3": storage.current_settings(),
-                                           "onset_threshold_db": s.onset_threshold_db})
-            # Without GPUs the read stage fuses into the actors, where a batch size would bundle that many
-            # chunks into one call (one actor would score a whole hour); one chunk per call instead.
-            ds = ds.map_batches(WindowScorer, batch_size=s.batch_size if gpus else None, batch_format="numpy",
-                                fn_constructor_kwargs={"model": model, "mixed_precision": s.mixed_precision,
-                                                       "batch_size": s.batch_size},
-                                num_gpus=0.5 if gpus else 0, num_cpus=0.5 if gpus else 1,
-                                compute=ray.data.ActorPoolStrategy(size=pool))
-            most_actors = max(most_actors, pool)
-            windows = ds.to_pandas()
-            model_seconds += float(windows["model_seconds"].sum())
-        _commit_shard(output, f"part-{run_id}-{shard_index // s.shard_files:05d}.parquet", shard, headers,
-                      windows, model.classes, s)
-        log.info("shard %d: %d files committed", shard_index // s.shard_files, len(shard))
-    return _summary(output, files, len(files) - len(todo), started, model_seconds, most_actors)
+    shards = [todo[i:i + s.shard_files] for i in range(0, len(todo), s.shard_files)]
+    headers = _headers(todo)
+    chunks = [c for f in todo if not headers[f][1] for c in plan_chunks(f, headers[f][0], s)]
+    # One dataset for the whole run, so the scorer actors load the model (and start CUDA) once; each shard is
+    # committed as soon as the last of its windows comes out, which keeps resume at shard granularity.
+    shard_of = {f: k for k, shard in enumerate(shards) for f in shard}
+    waiting = [0] * len(shards)  # windows each shard still expects
+    for c in chunks:
+        waiting[shard_of[c["path"]]] += len(c["starts"])
+    received: list[list[pd.DataFrame]] = [[] for _ in shards]
+    committed = [False] * len(shards)
+
+    def commit_ready() -> None:
+        for k, shard in enumerate(shards):
+            if waiting[k] == 0 and not committed[k]:
+                parts = received[k]
+                windows = (pd.concat(parts, ignore_index=True) if parts else
+                           pd.DataFrame(columns=["path", "index", "start", "end", "error", "onsets", "probs"]))
+                _commit_shard(output, f"part-{run_id}-{k:05d}.parquet", shard, headers, windows, model.classes, s)
+                committed[k], received[k] = True, []
+                log.info("shard %d: %d files committed", k, len(shard))
+
+    model_seconds, pool, devices = 0.0, 0, set()
+    commit_ready()  # shards whose files all failed their header read
+    if chunks:
+        pool = min(actors, len(chunks))  # no idle actor for a run of few chunks
+        ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), MAX_INPUT_BLOCKS))
+        ds = ds.map_batches(read_chunks, batch_size=1, batch_format="numpy", num_cpus=1,
+                            fn_kwargs={"sample_rate": model.features.sample_rate,
+                                       "window_seconds": s.window_seconds,
+                                       "onset_detection": s.onset_detection, "s3": storage.current_settings(),
+                                       "onset_threshold_db": s.onset_threshold_db})
+        # Without GPUs the read stage fuses into the actors, where a batch size would bundle that many
+        # chunks into one call (one actor would score a whole hour); one chunk per call instead.
+        ds = ds.map_batches(WindowScorer, batch_size=s.batch_size if gpus else None, batch_format="numpy",
+                            fn_constructor_kwargs={"model": model, "mixed_precision": s.mixed_precision,
+                                                   "batch_size": s.batch_size},
+                            num_gpus=0.5 if gpus else 0, num_cpus=0.5 if gpus else 1,
+                            compute=ray.data.ActorPoolStrategy(size=pool))
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            model_seconds += float(batch["model_seconds"].sum())
+            devices.update(batch["device"])
+            batch = batch.drop(columns=["model_seconds", "device"])
+            for path, rows in batch.groupby("path", sort=False):
+                k = shard_of[path]
+                received[k].append(rows)
+                waiting[k] -= len(rows)
+            commit_ready()
+    if not all(committed):  # a window lost on the way would leave its shard open: never report it as done
+        raise RuntimeError(f"scoring ended with shard(s) {[k for k, c in enumerate(committed) if not c]} "
+                           "missing windows; their files were not committed and a rerun will score them")
+    return _summary(output, files, len(files) - len(todo), started, model_seconds, pool, sorted(devices))
 
 
 def _onsets(column) -> np.ndarray:
@@ -529,7 +559,7 @@ def _commit_shard(output: str, name: str, shard: list[str], headers: dict, windo
 
 
 def _summary(output: str, files: list[str], skipped: int, started: float, model_seconds: float,
-             scorer_actors: int) -> ScoreSummary:
+             scorer_actors: int, devices: list[str]) -> ScoreSummary:
     done = _read_parts(_parts(output, "files"))
     events = _read_parts(_parts(output, "events"))
     done = done[done["file"].isin(files)]
@@ -537,7 +567,7 @@ def _summary(output: str, files: list[str], skipped: int, started: float, model_
     audio_s = float(done.loc[done["status"] == "ok", "duration"].sum())
     summary = ScoreSummary(len(done), int((done["status"] == "ok").sum()), int((done["status"] != "ok").sum()),
                            audio_s / 3600, len(events), wall, audio_s / max(wall, 1e-9), skipped, output,
-                           model_seconds, scorer_actors)
+                           model_seconds, scorer_actors, devices)
     storage.write_text(storage.join(output, "summary.json"), json.dumps(asdict(summary), indent=1))
     return summary
 

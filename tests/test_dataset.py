@@ -162,3 +162,11 @@ def test_folds_are_stratified_and_keep_groups_together(cfg, synth_dir):
         assert members["fold"].nunique() == 1
     per_class = manifest.frame.assign(fold=folds).groupby(["label", "fold"]).size().unstack(fill_value=0)
     assert (per_class.loc[per_class.index != "background"].max(axis=1) <= 4).all()
+
+
+def test_too_few_clips_for_the_folds_is_a_clear_error(cfg, synth_dir):
+    manifest = load_manifest(cfg, str(synth_dir))  # 10 clips per class, 5 background
+    few = load_config(SEED_CONFIG, ["dataset.validation_size=0.05"])  # 20 folds
+    with pytest.raises(ValueError, match=r"train.pq: every class has fewer clips than the 20 folds.*has 10"):
+        assign_folds(manifest, few.dataset, seed=1)
+    assert len(set(assign_folds(manifest, cfg.dataset, seed=1))) == 5
