@@ -460,30 +460,12 @@ def score(model_location: str, input_location: str, output: str, cfg: Config) ->
         log.warning("scoring.actors=%d but the cluster has %d CPUs and no GPU: using %d", actors, cpus, cpus)
         actors = cpus
     run_id = uuid.uuid4().hex[:8]
-    shards = [todo[i:i + s.shard_files] for i in range(0, len(todo), s.shard_files)]
     headers = _headers(todo)
     chunks = [c for f in todo if not headers[f][1] for c in plan_chunks(f, headers[f][0], s)]
     # One dataset for the whole run, so the scorer actors load the model (and start CUDA) once; each shard is
     # committed as soon as the last of its windows comes out, which keeps resume at shard granularity.
-    shard_of = {f: k for k, shard in enumerate(shards) for f in shard}
-    waiting = [0] * len(shards)  # windows each shard still expects
-    for c in chunks:
-        waiting[shard_of[c["path"]]] += len(c["starts"])
-    received: list[list[pd.DataFrame]] = [[] for _ in shards]
-    committed = [False] * len(shards)
-
-    def commit_ready() -> None:
-        for k, shard in enumerate(shards):
-            if waiting[k] == 0 and not committed[k]:
-                parts = received[k]
-                windows = (pd.concat(parts, ignore_index=True) if parts else
-                           pd.DataFrame(columns=["path", "index", "start", "end", "error", "onsets", "probs"]))
-                _commit_shard(output, f"part-{run_id}-{k:05d}.parquet", shard, headers, windows, model.classes, s)
-                committed[k], received[k] = True, []
-                log.info("shard %d: %d files committed", k, len(shard))
-
+    committer = ShardCommitter(output, run_id, todo, headers, chunks, model.classes, s)
     model_seconds, pool, devices = 0.0, 0, set()
-    commit_ready()  # shards whose files all failed their header read
     if chunks:
         pool = min(actors, len(chunks))  # no idle actor for a run of few chunks
         ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), MAX_INPUT_BLOCKS))
@@ -502,16 +484,61 @@ def score(model_location: str, input_location: str, output: str, cfg: Config) ->
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             model_seconds += float(batch["model_seconds"].sum())
             devices.update(batch["device"])
-            batch = batch.drop(columns=["model_seconds", "device"])
-            for path, rows in batch.groupby("path", sort=False):
-                k = shard_of[path]
-                received[k].append(rows)
-                waiting[k] -= len(rows)
-            commit_ready()
-    if not all(committed):  # a window lost on the way would leave its shard open: never report it as done
-        raise RuntimeError(f"scoring ended with shard(s) {[k for k, c in enumerate(committed) if not c]} "
-                           "missing windows; their files were not committed and a rerun will score them")
+            committer.add(batch.drop(columns=["model_seconds", "device"]))
+    committer.finish()
     return _summary(output, files, len(files) - len(todo), started, model_seconds, pool, sorted(devices))
+
+
+class ShardCommitter:
+    """Takes scored windows as they stream out of the job, in any order, and commits each shard of files
+    (`scoring.shard_files`) once all of its windows are in. A window delivered twice (a retried task) counts
+    once; a shard whose files all failed their header read is committed at once."""
+
+    def __init__(self, output: str, run_id: str, files: list[str], headers: dict[str, tuple[float, str]],
+                 chunks: list[dict], classes: list[str], s: ScoringSettings):
+        self.output, self.run_id, self.headers, self.classes, self.settings = output, run_id, headers, classes, s
+        self.shards = [files[i:i + s.shard_files] for i in range(0, len(files), s.shard_files)]
+        self.shard_of = {f: k for k, shard in enumerate(self.shards) for f in shard}
+        self.waiting = [0] * len(self.shards)  # windows each shard still expects
+        for c in chunks:
+            self.waiting[self.shard_of[c["path"]]] += len(c["starts"])
+        self.received: list[list[pd.DataFrame]] = [[] for _ in self.shards]
+        self.seen: dict[str, set[int]] = {f: set() for f in files}
+        self.committed = [False] * len(self.shards)
+        self._commit_ready()
+
+    def add(self, windows: pd.DataFrame) -> None:
+        for path, rows in windows.groupby("path", sort=False):
+            k = self.shard_of[path]
+            if self.committed[k]:  # delivered again after its shard was written
+                continue
+            fresh = np.array([i not in self.seen[path] for i in rows["index"]], dtype=bool)
+            self.seen[path].update(rows["index"])
+            self.received[k].append(rows[fresh])
+            self.waiting[k] -= int(fresh.sum())
+        self._commit_ready()
+
+    def finish(self) -> None:
+        """A shard still open at the end lost a window on the way: it is not reported as done."""
+        missing = [k for k, done in enumerate(self.committed) if not done]
+        if missing:
+            raise RuntimeError(f"scoring ended with shard(s) {missing} missing "
+                               f"{sum(self.waiting[k] for k in missing)} window(s); their files were not "
+                               "committed and a rerun will score them")
+
+    def _commit_ready(self) -> None:
+        for k, shard in enumerate(self.shards):
+            if self.waiting[k] or self.committed[k]:
+                continue
+            parts = self.received[k]
+            windows = (pd.concat(parts, ignore_index=True) if parts else
+                       pd.DataFrame(columns=["path", "index", "start", "end", "error", "onsets", "probs"]))
+            _commit_shard(self.output, f"part-{self.run_id}-{k:05d}.parquet", shard, self.headers, windows,
+                          self.classes, self.settings)
+            self.committed[k], self.received[k] = True, []
+            for f in shard:
+                del self.seen[f]
+            log.info("shard %d: %d files committed", k, len(shard))
 
 
 def _onsets(column) -> np.ndarray:

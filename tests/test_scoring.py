@@ -64,6 +64,59 @@ def test_onset_detector_recall_and_timing_on_generated_archive(tmp_path):
     assert len(found[12.0]) >= 0.9 * len(in_chunk) > 0 and len(found[200.0]) == 0
 
 
+def _scored_windows(path: str, chunk: dict, indices: list[int]) -> pd.DataFrame:
+    starts = np.asarray(chunk["starts"])[[i - chunk["first_window"] for i in indices]]
+    return pd.DataFrame({"path": path, "index": indices, "start": starts, "end": starts + 2.0, "error": "",
+                         "onsets": [json.dumps([float(t) + 0.5]) for t in starts],
+                         "probs": [np.array([0.9, 0.1]) for _ in indices]})
+
+
+def test_shards_commit_when_complete_in_any_order_and_count_each_window_once(tmp_path):
+    s = scoring.ScoringSettings("Fix", 2.0, 2.0, 4.0, 0.5, shard_files=2)
+    files = ["a.wav", "b.wav", "c.wav", "bad.wav"]
+    headers = {"a.wav": (10.0, ""), "b.wav": (2.0, ""), "c.wav": (6.0, ""), "bad.wav": (float("nan"), "unreadable")}
+    chunks = {f: scoring.plan_chunks(f, headers[f][0], s) for f in files[:3]}
+    out = str(tmp_path / "out")
+    committer = scoring.ShardCommitter(out, "r1", files, headers, [c for f in files[:3] for c in chunks[f]],
+                                       ["x", "y"], s)
+
+    def committed_files() -> list[str]:
+        return sorted(pd.read_parquet(tmp_path / "out" / "files")["file"]) if (tmp_path / "out" / "files").exists() \
+            else []
+
+    # Shard 1 (c.wav, bad.wav) completes first; shard 0 (a.wav, b.wav) waits for a.wav's last window.
+    committer.add(pd.concat([_scored_windows("a.wav", chunks["a.wav"][0], [0, 1]),
+                             _scored_windows("c.wav", chunks["c.wav"][0], [0, 1])]))
+    assert committed_files() == []
+    committer.add(_scored_windows("c.wav", chunks["c.wav"][1], [2]))
+    assert committed_files() == ["bad.wav", "c.wav"]
+    committer.add(_scored_windows("a.wav", chunks["a.wav"][0], [1]))  # delivered again: counts once
+    committer.add(_scored_windows("b.wav", chunks["b.wav"][0], [0]))
+    committer.add(_scored_windows("a.wav", chunks["a.wav"][1], [2, 3]))
+    assert committed_files() == ["bad.wav", "c.wav"]  # a.wav's window 4 is still out
+    committer.add(pd.concat([_scored_windows("a.wav", chunks["a.wav"][2], [4]),
+                             _scored_windows("c.wav", chunks["c.wav"][1], [2])]))  # late repeat: ignored
+    committer.finish()
+    assert committed_files() == sorted(files)
+    windows = pd.read_parquet(tmp_path / "out" / "windows")
+    assert windows.groupby("file").size().to_dict() == {"a.wav": 5, "b.wav": 1, "c.wav": 3}
+    assert not windows.duplicated(["file", "start"]).any()
+    files_table = pd.read_parquet(tmp_path / "out" / "files").set_index("file")
+    assert files_table.loc["a.wav", "shots"] == 5 and files_table.loc["bad.wav", "status"] == "error"
+
+
+def test_a_shard_missing_a_window_is_never_committed(tmp_path):
+    s = scoring.ScoringSettings("Fix", 2.0, 2.0, 60.0, 0.5, shard_files=1)
+    headers = {"a.wav": (4.0, ""), "b.wav": (2.0, "")}
+    chunks = [c for f in headers for c in scoring.plan_chunks(f, headers[f][0], s)]
+    committer = scoring.ShardCommitter(str(tmp_path), "r1", list(headers), headers, chunks, ["x", "y"], s)
+    committer.add(_scored_windows("a.wav", chunks[0], [0]))
+    committer.add(_scored_windows("b.wav", chunks[1], [0]))
+    with pytest.raises(RuntimeError, match=r"shard\(s\) \[0\] missing 1 window"):
+        committer.finish()
+    assert list(pd.read_parquet(tmp_path / "files")["file"]) == ["b.wav"]
+
+
 @pytest.fixture(scope="module")
 def trained_run(ray_local, synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("scoring-run")
