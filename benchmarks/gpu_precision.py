@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 
 import torch
 
@@ -75,7 +76,7 @@ def main() -> None:
 
     x = torch.randn(b, 1, params.n_mels, mel_frames(2.0, params), device="cuda")
     y = torch.nn.functional.one_hot(torch.randint(0, CLASSES, (b,), device="cuda"), CLASSES).float()
-    bf16 = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    _, bf16 = training.training_precision(torch.device("cuda"), True)  # the dtype the Train workers use
     fp32 = training_step_seconds(arch, x, y, None, args.steps)
     mixed = training_step_seconds(arch, x, y, bf16, args.steps)
     print(f"training   float32 {b / fp32:8.0f} clips/s   {str(bf16)[6:]} autocast {b / mixed:8.0f} clips/s   "
@@ -83,7 +84,7 @@ def main() -> None:
 
     weights = build_model(arch, CLASSES, pretrained=False).state_dict()
     model = scoring.ScoringModel([f"c{i}" for i in range(CLASSES)], params, 2.0, 0.5, "BCE",
-                                 vars(arch).copy(), [weights])
+                                 asdict(arch), [weights])
     waves = 0.1 * torch.randn(4 * b, 2 * params.sample_rate, device="cuda")
     fp32 = scoring_seconds(model, waves, False, args.steps)
     mixed = scoring_seconds(model, waves, True, args.steps)
