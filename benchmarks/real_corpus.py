@@ -1,0 +1,252 @@
+"""Build a corpus of real recordings (gunshots and non-gun sounds) from Debian packages of game data.
+
+    python benchmarks/real_corpus.py OUT [--manifest M] [--packages-dir D]
+
+The manifest (benchmarks/real_corpus_manifest.csv, committed) lists one clip per row: the Debian package,
+the version it was chosen from, the path inside the package, the label, the licence (from the package's
+debian/copyright), and for gunshots the number of rounds and their onset times where they were established.
+A path of the form `archive.pk3!member.ogg` names a member of a zip archive the package ships (Nexuiz's
+data.pk3, Warzone 2100's base.wz); the member is copied as shipped.
+
+The script downloads each package with `apt-get download` into a cache folder (reused when the .deb is
+there), unpacks it with `dpkg-deb -x`, and writes
+
+    OUT/Gun_Classifier/<label>/<package>__<flattened path>   the audio as shipped (OGG, WAV, MP3)
+    OUT/train.pq                                             Hydrogen Torch layout: image, class, package, ...
+    OUT/corpus.csv                                           file, package, licence, label, rounds, onsets
+
+The audio is never committed. The corpus is for evaluation: each clip keeps its own licence (corpus.csv).
+Train with folds grouped by package (`--set dataset.group_fold_column=package`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MANIFEST = HERE / "real_corpus_manifest.csv"
+DEFAULT_PACKAGES_DIR = Path("/work/corpus_cache")
+DATA_FOLDER = "Gun_Classifier"
+
+# Kept for an independent evaluation: never downloaded, never used (nor packages that repackage them).
+EXCLUDED_PACKAGES = frozenset({
+    "ufoai-sound", "ufoai-data", "cube2-data", "hedgewars-data", "warmux-data", "teeworlds-data", "freedoom",
+    "blobwars-data", "btanks-data", "barrage", "alienblaster-data",
+})
+EXCLUDED_PREFIXES = ("openarena",)  # every openarena-* package
+LABELS = ("pistol", "revolver", "shotgun", "rifle", "sniper_rifle", "smg", "machine_gun", "background")
+BACKGROUND = "background"
+REQUIRED_COLUMNS = ("package", "version", "path", "label", "licence", "rounds", "onsets", "note")
+ARCHIVE_SEPARATOR = "!"
+
+
+class CorpusError(RuntimeError):
+    """A manifest or package problem that stops the build; the message says what to fix."""
+
+
+def is_excluded(package: str) -> bool:
+    name = package.strip().lower()
+    return name in EXCLUDED_PACKAGES or name.startswith(EXCLUDED_PREFIXES)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def _parse_rounds(value: str) -> int | None:
+    """Rounds as an int; None when empty; raises ValueError when not a positive integer."""
+    text = str(value).strip()
+    if not text:
+        return None
+    number = int(text)
+    if number < 1 or str(number) != text:
+        raise ValueError(text)
+    return number
+
+
+def parse_onsets(value: str) -> list[float]:
+    text = str(value).strip()
+    return [float(t) for t in text.split(";") if t.strip()] if text else []
+
+
+def validate_manifest(df: pd.DataFrame) -> list[str]:
+    """Every problem of a manifest, one line each (empty when it is well-formed); downloads nothing."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        return [f"missing column(s) {missing}; columns are {list(df.columns)}"]
+    problems: list[str] = []
+    seen: dict[tuple[str, str], int] = {}
+    for i, row in enumerate(df.to_dict("records")):
+        where = f"row {i} ({row['package']}: {row['path']})"
+        package, path = str(row["package"]).strip(), str(row["path"]).strip()
+        if not package or not path:
+            problems.append(f"{where}: empty package or path")
+        if is_excluded(package):
+            problems.append(f"{where}: package {package!r} is excluded (kept for an independent evaluation)")
+        if not str(row["version"]).strip():
+            problems.append(f"{where}: empty version")
+        if row["label"] not in LABELS:
+            problems.append(f"{where}: unknown label {row['label']!r} (known: {', '.join(LABELS)})")
+        if not str(row["licence"]).strip():
+            problems.append(f"{where}: no licence")
+        if path.startswith("/") or ".." in path.replace(ARCHIVE_SEPARATOR, "/").split("/"):
+            problems.append(f"{where}: path must be relative inside the package")
+        key = (package, path)
+        if key in seen:
+            problems.append(f"{where}: duplicate of row {seen[key]}")
+        seen.setdefault(key, i)
+        try:
+            rounds = _parse_rounds(row["rounds"])
+        except ValueError:
+            problems.append(f"{where}: rounds {row['rounds']!r} is not a positive integer")
+            rounds = None
+        try:
+            onsets = parse_onsets(row["onsets"])
+        except ValueError:
+            problems.append(f"{where}: onsets {row['onsets']!r} are not ';'-separated seconds")
+            onsets = []
+        if onsets and (sorted(onsets) != onsets or onsets[0] < 0):
+            problems.append(f"{where}: onsets must be non-negative and sorted")
+        if onsets and rounds is not None and len(onsets) != rounds:
+            problems.append(f"{where}: {len(onsets)} onset(s) for {rounds} round(s)")
+        if (rounds is not None or onsets) and row["label"] == BACKGROUND:
+            problems.append(f"{where}: a background clip has rounds or onsets")
+    return problems
+
+
+def flat_name(package: str, path: str) -> str:
+    flat = path.replace(ARCHIVE_SEPARATOR, "/").strip("/").replace("/", "__")
+    return f"{package}__{flat}"
+
+
+# ---------------------------------------------------------------- packages
+
+
+def _deb_version(deb: Path) -> str:
+    return subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def fetch_deb(package: str, cache: Path) -> Path:
+    """The package's .deb in the cache, downloaded with `apt-get download` when absent."""
+    if is_excluded(package):
+        raise CorpusError(f"package {package!r} is excluded (kept for an independent evaluation); "
+                          "remove it from the manifest")
+    cache.mkdir(parents=True, exist_ok=True)
+    found = sorted(cache.glob(f"{package}_*.deb"))
+    if not found:
+        print(f"apt-get download {package}", flush=True)
+        result = subprocess.run(["apt-get", "download", package], cwd=cache, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CorpusError(f"apt-get download {package} failed (run `apt-get update` first?):\n"
+                              f"{result.stderr.strip()}")
+        found = sorted(cache.glob(f"{package}_*.deb"))
+        if not found:
+            raise CorpusError(f"apt-get download {package} left no {package}_*.deb in {cache}")
+    return found[-1]
+
+
+def _copy_member(root: Path, path: str, dest: Path) -> None:
+    if ARCHIVE_SEPARATOR in path:
+        archive, member = path.split(ARCHIVE_SEPARATOR, 1)
+        with zipfile.ZipFile(root / archive) as z, z.open(member) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out)
+    else:
+        shutil.copyfile(root / path, dest)
+
+
+def _exists(root: Path, path: str) -> bool:
+    if ARCHIVE_SEPARATOR not in path:
+        return (root / path).is_file()
+    archive, member = path.split(ARCHIVE_SEPARATOR, 1)
+    if not (root / archive).is_file():
+        return False
+    with zipfile.ZipFile(root / archive) as z:
+        return member in z.namelist()
+
+
+# ---------------------------------------------------------------- build
+
+
+def build(out: Path, manifest: pd.DataFrame, cache: Path) -> pd.DataFrame:
+    problems = validate_manifest(manifest)
+    if problems:
+        raise CorpusError("the manifest has problems:\n  " + "\n  ".join(problems))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for package, group in manifest.groupby("package", sort=True):
+        deb = fetch_deb(package, cache)
+        served = _deb_version(deb)
+        wanted = set(group["version"])
+        if served not in wanted:
+            print(f"warning: {package}: the manifest lists version {', '.join(sorted(wanted))}, "
+                  f"{deb.name} is {served}; the files may differ", file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix=f"corpus-{package}-") as tmp:
+            root = Path(tmp)
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+            missing = [p for p in group["path"] if not _exists(root, p)]
+            if missing:
+                raise CorpusError(f"{package} {served}: {len(missing)} listed file(s) not in the package:\n  "
+                                  + "\n  ".join(missing))
+            for row in group.to_dict("records"):
+                rel = f"{row['label']}/{flat_name(package, row['path'])}"
+                dest = out / DATA_FOLDER / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                _copy_member(root, row["path"], dest)
+                rounds = _parse_rounds(row["rounds"])
+                rows.append({
+                    "image": rel,
+                    "class": row["label"],
+                    "package": package,
+                    "version": served,
+                    "source_path": row["path"],
+                    "licence": row["licence"],
+                    "rounds": rounds,
+                    "onsets": row["onsets"],
+                })
+    frame = pd.DataFrame(rows)
+    frame["rounds"] = frame["rounds"].astype("Int64")
+    frame.to_parquet(out / "train.pq", index=False)
+    corpus = frame.rename(columns={"image": "file", "class": "label"})
+    corpus["file"] = DATA_FOLDER + "/" + corpus["file"]
+    corpus[["file", "package", "licence", "label", "rounds", "onsets"]].to_csv(out / "corpus.csv", index=False)
+    return frame
+
+
+def summary(frame: pd.DataFrame) -> str:
+    lines = [f"{len(frame)} clips from {frame['package'].nunique()} packages"]
+    lines.append("per label:   " + ", ".join(f"{k} {v}" for k, v in sorted(Counter(frame["class"]).items())))
+    lines.append("per package: " + ", ".join(f"{k} {v}" for k, v in sorted(Counter(frame["package"]).items())))
+    known = frame["rounds"].notna()
+    lines.append(f"round counts established for {int(known.sum())} gun clip(s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="output folder (train.pq, corpus.csv, Gun_Classifier/)")
+    parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
+    parser.add_argument("--packages-dir", type=Path, default=DEFAULT_PACKAGES_DIR,
+                        help="where the .deb files are downloaded and reused (default %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        frame = build(args.out, read_manifest(args.manifest), args.packages_dir)
+    except CorpusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(frame))
+    print(f"wrote {args.out / 'train.pq'} and {args.out / 'corpus.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
