@@ -57,7 +57,8 @@ def main() -> None:
 
     import ray
 
-    from gunsound.pipeline import feature_dataset, init_ray, warm_up_workers
+    from gunsound.ray_features import feature_dataset
+    from gunsound.ray_runtime import init_ray, warm_up_workers
 
     # Start-up, paid once per job and not by the loop either (it has torch imported before its clock starts):
     # Ray itself, then its pooled workers importing torch (init_ray starts that; here we wait for it).

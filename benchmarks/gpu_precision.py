@@ -83,7 +83,7 @@ def main() -> None:
           f"speed-up {fp32 / mixed:.2f}x")
 
     weights = build_model(arch, CLASSES, pretrained=False).state_dict()
-    model = scoring.ScoringModel([f"c{i}" for i in range(CLASSES)], params, 2.0, 0.5, "BCE",
+    model = scoring.ScoringModel([f"c{i}" for i in range(CLASSES)], params, 2.0, "BCE",
                                  asdict(arch), [weights])
     waves = 0.1 * torch.randn(4 * b, 2 * params.sample_rate, device="cuda")
     fp32 = scoring_seconds(model, waves, False, args.steps)

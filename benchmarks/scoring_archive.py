@@ -81,7 +81,7 @@ def main() -> None:
     model = scoring.load_scoring_model(str(run))
     s = scoring.ScoringSettings.from_config(cfg, model)
 
-    from gunsound.pipeline import init_ray
+    from gunsound.ray_runtime import init_ray
 
     init_ray(feature_tasks=False)  # as `gunsound score` does
     # The memory pair runs one scorer actor each, so that it compares file lengths, not parallelism (by

@@ -65,7 +65,7 @@ def ray_vs_plain(data: Path, work: Path, epochs: int) -> None:
     cfg = load_config(ROOT / "configs" / "laptop.yaml", [*MODEL, f"training.epochs={epochs}"])
     out = work / f"ray_vs_plain-{int(time.time())}"  # a fresh run: an existing one would be resumed
     plan = training.prepare(cfg, str(data), str(out))
-    from gunsound.pipeline import init_ray
+    from gunsound.ray_runtime import init_ray
 
     init_ray()
     ds = training.featurize(plan)

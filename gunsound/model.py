@@ -1,11 +1,14 @@
-"""The classifier: any timm backbone on one-channel log-mel images, with the seed's pooling and dropout."""
+"""The classifier (any timm backbone on one-channel log-mel images, with the seed's pooling and dropout) and
+its file: a `ModelArtifact` holds the weights and the arguments that rebuild the model and its front end."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import posixpath
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import timm
@@ -14,6 +17,7 @@ from torch import nn
 
 from gunsound import storage
 from gunsound.config import ArchitectureConfig
+from gunsound.features import FeatureParams
 
 log = logging.getLogger(__name__)
 
@@ -92,3 +96,58 @@ def build_model(arch: ArchitectureConfig, num_classes: int, pretrained: bool | N
                 raise ValueError(f"architecture.backbone: unknown timm model {arch.backbone!r}") from exc
             raise
     return GunClassifier(backbone, num_classes, arch.pool, arch.dropout)
+
+
+ARTIFACT_FORMAT = 1
+
+
+@dataclass
+class ModelArtifact:
+    """One trained fold as `model.pt`: the weights, the classes they score, and everything that rebuilds the
+    model and its front end. Written by training; read by scoring, export and the report.
+
+    The file holds only tensors and plain values, so it loads with `torch.load(weights_only=True)`: a planted
+    file cannot run code."""
+
+    classes: list[str]
+    features: FeatureParams
+    chunk_seconds: float  # the training clip length: the window the model learned to see
+    architecture: ArchitectureConfig
+    loss_function: str
+    state_dict: dict[str, torch.Tensor]
+    fold: int | None = None
+    best_epoch: int | None = None
+
+    def build(self) -> GunClassifier:
+        """The classifier with these weights, in eval mode (no pretrained download)."""
+        model = build_model(self.architecture, len(self.classes), pretrained=False)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"format": ARTIFACT_FORMAT, "classes": list(self.classes), "features": asdict(self.features),
+                    "chunk_seconds": float(self.chunk_seconds), "architecture": asdict(self.architecture),
+                    "loss_function": self.loss_function, "state_dict": self.state_dict,
+                    "fold": self.fold, "best_epoch": self.best_epoch}, buffer)
+        return buffer.getvalue()
+
+    def save(self, uri: str) -> None:
+        storage.write_bytes(uri, self.to_bytes())
+
+    @classmethod
+    def load(cls, uri: str) -> ModelArtifact:
+        try:
+            saved = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle refusals, truncation and version errors all mean: not our model file
+            raise ValueError(f"{uri}: not a gunsound model file ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(saved, dict) or saved.get("format") != ARTIFACT_FORMAT:
+            raise ValueError(f"{uri}: not a gunsound model file of format {ARTIFACT_FORMAT}")
+        try:
+            return cls(classes=list(saved["classes"]), features=FeatureParams(**saved["features"]),
+                       chunk_seconds=float(saved["chunk_seconds"]),
+                       architecture=ArchitectureConfig(**saved["architecture"]),
+                       loss_function=saved["loss_function"], state_dict=saved["state_dict"],
+                       fold=saved.get("fold"), best_epoch=saved.get("best_epoch"))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{uri}: model file lacks or misnames a field ({exc})") from exc

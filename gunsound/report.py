@@ -17,10 +17,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from gunsound import audio, storage  # noqa: E402
-from gunsound.config import ArchitectureConfig  # noqa: E402
+from gunsound.config import config_from_dict  # noqa: E402
 from gunsound.features import FeatureParams, LogMelSpectrogram  # noqa: E402
 from gunsound.metrics import METRIC_KEYS  # noqa: E402
-from gunsound.model import build_model  # noqa: E402
+from gunsound.model import ModelArtifact  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -138,19 +138,20 @@ def grad_cam(model: torch.nn.Module, spec: torch.Tensor, target: torch.Tensor) -
     return cam.detach().numpy()
 
 
-def _examples(out: str, cfg: dict, classes: list[str], folds: list[str]) -> list[str]:
+def _examples(out: str, classes: list[str], folds: list[str], number_of_audios: int,
+              run_interpretations: bool) -> list[str]:
     """Spectrogram tiles of training clips, validation predictions, and Grad-CAM saliency."""
     model_uri = storage.join(out, f"fold_{folds[0]}", "model.pt")
     if not storage.exists(model_uri):
         return []
-    saved = storage.read_torch(model_uri)
-    params = FeatureParams(**saved["features"])
-    n = max(1, int(cfg.get("logging", {}).get("number_of_audios", 8)))
+    artifact = ModelArtifact.load(model_uri)
+    params = artifact.features
+    n = max(1, number_of_audios)
     manifest = storage.read_parquet(storage.join(out, "manifest.parquet"))
     fold = int(folds[0])
     charts = []
     train = manifest[manifest["fold"] != fold].sample(min(n, (manifest["fold"] != fold).sum()), random_state=0)
-    specs = _log_mels(list(train["path"]), params, saved["chunk_seconds"])
+    specs = _log_mels(list(train["path"]), params, artifact.chunk_seconds)
     charts.append(_tiles(specs[:, 0].numpy(), [f"{lab}\n{p.rsplit('/', 1)[-1]}" for lab, p in
                                                zip(train["label"], train["rel_path"], strict=True)],
                          out, "train_spectrograms.png"))
@@ -163,11 +164,10 @@ def _examples(out: str, cfg: dict, classes: list[str], folds: list[str]) -> list
     probs = oof[[f"prob_{c}" for c in classes]].to_numpy()
     top = probs.argmax(axis=1)
     titles = [f"true {lab}\npred {classes[t]} ({p[t]:.2f})" for lab, t, p in zip(oof["label"], top, probs, strict=True)]
-    specs = _log_mels(paths, params, saved["chunk_seconds"])
+    specs = _log_mels(paths, params, artifact.chunk_seconds)
     charts.append(_tiles(specs[:, 0].numpy(), titles, out, "valid_predictions.png"))
-    if cfg.get("training", {}).get("run_interpretations", True):
-        model = build_model(ArchitectureConfig(**saved["architecture"]), len(classes), pretrained=False)
-        model.load_state_dict(saved["state_dict"])
+    if run_interpretations:
+        model = artifact.build()
         cams = grad_cam(model, specs, torch.from_numpy(top))
         charts.append(_tiles(specs[:, 0].numpy(), [t.replace("\n", ", ") for t in titles], out, "grad_cam.png", cams))
     return charts
@@ -183,7 +183,8 @@ def write_report(out: str, live: bool = False) -> str:
     """Write OUT/report.html and its charts from what a run wrote under OUT; returns the report's URI.
 
     With `live`, while folds still train: the curves from every fold's per-epoch metrics.json so far."""
-    cfg = yaml.safe_load(storage.read_text(storage.join(out, "config.yaml")))
+    cfg = config_from_dict(yaml.safe_load(storage.read_text(storage.join(out, "config.yaml"))),
+                           storage.join(out, "config.yaml"))
     if live:
         folds = sorted(u.rsplit("/", 2)[-2].removeprefix("fold_") for u in storage.list_files(out)
                        if u.endswith("/metrics.json") and u.rsplit("/", 2)[-2].startswith("fold_"))
@@ -192,7 +193,7 @@ def write_report(out: str, live: bool = False) -> str:
         metrics = json.loads(storage.read_text(storage.join(out, "metrics.json")))
     classes = metrics["classes"]
     folds = list(metrics["folds"])
-    metric_key = METRIC_KEYS[cfg["prediction"]["metric"]]
+    metric_key = METRIC_KEYS[cfg.prediction.metric]
     histories = _fold_histories(out, folds)
     charts = _curves(histories, out, metric_key)
     sections = []
@@ -209,17 +210,18 @@ def write_report(out: str, live: bool = False) -> str:
         sections.append("<h3>Per class</h3>" + _table(per_class, ("class", "precision", "recall", "F1", "clips")))
         charts += [_confusion(cv, out), _per_class(cv, out)]
     try:
-        charts += [] if live else _examples(out, cfg, classes, folds)
+        charts += [] if live else _examples(out, classes, folds, cfg.logging.number_of_audios,
+                                                  cfg.training.run_interpretations)
     except (audio.AudioError, OSError, KeyError) as exc:  # the report never fails a finished run
         log.warning("report: example spectrograms skipped: %s", exc)
     images = "".join(f'<figure><img src="{c}" alt="{c}"><figcaption>{c}</figcaption></figure>' for c in charts)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(cfg['experiment_name'])}</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(cfg.experiment_name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:inline-block;margin:1em}}
 img{{max-width:100%}}</style></head><body>
-<h1>{html.escape(cfg['experiment_name'])}</h1>
+<h1>{html.escape(cfg.experiment_name)}</h1>
 <p>{'<b>Training in progress</b> (updated after every epoch); ' if live else ''}folds {', '.join(folds)};
-backbone {html.escape(cfg['architecture']['backbone'])}; audio: {html.escape(metrics['audio'].get('reason', ''))}</p>
+backbone {html.escape(cfg.architecture.backbone)}; audio: {html.escape(metrics['audio'].get('reason', ''))}</p>
 {''.join(sections)}
 <h2>Charts</h2>{images}
 </body></html>"""

@@ -31,7 +31,7 @@ from scipy.signal import butter, sosfilt
 from gunsound import audio, storage
 from gunsound.config import ArchitectureConfig, Config, ConfigError
 from gunsound.features import FeatureParams, LogMelSpectrogram
-from gunsound.model import build_model
+from gunsound.model import ModelArtifact, build_model
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,6 @@ class ScoringModel:
     classes: list[str]
     features: FeatureParams
     chunk_seconds: float  # the training chunk: the natural window
-    probability_threshold: float
     loss_function: str
     architecture: dict
     state_dicts: list[dict]
@@ -88,14 +87,13 @@ def load_scoring_model(location: str) -> ScoringModel:
         uris = [storage.join(location, "model.pt")]
     else:
         raise FileNotFoundError(f"{location}: not a training run (ensemble.json), a fold folder or a model.pt file")
-    saved = [storage.read_torch(u) for u in uris]
+    saved = [ModelArtifact.load(u) for u in uris]
     first = saved[0]
     for other, uri in zip(saved[1:], uris[1:], strict=True):
-        if other["classes"] != first["classes"] or other["features"] != first["features"]:
+        if other.classes != first.classes or other.features != first.features:
             raise ValueError(f"{uri}: classes or features differ from {uris[0]}; cannot ensemble")
-    return ScoringModel(first["classes"], FeatureParams(**first["features"]), first["chunk_seconds"],
-                        first["probability_threshold"], first["loss_function"], first["architecture"],
-                        [s["state_dict"] for s in saved], uris)
+    return ScoringModel(first.classes, first.features, first.chunk_seconds, first.loss_function,
+                        asdict(first.architecture), [a.state_dict for a in saved], uris)
 
 
 # ---------------------------------------------------------------- what to score, and how it is cut
@@ -432,7 +430,7 @@ def score(model_location: str, input_location: str, output: str, cfg: Config) ->
     """Score every audio file under INPUT with the model and write windows/, files/, events/ to OUTPUT."""
     import ray
 
-    from gunsound.pipeline import cluster_cpus, cluster_gpus, init_ray
+    from gunsound.ray_runtime import cluster_cpus, cluster_gpus, init_ray
 
     started = time.perf_counter()
     output, input_location = storage.absolute(output), storage.absolute(input_location)

@@ -41,7 +41,7 @@ from gunsound.dataset import (
 )
 from gunsound.features import FeatureParams, mel_frames
 from gunsound.metrics import METRIC_KEYS, classification_metrics
-from gunsound.model import build_model
+from gunsound.model import ModelArtifact, build_model
 
 log = logging.getLogger(__name__)
 
@@ -447,7 +447,7 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False):
     import ray.data
     from ray.data.expressions import col
 
-    from gunsound.pipeline import feature_dataset
+    from gunsound.ray_features import feature_dataset
 
     # Datasets carry this context to the Train workers: no progress bars interleaved with training logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -475,7 +475,7 @@ def make_trainer(plan: TrainingPlan, k: int, train_ds, valid_ds, fold_dir: str, 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from gunsound.pipeline import cluster_gpus
+    from gunsound.ray_runtime import cluster_gpus
 
     workers, gpus_per_worker, cpus_per_worker = worker_sizing(plan.cfg, cluster_gpus())
     t = plan.cfg.training
@@ -520,11 +520,9 @@ def fit_fold(plan: TrainingPlan, k: int, train_ds, valid_ds) -> dict:
     weights = state["model"]
     if t.save_best_checkpoint and storage.exists(storage.join(fold_dir, "best_state.pt")):
         weights = storage.read_torch(storage.join(fold_dir, "best_state.pt"))
-    export = {"state_dict": weights, "classes": plan.manifest.classes, "features": asdict(plan.features),
-              "chunk_seconds": plan.audio.chunk_seconds, "architecture": asdict(plan.cfg.architecture),
-              "loss_function": t.loss_function, "probability_threshold": plan.cfg.prediction.probability_threshold,
-              "fold": k, "best_epoch": state.get("best_epoch")}
-    storage.write_bytes(storage.join(fold_dir, "model.pt"), _save_state(export))
+    ModelArtifact(classes=plan.manifest.classes, features=plan.features, chunk_seconds=plan.audio.chunk_seconds,
+                  architecture=plan.cfg.architecture, loss_function=t.loss_function, state_dict=weights,
+                  fold=int(k), best_epoch=state.get("best_epoch")).save(storage.join(fold_dir, "model.pt"))
     return {"epochs": [_scalar_metrics(m) for m in state["history"]], "final": _scalar_metrics(state["history"][-1])}
 
 
@@ -585,7 +583,7 @@ def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
     continue from their last checkpoint."""
     import ray
 
-    from gunsound.pipeline import init_ray
+    from gunsound.ray_runtime import init_ray
 
     init_ray(plan.cfg.environment.ray_address)
     out = plan.output

@@ -102,7 +102,7 @@ def run_tune(plan: TrainingPlan, num_samples: int) -> TuneResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from gunsound.pipeline import cluster_gpus, init_ray
+    from gunsound.ray_runtime import cluster_gpus, init_ray
 
     init_ray(plan.cfg.environment.ray_address)
     space = search_space(plan.cfg)

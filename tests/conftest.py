@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from gunsound.features import FeatureParams
 from gunsound.synthesis import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_CONFIG = REPO / "configs" / "gun_sound_resnet50.yaml"
 LAPTOP_CONFIG = REPO / "configs" / "laptop.yaml"
+# Training settings that keep a fold to seconds on a laptop.
+FAST = ["architecture.backbone=resnet10t", "training.epochs=2", "training.batch_size=16",
+        "audio.mel_frequency_bins=32", "training.warmup_epochs=0.5", "training.gradient_clip=1.0"]
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +65,62 @@ def ray_local(s3_server):
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def zip_folder(folder: Path, archive: Path, prefix: str = "Gun_sound_detection/") -> Path:
+    """A deflated zip of a folder, its members under `prefix`."""
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                zf.write(f, prefix + f.relative_to(folder).as_posix())
+    return archive
+
+
+def run_then_kill(args: list[str], ready, log_path, timeout: float = 300) -> None:
+    """Start `python -m ...args` as a driver of the session's Ray, SIGKILL it once ready() holds."""
+    import ray
+
+    # An explicit address: with several Ray instances on one machine, auto-detection refuses to choose.
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = open(log_path, "w")  # noqa: SIM115 - closed below, after the process is gone
+    proc = subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.3)
+        tail = open(log_path).read()[-3000:]
+        assert proc.poll() is None, f"the job ended before it could be killed:\n{tail}"
+        assert ready(), f"the job never reached the point to kill it at:\n{tail}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its job's actors die with it
+        proc.wait()
+        log.close()
+
+
+def hz_to_mel(f):
+    return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
+
+
+def mel_to_hz(m):
+    return 700.0 * (10.0 ** (np.asarray(m) / 2595.0) - 1.0)
+
+
+def reference_log_mel(wave: np.ndarray, p: FeatureParams) -> np.ndarray:
+    """float64: reflect-padded centred frames, periodic Hann, |rfft|^2, triangular HTK mel filters, log."""
+    x = np.pad(wave.astype(np.float64), p.n_fft // 2, mode="reflect")
+    n_frames = 1 + (len(x) - p.n_fft) // p.hop_length
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(p.n_fft) / p.n_fft)
+    frames = np.stack([x[i * p.hop_length : i * p.hop_length + p.n_fft] * window for i in range(n_frames)])
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (frames, bins)
+    bin_hz = np.linspace(0, p.sample_rate / 2, p.n_fft // 2 + 1)
+    edges = mel_to_hz(np.linspace(hz_to_mel(p.f_min), hz_to_mel(p.f_max), p.n_mels + 2))
+    fb = np.zeros((len(bin_hz), p.n_mels))
+    for m in range(p.n_mels):
+        lo, centre, hi = edges[m], edges[m + 1], edges[m + 2]
+        up = (bin_hz - lo) / (centre - lo)
+        down = (hi - bin_hz) / (hi - centre)
+        fb[:, m] = np.maximum(0, np.minimum(up, down))
+    mel = power @ fb
+    return np.log(np.maximum(mel, 1e-10)).T  # (mels, frames)

@@ -1,5 +1,4 @@
 import shutil
-import zipfile
 
 import numpy as np
 import pandas as pd
@@ -9,7 +8,7 @@ import soundfile as sf
 from gunsound import audio, storage
 from gunsound.config import load_config
 from gunsound.dataset import ManifestError, assign_folds, choose_audio_parameters, load_manifest, num_folds
-from tests.conftest import SEED_CONFIG
+from tests.conftest import SEED_CONFIG, zip_folder
 
 
 @pytest.fixture
@@ -27,18 +26,13 @@ def test_seed_config_finds_the_hydrogen_torch_layout_under_data(cfg, synth_dir):
     assert (targets.sum(axis=1) == (manifest.frame["label"] != "background")).all()
 
 
-def _zip_folder(folder, archive, prefix="Gun_sound_detection/"):
-    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for f in sorted(folder.rglob("*")):
-            if f.is_file():
-                zf.write(f, prefix + f.relative_to(folder).as_posix())
-    return archive
+
 
 
 @pytest.mark.parametrize("whole_read_bytes", [64 << 20, 0])  # small members read whole; large ones streamed
 def test_zip_of_the_layout_is_read_in_place(cfg, synth_dir, tmp_path, monkeypatch, whole_read_bytes):
     monkeypatch.setattr(storage, "ZIP_MEMBER_WHOLE_READ_BYTES", whole_read_bytes)
-    archive = _zip_folder(synth_dir, tmp_path / "Gun_sound_detection.zip")
+    archive = zip_folder(synth_dir, tmp_path / "Gun_sound_detection.zip")
     manifest = load_manifest(cfg, str(archive))
     assert len(manifest.frame) == 95
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Gun_sound_detection.zip"]   # nothing extracted
@@ -60,7 +54,7 @@ def test_folder_per_class_zip_with_one_top_folder(cfg, tmp_path):
         (root / cls).mkdir(parents=True)
         for i in range(2):
             sf.write(root / cls / f"{i}.wav", rng.normal(0, 0.1, 4800), 48000)
-    archive = _zip_folder(root, tmp_path / "gunshot audio.zip", prefix="gunshot audio/")
+    archive = zip_folder(root, tmp_path / "gunshot audio.zip", prefix="gunshot audio/")
     manifest = load_manifest(cfg, str(archive))
     assert manifest.classes == ["AK-12", "IMI Desert Eagle"]
     assert sorted(manifest.frame["rel_path"]) == ["AK-12/0.wav", "AK-12/1.wav",
@@ -74,7 +68,7 @@ def test_bad_zips_are_clear_errors_and_zips_are_read_only(cfg, synth_dir, tmp_pa
         load_manifest(cfg, str(corrupt))
     with pytest.raises(FileNotFoundError, match="missing.zip"):
         load_manifest(cfg, str(tmp_path / "missing.zip"))
-    archive = _zip_folder(synth_dir, tmp_path / "data.zip")
+    archive = zip_folder(synth_dir, tmp_path / "data.zip")
     with pytest.raises(ValueError, match="read-only"):
         storage.write_text(storage.zip_location(str(archive), "Gun_sound_detection/notes.txt"), "x")
 

@@ -10,8 +10,7 @@ import time
 import pytest
 
 from gunsound.cli import main
-from tests.conftest import LAPTOP_CONFIG
-from tests.test_training import FAST
+from tests.conftest import FAST, LAPTOP_CONFIG, run_then_kill
 
 pytestmark = pytest.mark.ray
 
@@ -67,30 +66,7 @@ def test_rerun_of_a_finished_command_keeps_its_folds(ray_local, synth_dir, tmp_p
     assert "finished by an earlier run" in caplog.text
 
 
-def _run_then_kill(args: list[str], ready, log_path, timeout: float = 300) -> None:
-    """Start `python -m ...args` as a driver of the session's Ray, SIGKILL it once ready() holds."""
-    import subprocess
-    import sys
 
-    import ray
-
-    # An explicit address: with several Ray instances on one machine, auto-detection refuses to choose.
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    log = open(log_path, "w")  # noqa: SIM115 - closed below, after the process is gone
-    proc = subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline and proc.poll() is None and not ready():
-            time.sleep(0.3)
-        tail = open(log_path).read()[-3000:]
-        assert proc.poll() is None, f"the job ended before it could be killed:\n{tail}"
-        assert ready(), f"the job never reached the point to kill it at:\n{tail}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; its job's actors die with it
-        proc.wait()
-        log.close()
 
 
 def test_rerun_after_the_driver_died_resumes_the_fold(ray_local, synth_dir, tmp_path):
@@ -107,7 +83,7 @@ def test_rerun_after_the_driver_died_resumes_the_fold(ray_local, synth_dir, tmp_
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             return []
 
-    _run_then_kill(["ray_jobs.train", str(LAPTOP_CONFIG), *args], lambda: bool(registered_epochs()),
+    run_then_kill(["ray_jobs.train", str(LAPTOP_CONFIG), *args], lambda: bool(registered_epochs()),
                    tmp_path / "job.log")
     resumed_from = max(registered_epochs())
     before = json.loads(live.read_text())

@@ -6,33 +6,7 @@ import torch
 
 from gunsound.config import AudioConfig
 from gunsound.features import FeatureParams, LogMelSpectrogram, mel_frames
-
-
-def hz_to_mel(f):
-    return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
-
-
-def mel_to_hz(m):
-    return 700.0 * (10.0 ** (np.asarray(m) / 2595.0) - 1.0)
-
-
-def reference_log_mel(wave: np.ndarray, p: FeatureParams) -> np.ndarray:
-    """float64: reflect-padded centred frames, periodic Hann, |rfft|^2, triangular HTK mel filters, log."""
-    x = np.pad(wave.astype(np.float64), p.n_fft // 2, mode="reflect")
-    n_frames = 1 + (len(x) - p.n_fft) // p.hop_length
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(p.n_fft) / p.n_fft)
-    frames = np.stack([x[i * p.hop_length : i * p.hop_length + p.n_fft] * window for i in range(n_frames)])
-    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (frames, bins)
-    bin_hz = np.linspace(0, p.sample_rate / 2, p.n_fft // 2 + 1)
-    edges = mel_to_hz(np.linspace(hz_to_mel(p.f_min), hz_to_mel(p.f_max), p.n_mels + 2))
-    fb = np.zeros((len(bin_hz), p.n_mels))
-    for m in range(p.n_mels):
-        lo, centre, hi = edges[m], edges[m + 1], edges[m + 2]
-        up = (bin_hz - lo) / (centre - lo)
-        down = (hi - bin_hz) / (hi - centre)
-        fb[:, m] = np.maximum(0, np.minimum(up, down))
-    mel = power @ fb
-    return np.log(np.maximum(mel, 1e-10)).T  # (mels, frames)
+from tests.conftest import reference_log_mel
 
 
 @pytest.mark.parametrize("normalize", ["No", "Yes"])

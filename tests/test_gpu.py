@@ -16,8 +16,7 @@ from gunsound.config import AudioConfig, load_config
 from gunsound.features import FeatureParams, LogMelSpectrogram
 from gunsound.model import build_model
 from gunsound.synthesis import generate_dataset
-from tests.conftest import LAPTOP_CONFIG, REPO
-from tests.test_features import reference_log_mel
+from tests.conftest import LAPTOP_CONFIG, REPO, reference_log_mel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -52,7 +51,7 @@ def test_window_scorer_with_amp_on_cuda_agrees_with_fp32_on_cpu(monkeypatch):
     classes = [f"c{i}" for i in range(9)]
     torch.manual_seed(0)
     weights = build_model(cfg.architecture, len(classes), pretrained=False).state_dict()
-    model = scoring.ScoringModel(classes, FeatureParams.from_config(cfg.audio), 2.0, 0.5, "BCE",
+    model = scoring.ScoringModel(classes, FeatureParams.from_config(cfg.audio), 2.0, "BCE",
                                  asdict(cfg.architecture), [weights])
     rng = np.random.default_rng(1)
     waves = (0.1 * rng.standard_normal((70, 96000))).astype(np.float32)

@@ -12,8 +12,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from tests.conftest import LAPTOP_CONFIG, REPO
-from tests.test_training import FAST
+from tests.conftest import FAST, LAPTOP_CONFIG, REPO
 
 pytestmark = pytest.mark.ray
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -78,10 +77,10 @@ def _submit(address: str, env: dict, args: list[str], timeout: float = 400) -> s
 
 def test_train_and_score_jobs_on_a_two_node_cluster(cluster, synth_dir, tmp_path):
     address, env = cluster
-    from tests.test_dataset import _zip_folder
+    from tests.conftest import zip_folder
 
     run = tmp_path / "run"
-    dataset = _zip_folder(synth_dir, tmp_path / "Gun_sound_detection.zip")   # as the README's cluster example
+    dataset = zip_folder(synth_dir, tmp_path / "Gun_sound_detection.zip")   # as the README's cluster example
     out = _submit(address, env, [sys.executable, "-m", "ray_jobs.train", str(LAPTOP_CONFIG), "--data", str(dataset),
                                  "--output", str(run), *[a for kv in FAST for a in ("--set", kv)],
                                  "--set", "training.epochs=1"])

@@ -3,7 +3,8 @@ import timm
 import torch
 
 from gunsound.config import ArchitectureConfig
-from gunsound.model import build_model
+from gunsound.features import FeatureParams
+from gunsound.model import ModelArtifact, build_model
 
 
 @pytest.mark.parametrize("pool", ["Average", "Max", "GeM", "Average + Max"])
@@ -40,3 +41,40 @@ def test_unknown_backbone_is_a_clear_error():
 def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_model(ArchitectureConfig(backbone="resnet18", pretrained_weights=str(tmp_path / "nope.pth")), 9)
+
+
+def _artifact() -> ModelArtifact:
+    arch = ArchitectureConfig(backbone="resnet18", pretrained=False, pool="GeM", dropout=0.1)
+    weights = build_model(arch, 3).state_dict()
+    return ModelArtifact(classes=["a", "b", "c"], features=FeatureParams(32000, 1024, 320, 64, 50.0, 14000.0, False),
+                         chunk_seconds=2.0, architecture=arch, loss_function="BCE", state_dict=weights, fold=1,
+                         best_epoch=3)
+
+
+def test_model_artifact_round_trip_rebuilds_the_same_model(tmp_path):
+    artifact = _artifact()
+    artifact.save(str(tmp_path / "model.pt"))
+    loaded = ModelArtifact.load(str(tmp_path / "model.pt"))
+    assert (loaded.classes, loaded.features, loaded.architecture) == (artifact.classes, artifact.features,
+                                                                       artifact.architecture)
+    assert (loaded.chunk_seconds, loaded.loss_function, loaded.fold, loaded.best_epoch) == (2.0, "BCE", 1, 3)
+    x = torch.randn(2, 1, 64, 100)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.build()(x), artifact.build()(x))
+
+
+class _Planted:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ({"format": 1, "classes": ["a"], "payload": _Planted()}, "not a gunsound model file"),
+    ({"format": 99}, "format 1"),
+    ({"format": 1, "classes": ["a"]}, "lacks or misnames a field"),
+])
+def test_a_planted_or_foreign_model_file_is_refused(tmp_path, capsys, content, message):
+    torch.save(content, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=message):
+        ModelArtifact.load(str(tmp_path / "model.pt"))
+    assert "code ran" not in capsys.readouterr().out

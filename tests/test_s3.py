@@ -8,8 +8,7 @@ import pytest
 
 from gunsound import storage
 from gunsound.cli import main
-from tests.conftest import LAPTOP_CONFIG
-from tests.test_training import FAST
+from tests.conftest import FAST, LAPTOP_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +34,10 @@ def test_zip_on_s3_is_read_in_place(s3_server, bucket, synth_dir, tmp_path):
     from gunsound import audio
     from gunsound.config import load_config
     from gunsound.dataset import load_manifest
-    from tests.conftest import SEED_CONFIG
-    from tests.test_dataset import _zip_folder
+    from tests.conftest import SEED_CONFIG, zip_folder
 
     storage.configure_s3(s3_server)
-    archive = _zip_folder(synth_dir, tmp_path / "Gun_sound_detection.zip")
+    archive = zip_folder(synth_dir, tmp_path / "Gun_sound_detection.zip")
     bucket.upload_file(str(archive), "gunsound-test", "zips/Gun sound detection.zip")
     cfg = load_config(SEED_CONFIG, ["architecture.pretrained=false"])
     manifest = load_manifest(cfg, "s3://gunsound-test/zips/Gun sound detection.zip")

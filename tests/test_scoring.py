@@ -11,8 +11,7 @@ from gunsound import audio, scoring, storage, training
 from gunsound.cli import main
 from gunsound.config import ConfigError, load_config
 from gunsound.synthesis import generate_archive
-from tests.conftest import LAPTOP_CONFIG
-from tests.test_training import FAST
+from tests.conftest import FAST, LAPTOP_CONFIG
 
 
 @pytest.mark.parametrize(("duration", "window", "hop", "chunk"), [
@@ -36,7 +35,7 @@ def test_fix_windows_are_the_training_chunk_that_auto_chose(audio_parameters, wi
     from gunsound.features import FeatureParams
     from tests.conftest import SEED_CONFIG
 
-    model = scoring.ScoringModel(["a", "b"], FeatureParams(32000, 1024, 320, 64, 50.0, 14000.0, False), 2.0, 0.5,
+    model = scoring.ScoringModel(["a", "b"], FeatureParams(32000, 1024, 320, 64, 50.0, 14000.0, False), 2.0,
                                  "BCE", {}, [])
     cfg = load_config(SEED_CONFIG, [f"audio.audio_parameters={audio_parameters}"])
     s = scoring.ScoringSettings.from_config(cfg, model)
@@ -139,10 +138,10 @@ def archive(tmp_path_factory, synth_dir):
 
 
 def test_inputs_inside_a_zip_are_listed_and_read_in_place(archive, tmp_path):
-    from tests.test_dataset import _zip_folder
+    from tests.conftest import zip_folder
 
     root, _ = archive
-    zipped = _zip_folder(root, tmp_path / "recordings.zip", prefix="")
+    zipped = zip_folder(root, tmp_path / "recordings.zip", prefix="")
     inputs = scoring.list_inputs(str(zipped))
     assert [u.rsplit("!/", 1)[1] for u in inputs] == ["clip.mp3", "corrupt.wav", "empty.wav", "short.flac",
                                                       "street/long.wav"]
@@ -298,12 +297,12 @@ def test_exported_pipeline_matches_the_ray_job_without_ray_or_the_repo(trained_r
 
 @pytest.mark.ray
 def test_a_killed_scoring_job_run_again_ends_with_each_file_once(trained_run, archive, tmp_path):
-    from tests.test_faults import _run_then_kill
+    from tests.conftest import run_then_kill
 
     root, _ = archive
     out = tmp_path / "scored"
     args = [str(trained_run), str(root), str(out), "--set", "scoring.shard_files=1"]
-    _run_then_kill(["ray_jobs.score", *args], lambda: len(list((out / "files").glob("*.parquet"))) >= 2,
+    run_then_kill(["ray_jobs.score", *args], lambda: len(list((out / "files").glob("*.parquet"))) >= 2,
                    tmp_path / "job.log")
     committed = len(list((out / "files").glob("*.parquet")))
     assert 2 <= committed < 5

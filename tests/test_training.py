@@ -4,14 +4,11 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from gunsound.cli import main
-from tests.conftest import LAPTOP_CONFIG, SEED_CONFIG
-
-FAST = ["architecture.backbone=resnet10t", "training.epochs=2", "training.batch_size=16",
-        "audio.mel_frequency_bins=32", "training.warmup_epochs=0.5", "training.gradient_clip=1.0"]
+from gunsound.model import ModelArtifact
+from tests.conftest import FAST, LAPTOP_CONFIG, SEED_CONFIG
 
 
 def test_dry_run_validates_and_prints_the_plan(synth_dir, capsys):
@@ -47,8 +44,8 @@ def test_two_folds_end_to_end_with_cv_metrics_and_report(ray_local, synth_dir, t
             for key in ("train_loss", "valid_loss", "valid_roc_auc", "valid_accuracy", "valid_f1", "lr"):
                 assert key in e and e[key] == e[key]  # present and not NaN
         assert epochs[1]["lr"] < epochs[0]["lr"]  # cosine decay
-        model = torch.load(out / f"fold_{fold}" / "model.pt", weights_only=False)
-        assert len(model["classes"]) == 9 and model["features"]["n_mels"] == 32
+        model = ModelArtifact.load(str(out / f"fold_{fold}" / "model.pt"))
+        assert len(model.classes) == 9 and model.features.n_mels == 32 and model.fold == int(fold)
     # Out-of-fold predictions cover every clip exactly once.
     oof = pd.read_parquet(out / "oof_predictions.parquet")
     manifest = pd.read_parquet(out / "manifest.parquet")
@@ -58,7 +55,7 @@ def test_two_folds_end_to_end_with_cv_metrics_and_report(ray_local, synth_dir, t
     assert set(cv["mean_over_folds"]) == {"roc_auc", "accuracy", "f1", "log_loss"}
     assert cv["mean_over_folds"]["roc_auc"]["n"] == 2 and cv["mean_over_folds"]["roc_auc"]["std"] >= 0
     assert sum(map(sum, cv["confusion_matrix"])) == len(manifest)
-    assert set(cv["per_class"]) >= set(model["classes"])
+    assert set(cv["per_class"]) >= set(model.classes)
     assert json.loads((out / "ensemble.json").read_text())["models"] == ["fold_0/model.pt", "fold_1/model.pt"]
     page = (out / "report.html").read_text()
     for chart in ("learning_rate.png", "train_batch_loss.png", "validation_curves.png", "confusion_matrix.png",

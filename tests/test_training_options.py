@@ -10,7 +10,7 @@ import yaml
 
 from gunsound.cli import main
 from gunsound.config import load_config
-from gunsound.model import build_model
+from gunsound.model import ModelArtifact, build_model
 from gunsound.training import (
     load_shard,
     loss_fn,
@@ -20,8 +20,7 @@ from gunsound.training import (
     shuffled_batches,
     spec_augment,
 )
-from tests.conftest import LAPTOP_CONFIG, SEED_CONFIG
-from tests.test_training import FAST
+from tests.conftest import FAST, LAPTOP_CONFIG, SEED_CONFIG
 
 
 def cfg_with(*overrides):
@@ -132,7 +131,6 @@ def test_a_run_with_every_option_on(ray_local, synth_dir, tmp_path):
     assert all("train_roc_auc" in e for e in epochs)  # calculate_train_metric
     assert epochs[0]["train_clips"] == 76  # drop_last_batch=false keeps the last partial batch
     assert (out / "fold_0" / "best_state.pt").exists()
-    model = torch.load(out / "fold_0" / "model.pt", weights_only=False)
-    assert model["best_epoch"] == 2
+    assert ModelArtifact.load(str(out / "fold_0" / "model.pt")).best_epoch == 2
     seed = yaml.safe_load((out / "config.yaml").read_text())["environment"]["seed"]
     assert seed >= 0  # -1 drew a seed, and the resolved config records it

@@ -7,8 +7,7 @@ import yaml
 from gunsound.cli import main
 from gunsound.config import ConfigError, load_config
 from gunsound.tuning import search_space
-from tests.conftest import LAPTOP_CONFIG
-from tests.test_training import FAST
+from tests.conftest import FAST, LAPTOP_CONFIG
 
 
 def test_default_space_sweeps_learning_rate_and_epochs():

@@ -8,7 +8,8 @@ import torch
 from gunsound import audio
 from gunsound.config import AudioConfig
 from gunsound.features import FeatureParams, LogMelSpectrogram
-from gunsound.pipeline import feature_dataset, start_ray_data_helpers, warm_up_workers
+from gunsound.ray_features import feature_dataset
+from gunsound.ray_runtime import start_ray_data_helpers, warm_up_workers
 
 pytestmark = pytest.mark.ray
 
@@ -51,9 +52,9 @@ def test_warm_up_starts_ray_data_helpers_on_this_ray(ray_local):
 def test_ray_workers_read_clips_inside_a_zip(ray_local, synth_dir, tmp_path):
     # The archive is read in place: workers open it themselves, as they would on another node of a cluster.
     from gunsound import storage
-    from tests.test_dataset import _zip_folder
+    from tests.conftest import zip_folder
 
-    archive = _zip_folder(synth_dir, tmp_path / "data.zip", prefix="")
+    archive = zip_folder(synth_dir, tmp_path / "data.zip", prefix="")
     rel = list(pd.read_parquet(synth_dir / "train.pq")["image"].head(4))
     params = FeatureParams.from_config(AudioConfig(mel_frequency_bins=64, stft_window_size=1024))
     plain = pd.DataFrame({"row": range(4), "path": [str(synth_dir / "Gun_Classifier" / r) for r in rel]})
