@@ -6,7 +6,8 @@ The manifest (benchmarks/real_corpus_manifest.csv, committed) lists one clip per
 the version it was chosen from, the path inside the package, the label, the licence (from the package's
 debian/copyright), and for gunshots the number of rounds and their onset times where they were established.
 A path of the form `archive.pk3!member.ogg` names a member of a zip archive the package ships (Nexuiz's
-data.pk3, Warzone 2100's base.wz); the member is copied as shipped.
+data.pk3, Warzone 2100's base.wz) or of an OpenClonk group file (`Sound.ocg!Objects.ocg/.../GunShoot1.ogg`,
+read by the small C4Group reader below); the member is copied as shipped.
 
 The script downloads each package with `apt-get download` into a cache folder (reused when the .deb is
 there), unpacks it with `dpkg-deb -x`, and writes
@@ -22,7 +23,10 @@ Train with folds grouped by package (`--set dataset.group_fold_column=package`).
 from __future__ import annotations
 
 import argparse
+import functools
+import gzip
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -155,13 +159,61 @@ def fetch_deb(package: str, cache: Path) -> Path:
     return found[-1]
 
 
+C4GROUP_SUFFIXES = (".ocg", ".ocd", ".ocf", ".ocs")
+_C4_HEADER, _C4_ENTRY = 204, 316
+
+
+def _c4_unscramble(header: bytes) -> bytes:
+    data = bytearray(b ^ 237 for b in header)
+    for i in range(0, len(data) - 2, 3):
+        data[i], data[i + 2] = data[i + 2], data[i]
+    return bytes(data)
+
+
+def _c4_entries(data: bytes, prefix: str = "") -> dict[str, bytes]:
+    header = _c4_unscramble(data[:_C4_HEADER])
+    if not header.startswith(b"RedWolf Design"):
+        raise CorpusError(f"not a C4Group ({header[:24]!r})")
+    count = struct.unpack_from("<i", header, 36)[0]
+    base = _C4_HEADER + _C4_ENTRY * count
+    out: dict[str, bytes] = {}
+    for k in range(count):
+        entry = data[_C4_HEADER + _C4_ENTRY * k:_C4_HEADER + _C4_ENTRY * (k + 1)]
+        name = entry[:260].split(b"\0")[0].decode("latin-1")
+        _packed, child, size, _reserved, offset = struct.unpack_from("<5i", entry, 260)
+        blob = data[base + offset:base + offset + size]
+        if child:
+            out.update(_c4_entries(blob, f"{prefix}{name}/"))
+        else:
+            out[prefix + name] = blob
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def read_c4group(path: Path) -> dict[str, bytes]:
+    """Members of an OpenClonk group file (gzip with a changed magic, a scrambled header, entry table)."""
+    raw = bytearray(path.read_bytes())
+    if raw[:2] != b"\x1e\x8c":
+        raise CorpusError(f"{path}: not a packed C4Group")
+    raw[:2] = b"\x1f\x8b"
+    return _c4_entries(gzip.decompress(bytes(raw)))
+
+
+def _archive_members(archive: Path) -> dict[str, bytes] | zipfile.ZipFile:
+    return read_c4group(archive) if archive.suffix in C4GROUP_SUFFIXES else zipfile.ZipFile(archive)
+
+
 def _copy_member(root: Path, path: str, dest: Path) -> None:
-    if ARCHIVE_SEPARATOR in path:
-        archive, member = path.split(ARCHIVE_SEPARATOR, 1)
-        with zipfile.ZipFile(root / archive) as z, z.open(member) as src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out)
-    else:
+    if ARCHIVE_SEPARATOR not in path:
         shutil.copyfile(root / path, dest)
+        return
+    archive, member = path.split(ARCHIVE_SEPARATOR, 1)
+    members = _archive_members(root / archive)
+    if isinstance(members, dict):
+        dest.write_bytes(members[member])
+        return
+    with members as z, z.open(member) as src, open(dest, "wb") as out:
+        shutil.copyfileobj(src, out)
 
 
 def _exists(root: Path, path: str) -> bool:
@@ -170,7 +222,10 @@ def _exists(root: Path, path: str) -> bool:
     archive, member = path.split(ARCHIVE_SEPARATOR, 1)
     if not (root / archive).is_file():
         return False
-    with zipfile.ZipFile(root / archive) as z:
+    members = _archive_members(root / archive)
+    if isinstance(members, dict):
+        return member in members
+    with members as z:
         return member in z.namelist()
 
 
@@ -213,6 +268,7 @@ def build(out: Path, manifest: pd.DataFrame, cache: Path) -> pd.DataFrame:
                     "rounds": rounds,
                     "onsets": row["onsets"],
                 })
+        read_c4group.cache_clear()
     frame = pd.DataFrame(rows)
     frame["rounds"] = frame["rounds"].astype("Int64")
     frame.to_parquet(out / "train.pq", index=False)
