@@ -24,7 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gunsound import audio, scoring, training
 from gunsound.config import load_config
+from gunsound.inference import ScoringModel, load_scoring_model
 from gunsound.synthesis import generate_archive, generate_dataset
+from gunsound.windows import window_starts
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["architecture.backbone=resnet18", "training.epochs=2", "dataset.folds=[0]"]
@@ -40,14 +42,14 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def naive_loop(model: scoring.ScoringModel, path: str, s: scoring.ScoringSettings) -> int:
+def naive_loop(model: ScoringModel, path: str, s: scoring.ScoringSettings) -> int:
     """Load the whole file, then one window at a time (the EfficientAT-style loop)."""
     net = model.build()
     wave, sr = audio.read(path, model.features.sample_rate)
     window = int(s.window_seconds * sr)
     count = 0
     with torch.inference_mode():
-        for start in scoring.window_starts(len(wave) / sr, s.window_seconds, s.hop_seconds):
+        for start in window_starts(len(wave) / sr, s.window_seconds, s.hop_seconds):
             piece = wave[int(start * sr): int(start * sr) + window]
             piece = np.pad(piece, (0, window - len(piece)))
             net(torch.from_numpy(piece)[None])
@@ -78,8 +80,8 @@ def main() -> None:
         generate_archive(naive_path, args.naive_minutes, bursts_per_minute=2, seed=3)
     truth = pd.read_parquet(work / "truth.parquet")
     cfg = scoring.scoring_config(str(run), [*SLIDING, "prediction.probability_threshold=0.0"])
-    model = scoring.load_scoring_model(str(run))
-    s = scoring.ScoringSettings.from_config(cfg, model)
+    model = load_scoring_model(str(run))
+    s = scoring.ScoringSettings.from_config(cfg, model_chunk_seconds=model.chunk_seconds)
 
     from gunsound.ray_runtime import init_ray
 
@@ -108,7 +110,7 @@ def main() -> None:
     flops_per_window = counter.get_total_flops()
     peak_rate = matmul_rate()
 
-    print(f"model: {len(model.state_dicts)}-fold ensemble of resnet18, {flops_per_window / 1e9:.2f} GFLOP per "
+    print(f"model: {len(model.artifacts)}-fold ensemble of resnet18, {flops_per_window / 1e9:.2f} GFLOP per "
           f"{s.window_seconds:g} s window, hop {s.hop_seconds:g} s; machine matmul rate {peak_rate / 1e9:.0f} GFLOP/s")
     # The model stage's rate: FLOPs over the time its actors spent in the model, as they run side by side.
     print(f"{'path':<34}{'audio s/s':>11}{'peak RSS MiB':>14}{'actors':>8}{'model GFLOP/s':>15}{'of matmul':>11}")

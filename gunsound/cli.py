@@ -99,9 +99,10 @@ def run_score(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     from gunsound import scoring
+    from gunsound.inference import load_scoring_model
 
     cfg = scoring.scoring_config(args.model, args.overrides)
-    model = scoring.load_scoring_model(args.model)
+    model = load_scoring_model(args.model)
     row, events, windows = scoring.predict_file(model, args.file, cfg)
     if row["status"] != "ok":
         print(f"{args.file}: {row['error']}", file=sys.stderr)
@@ -129,7 +130,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     spec = export_pipeline(args.run, args.out, args.overrides)
     print(f"exported {len(spec['models'])} model(s), {len(spec['classes'])} classes, "
-          f"{spec['scoring']['window_seconds']:g} s windows to {args.out}: model.pt2, pipeline.json, score.py")
+          f"{spec['scoring']['window_seconds']:g} s windows to {args.out}: model.pt2, pipeline.json, score.py "
+          "(with windows.py, events.py, decode.py)")
     return 0
 
 
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     predict.set_defaults(func=run_predict)
 
-    export = sub.add_parser("export", help="write a self-contained scoring pipeline (torch.export program + score.py)")
+    export = sub.add_parser("export", help="write a self-contained scoring pipeline (torch.export program + score.py and its modules)")
     export.add_argument("run", help="a training run (fold ensemble), a fold folder, or a model.pt")
     export.add_argument("out", help="output folder, local or s3://")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -143,7 +143,7 @@ class ScoringConfig:
 
     window_seconds: float | None = None  # Sliding: default the training chunk
     hop_seconds: float | None = None  # Sliding: default half a window
-    chunk_seconds: float = 60.0  # audio read as one frame range, one unit of parallel work
+    read_seconds: float = 60.0  # audio read as one frame range, one unit of parallel work
     batch_size: int = 64
     shard_files: int = 256  # files committed to the output together (the unit of resume)
     onset_detection: bool = True
@@ -267,6 +267,21 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+def _scoring_checks(sc: ScoringConfig) -> list[tuple[str, bool, str]]:
+    return [
+        ("scoring.window_seconds", sc.window_seconds is None or sc.window_seconds > 0,
+         "positive (or left out for the training chunk)"),
+        ("scoring.hop_seconds", sc.hop_seconds is None or sc.hop_seconds > 0,
+         "positive (or left out for half a window)"),
+        ("scoring.read_seconds", sc.read_seconds > 0, "positive"),
+        ("scoring.batch_size", sc.batch_size >= 1, "at least 1"),
+        ("scoring.shard_files", sc.shard_files >= 1, "at least 1"),
+        ("scoring.onset_threshold_db", sc.onset_threshold_db > 0, "a positive number of dB"),
+        ("scoring.actors", sc.actors is None or sc.actors >= 1,
+         "at least 1 (or left out for one per GPU or CPU)"),
+    ]
+
+
 def _validate(cfg: Config, source: str) -> None:
     checks = [
         ("training.epochs", cfg.training.epochs >= 1, "at least 1"),
@@ -287,6 +302,7 @@ def _validate(cfg: Config, source: str) -> None:
         ("prediction.probability_threshold", 0 <= cfg.prediction.probability_threshold <= 1, "in [0, 1]"),
         ("augmentation.mix_probability", 0 <= cfg.augmentation.mix_probability <= 1, "in [0, 1]"),
         ("environment.cpus_per_worker", cfg.environment.cpus_per_worker > 0, "positive"),
+        *_scoring_checks(cfg.scoring),
     ]
     for key, ok, what in checks:
         if not ok:

@@ -90,4 +90,5 @@ def test_train_from_s3_writes_outputs_to_s3(ray_local, s3_server, bucket, capsys
     assert main(["export", "s3://gunsound-test/runs/laptop", "s3://gunsound-test/pipeline",
                  "--set", f"storage.endpoint_url={s3_server}"]) == 0
     keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="gunsound-test", Prefix="pipeline/")["Contents"]}
-    assert keys == {"pipeline/model.pt2", "pipeline/pipeline.json", "pipeline/score.py"}
+    assert keys == {f"pipeline/{name}" for name in ("model.pt2", "pipeline.json", "score.py", "windows.py",
+                                                     "events.py", "decode.py")}

@@ -1,6 +1,7 @@
-"""Scoring archives: chunk planning, a scored archive with odd files, resume, predict, the onset detector."""
+"""The scoring job: settings, the chunk reader, a scored archive with odd files, resume, predict, export."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,110 +11,41 @@ import soundfile as sf
 from gunsound import audio, scoring, storage, training
 from gunsound.cli import main
 from gunsound.config import ConfigError, load_config
+from gunsound.inference import WindowScorer, load_scoring_model
 from gunsound.synthesis import generate_archive
+from gunsound.windows import plan_chunks, window_starts
 from tests.conftest import FAST, LAPTOP_CONFIG
-
-
-@pytest.mark.parametrize(("duration", "window", "hop", "chunk"), [
-    (0.4, 2.0, 1.0, 60.0), (2.0, 2.0, 1.0, 60.0), (121.3, 2.0, 0.5, 20.0), (3600.0, 2.0, 1.0, 60.0),
-    (59.99, 2.0, 1.0, 10.0), (7.0, 60.0, 60.0, 60.0),
-])
-def test_chunks_own_every_window_exactly_once(duration, window, hop, chunk):
-    s = scoring.ScoringSettings("Sliding", window, hop, chunk, 0.5)
-    expected = scoring.window_starts(duration, window, hop)
-    chunks = scoring.plan_chunks("f.wav", duration, s)
-    owned = np.concatenate([c["starts"] for c in chunks])
-    np.testing.assert_allclose(owned, expected)  # none lost, none twice, in order
-    assert expected[-1] + window >= duration and (len(expected) == 1 or expected[-1] < duration)
-    for c in chunks:  # each chunk reads exactly the span its windows need
-        assert c["read_start"] == c["starts"][0] and c["read_end"] == c["starts"][-1] + window
 
 
 @pytest.mark.parametrize(("audio_parameters", "window"), [("Auto", 2.0), ("Manual", 60.0)])
 def test_fix_windows_are_the_training_chunk_that_auto_chose(audio_parameters, window):
     # The seed's Fix/60 s around a model trained on the 2 s chunk Auto chose would score padding, not shots.
-    from gunsound.features import FeatureParams
     from tests.conftest import SEED_CONFIG
 
-    model = scoring.ScoringModel(["a", "b"], FeatureParams(32000, 1024, 320, 64, 50.0, 14000.0, False), 2.0,
-                                 "BCE", {}, [])
     cfg = load_config(SEED_CONFIG, [f"audio.audio_parameters={audio_parameters}"])
-    s = scoring.ScoringSettings.from_config(cfg, model)
+    s = scoring.ScoringSettings.from_config(cfg, model_chunk_seconds=2.0)
     assert (s.method, s.window_seconds, s.hop_seconds) == ("Fix", window, window)
 
 
-def test_onset_detector_recall_and_timing_on_generated_archive(tmp_path):
+def test_the_chunk_reader_cuts_windows_and_carries_the_chunks_onsets_as_float_arrays(tmp_path):
     path = tmp_path / "archive.wav"
-    truth = generate_archive(path, minutes=3, bursts_per_minute=4, seed=3)
-    wave, sr = audio.read(str(path))
-    onsets = scoring.detect_onsets(wave, sr)
-    errors = np.array([np.abs(onsets - t).min() for t in truth["time"]])
-    assert np.mean(errors < 0.02) >= 0.95  # recall at 20 ms (0.82 when the crack was counted too)
-    assert np.median(errors[errors < 0.02]) < 0.005
-    unmatched = np.mean([np.abs(truth["time"] - t).min() > 0.02 for t in onsets])
-    assert unmatched <= 0.25  # not by firing everywhere
-
-    # scoring.onset_threshold_db reaches the chunk reader the job runs.
-    settings = scoring.ScoringSettings("Sliding", 2.0, 1.0, 60.0, 0.5)
-    chunk = scoring.plan_chunks(str(path), len(wave) / sr, settings)[0]
+    truth = generate_archive(path, minutes=1, bursts_per_minute=4, seed=3)
+    chunk = plan_chunks(str(path), 60.0, window_seconds=2.0, hop_seconds=1.0, read_seconds=20.0)[0]
     batch = {k: np.array([v], dtype=object) for k, v in chunk.items()}
-    found = {db: scoring._onsets(scoring.read_chunks(batch, sr, 2.0, True, storage.current_settings(), db)["onsets"])
-             for db in (12.0, 200.0)}
+    found = {db: scoring.read_chunks(batch, sample_rate=48000, window_seconds=2.0, onset_detection=True,
+                                     onset_threshold_db=db, s3=storage.current_settings()) for db in (12.0, 200.0)}
+    cut = found[12.0]
+    assert cut["wave"].shape == (20, 96000) and cut["index"].tolist() == list(range(20))
+    assert all(o.dtype == np.float64 for o in cut["onsets"]) and all(len(o) == 0 for o in cut["onsets"][1:])
     in_chunk = truth["time"][truth["time"] < chunk["starts"][-1] + 1.0]
-    assert len(found[12.0]) >= 0.9 * len(in_chunk) > 0 and len(found[200.0]) == 0
+    assert len(cut["onsets"][0]) >= 0.9 * len(in_chunk) > 0 and len(found[200.0]["onsets"][0]) == 0
 
 
-def _scored_windows(path: str, chunk: dict, indices: list[int]) -> pd.DataFrame:
-    starts = np.asarray(chunk["starts"])[[i - chunk["first_window"] for i in indices]]
-    return pd.DataFrame({"path": path, "index": indices, "start": starts, "end": starts + 2.0, "error": "",
-                         "onsets": [json.dumps([float(t) + 0.5]) for t in starts],
-                         "probs": [np.array([0.9, 0.1]) for _ in indices]})
-
-
-def test_shards_commit_when_complete_in_any_order_and_count_each_window_once(tmp_path):
-    s = scoring.ScoringSettings("Fix", 2.0, 2.0, 4.0, 0.5, shard_files=2)
-    files = ["a.wav", "b.wav", "c.wav", "bad.wav"]
-    headers = {"a.wav": (10.0, ""), "b.wav": (2.0, ""), "c.wav": (6.0, ""), "bad.wav": (float("nan"), "unreadable")}
-    chunks = {f: scoring.plan_chunks(f, headers[f][0], s) for f in files[:3]}
-    out = str(tmp_path / "out")
-    committer = scoring.ShardCommitter(out, "r1", files, headers, [c for f in files[:3] for c in chunks[f]],
-                                       ["x", "y"], s)
-
-    def committed_files() -> list[str]:
-        return sorted(pd.read_parquet(tmp_path / "out" / "files")["file"]) if (tmp_path / "out" / "files").exists() \
-            else []
-
-    # Shard 1 (c.wav, bad.wav) completes first; shard 0 (a.wav, b.wav) waits for a.wav's last window.
-    committer.add(pd.concat([_scored_windows("a.wav", chunks["a.wav"][0], [0, 1]),
-                             _scored_windows("c.wav", chunks["c.wav"][0], [0, 1])]))
-    assert committed_files() == []
-    committer.add(_scored_windows("c.wav", chunks["c.wav"][1], [2]))
-    assert committed_files() == ["bad.wav", "c.wav"]
-    committer.add(_scored_windows("a.wav", chunks["a.wav"][0], [1]))  # delivered again: counts once
-    committer.add(_scored_windows("b.wav", chunks["b.wav"][0], [0]))
-    committer.add(_scored_windows("a.wav", chunks["a.wav"][1], [2, 3]))
-    assert committed_files() == ["bad.wav", "c.wav"]  # a.wav's window 4 is still out
-    committer.add(pd.concat([_scored_windows("a.wav", chunks["a.wav"][2], [4]),
-                             _scored_windows("c.wav", chunks["c.wav"][1], [2])]))  # late repeat: ignored
-    committer.finish()
-    assert committed_files() == sorted(files)
-    windows = pd.read_parquet(tmp_path / "out" / "windows")
-    assert windows.groupby("file").size().to_dict() == {"a.wav": 5, "b.wav": 1, "c.wav": 3}
-    assert not windows.duplicated(["file", "start"]).any()
-    files_table = pd.read_parquet(tmp_path / "out" / "files").set_index("file")
-    assert files_table.loc["a.wav", "shots"] == 5 and files_table.loc["bad.wav", "status"] == "error"
-
-
-def test_a_shard_missing_a_window_is_never_committed(tmp_path):
-    s = scoring.ScoringSettings("Fix", 2.0, 2.0, 60.0, 0.5, shard_files=1)
-    headers = {"a.wav": (4.0, ""), "b.wav": (2.0, "")}
-    chunks = [c for f in headers for c in scoring.plan_chunks(f, headers[f][0], s)]
-    committer = scoring.ShardCommitter(str(tmp_path), "r1", list(headers), headers, chunks, ["x", "y"], s)
-    committer.add(_scored_windows("a.wav", chunks[0], [0]))
-    committer.add(_scored_windows("b.wav", chunks[1], [0]))
-    with pytest.raises(RuntimeError, match=r"shard\(s\) \[0\] missing 1 window"):
-        committer.finish()
-    assert list(pd.read_parquet(tmp_path / "files")["file"]) == ["b.wav"]
+@pytest.mark.parametrize("bad", ["scoring.actors=0", "scoring.onset_threshold_db=0", "scoring.batch_size=0",
+                                 "scoring.shard_files=0", "scoring.read_seconds=0", "scoring.hop_seconds=-1"])
+def test_scoring_settings_are_checked_with_the_key_named(bad):
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+        load_config(LAPTOP_CONFIG, [bad])
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +85,7 @@ def test_every_file_once_with_status_windows_and_events(trained_run, archive, tm
     root, truth = archive
     out = tmp_path / "scored"
     code = main(["score", str(trained_run), str(root), str(out), "--set", "prediction.inference_chunk_method=Sliding",
-                 "--set", "scoring.hop_seconds=1.0", "--set", "scoring.chunk_seconds=20",
+                 "--set", "scoring.hop_seconds=1.0", "--set", "scoring.read_seconds=20",
                  "--set", "prediction.probability_threshold=0.0"])
     assert code == 1  # some inputs are errors
     files = pd.read_parquet(out / "files")
@@ -165,7 +97,7 @@ def test_every_file_once_with_status_windows_and_events(trained_run, archive, tm
     assert "unreadable" in errors["corrupt.wav"] and "empty" in errors["empty.wav"]
     windows = pd.read_parquet(out / "windows")
     long = windows[windows["file"].str.endswith("long.wav")].sort_values("start")
-    np.testing.assert_allclose(long["start"], scoring.window_starts(120.0, 2.0, 1.0))  # chunk edges: once each
+    np.testing.assert_allclose(long["start"], window_starts(120.0, 2.0, 1.0))  # chunk edges: once each
     probs = long[[c for c in long.columns if c.startswith("prob_")]].to_numpy()
     assert np.all((probs >= 0) & (probs <= 1))
     events = pd.read_parquet(out / "events")
@@ -182,22 +114,19 @@ def test_every_file_once_with_status_windows_and_events(trained_run, archive, tm
 
 @pytest.mark.ray
 def test_window_scorer_scores_any_number_of_windows_in_model_batches(trained_run):
-    model = scoring.load_scoring_model(str(trained_run))
+    model = load_scoring_model(str(trained_run))
     waves = np.random.default_rng(0).normal(0, 0.1, (150, int(model.chunk_seconds * model.features.sample_rate)))
     batch = {"index": np.arange(150), "wave": waves.astype(np.float32)}
-    split = scoring.WindowScorer(model, batch_size=64)(dict(batch))
-    whole = scoring.WindowScorer(model, batch_size=150)(dict(batch))
+    split = WindowScorer(model, batch_size=64)(dict(batch))
+    whole = WindowScorer(model, batch_size=150)(dict(batch))
     assert split["probs"].shape == (150, len(model.classes)) and len(split["model_seconds"]) == 150
     np.testing.assert_allclose(split["probs"], whole["probs"], atol=1e-5)
-    for bad in ("scoring.actors=0", "scoring.onset_threshold_db=0"):
-        with pytest.raises(ConfigError, match=bad.split("=")[0]):
-            scoring.ScoringSettings.from_config(load_config(LAPTOP_CONFIG, [bad]), model)
 
 
 @pytest.mark.ray
 def test_default_scoring_reproduces_the_folds_validation_predictions(trained_run, tmp_path):
     # The job with the run's own settings (the seed's Fix method) must see what validation saw: same windows,
-    # same features, same probabilities. Windows of inference_chunk_seconds (60 s) around 2 s clips did not.
+    # same features, same probabilities.
     manifest = pd.read_parquet(trained_run / "manifest.parquet")
     valid = pd.read_parquet(trained_run / "fold_0" / "valid_predictions.parquet").merge(manifest, on="row")
     clips = valid[np.isclose(valid["duration"], 2.0)]                # a file of exactly one training chunk
@@ -241,17 +170,6 @@ def test_predict_prints_classes_and_events_and_draws_a_timeline(trained_run, arc
     assert png.stat().st_size > 10_000
 
 
-BLOCK_RAY_AND_GUNSOUND = '''
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("ray", "gunsound"):
-            raise ImportError(f"the exported pipeline must not import {name}")
-        return None
-sys.meta_path.insert(0, Block())
-'''
-
-
 @pytest.mark.ray
 def test_exported_pipeline_matches_the_ray_job_without_ray_or_the_repo(trained_run, archive, tmp_path):
     import subprocess
@@ -259,12 +177,10 @@ def test_exported_pipeline_matches_the_ray_job_without_ray_or_the_repo(trained_r
 
     root, _ = archive
     sliding = ["--set", "prediction.inference_chunk_method=Sliding", "--set", "scoring.hop_seconds=1.0",
-               "--set", "scoring.chunk_seconds=20", "--set", "prediction.probability_threshold=0.0"]
+               "--set", "scoring.read_seconds=20", "--set", "prediction.probability_threshold=0.0"]
     assert main(["export", str(trained_run), str(tmp_path / "pipeline"), *sliding]) == 0
     files = [root / "street" / "long.wav", root / "clip.mp3", root / "short.flac", root / "corrupt.wav"]
-    guard = tmp_path / "guard"
-    guard.mkdir()
-    (guard / "sitecustomize.py").write_text(BLOCK_RAY_AND_GUNSOUND)
+    guard = Path(__file__).parent / "guard"  # its sitecustomize.py blocks imports of ray and gunsound
     result = subprocess.run([sys.executable, "score.py", *map(str, files), "--out", str(tmp_path / "exported")],
                             cwd=tmp_path / "pipeline", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(guard)},
                             capture_output=True, text=True, timeout=300)

@@ -1,0 +1,111 @@
+"""The model side of scoring: the fold models as one ensemble, loaded from a run, and the batch scorer that
+turns waveform windows into per-class probabilities (the Ray job's actor, and `predict_file`'s scorer)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gunsound import storage
+from gunsound.features import FeatureParams, LogMelSpectrogram
+from gunsound.model import ModelArtifact
+
+
+class Ensemble(torch.nn.Module):
+    """Waveform windows -> per-class probabilities, averaged over the fold models (one front end)."""
+
+    def __init__(self, frontend: LogMelSpectrogram, models: list[torch.nn.Module], loss_function: str):
+        super().__init__()
+        self.frontend = frontend
+        self.models = torch.nn.ModuleList(models)
+        self.use_sigmoid = loss_function == "BCE"
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        spec = self.frontend(waves)
+        probs = []
+        for model in self.models:
+            logits = model(spec).float()
+            probs.append(torch.sigmoid(logits) if self.use_sigmoid else torch.softmax(logits, dim=1))
+        return torch.stack(probs).mean(dim=0)
+
+
+@dataclass(frozen=True)
+class ScoringModel:
+    """The fold models scored together: one or more model artifacts with the same classes and front end."""
+
+    artifacts: list[ModelArtifact]
+    sources: list[str] = field(default_factory=list)  # where each artifact was read from
+
+    def __post_init__(self) -> None:
+        if not self.artifacts:
+            raise ValueError("a scoring model needs at least one model artifact")
+        first = self.artifacts[0]
+        names = self.sources or [f"model {i}" for i in range(len(self.artifacts))]
+        for other, name in zip(self.artifacts[1:], names[1:], strict=False):
+            if other.classes != first.classes or other.features != first.features:
+                raise ValueError(f"{name}: classes or features differ from {names[0]}; cannot ensemble")
+
+    @property
+    def classes(self) -> list[str]:
+        return self.artifacts[0].classes
+
+    @property
+    def features(self) -> FeatureParams:
+        return self.artifacts[0].features
+
+    @property
+    def chunk_seconds(self) -> float:
+        """The training clip length: the window the models learned to see."""
+        return self.artifacts[0].chunk_seconds
+
+    @property
+    def loss_function(self) -> str:
+        return self.artifacts[0].loss_function
+
+    def build(self) -> Ensemble:
+        models = [a.build() for a in self.artifacts]
+        return Ensemble(LogMelSpectrogram(self.features), models, self.loss_function).eval()
+
+
+def load_scoring_model(location: str) -> ScoringModel:
+    """A training run (its fold ensemble, from ensemble.json), a fold folder, or a model.pt file."""
+    if location.endswith(".pt"):
+        uris = [location]
+    elif storage.exists(storage.join(location, "ensemble.json")):
+        spec = json.loads(storage.read_text(storage.join(location, "ensemble.json")))
+        uris = [storage.join(location, *m.split("/")) for m in spec["models"]]
+    elif storage.exists(storage.join(location, "model.pt")):
+        uris = [storage.join(location, "model.pt")]
+    else:
+        raise FileNotFoundError(f"{location}: not a training run (ensemble.json), a fold folder or a model.pt file")
+    return ScoringModel([ModelArtifact.load(u) for u in uris], uris)
+
+
+class WindowScorer:
+    """Scores waveform windows (a batch's `wave` column) in model batches of `batch_size`, however many a call
+    brings, with autocast on a GPU; loads the ensemble once (a Ray actor in the job). Adds `probs`, and per
+    row the model time and the device, for throughput figures."""
+
+    def __init__(self, model: ScoringModel, *, mixed_precision: bool = True, batch_size: int = 64):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.build().to(self.device)
+        self.amp = self.device.type == "cuda" and mixed_precision
+        self.batch_size = batch_size
+        self.classes = len(model.classes)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        waves = batch.pop("wave")
+        probs = [np.zeros((0, self.classes), dtype=np.float32)]
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.amp):
+            for i in range(0, len(waves), self.batch_size):
+                piece = torch.from_numpy(np.ascontiguousarray(waves[i:i + self.batch_size])).to(self.device)
+                probs.append(self.model(piece).float().cpu().numpy())
+        batch["probs"] = np.concatenate(probs)
+        batch["model_seconds"] = np.full(len(waves), (time.perf_counter() - started) / max(1, len(waves)))
+        batch["device"] = np.full(len(waves), self.device.type, dtype=object)
+        return batch

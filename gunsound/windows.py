@@ -1,0 +1,46 @@
+"""Where scoring windows fall in a file, which chunk of work owns each, and cutting them out of a read.
+
+A file is split into chunks (units of work, each read as one frame range) and every chunk into windows. A
+window belongs to the chunk where it starts; a chunk reads one window length past its end, so windows at chunk
+edges are scored once, never lost and never counted twice.
+
+This module imports no gunsound module and no Ray: the exported scorer ships it as it is (numpy only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def window_starts(duration: float, window: float, hop: float) -> np.ndarray:
+    """Start times of the windows that cover a file: the last may run past the end (padded)."""
+    if duration <= 0:
+        return np.zeros(0)
+    count = max(1, int(math.ceil(max(duration - window, 0) / hop - 1e-9)) + 1)
+    return np.arange(count) * hop
+
+
+def plan_chunks(path: str, duration: float, *, window_seconds: float, hop_seconds: float,
+                read_seconds: float) -> list[dict]:
+    """Chunks of a file: each owns the windows starting inside [start, start + read_seconds)."""
+    starts = window_starts(duration, window_seconds, hop_seconds)
+    chunks = []
+    per_chunk = max(1, int(round(read_seconds / hop_seconds)))
+    for i in range(0, len(starts), per_chunk):
+        owned = starts[i:i + per_chunk]
+        chunks.append({"path": path, "chunk": i // per_chunk, "first_window": i, "starts": owned.tolist(),
+                       "read_start": float(owned[0]), "read_end": float(owned[-1] + window_seconds),
+                       "duration": duration, "hop": hop_seconds})
+    return chunks
+
+
+def cut_windows(wave: np.ndarray, sr: int, read_start: float, starts: np.ndarray, window: int) -> np.ndarray:
+    """(windows, window samples) float32: each window from its start in a chunk read from read_start,
+    zero-padded where the audio ends."""
+    out = np.zeros((len(starts), window), dtype=np.float32)
+    for j, start in enumerate(starts):
+        piece = wave[int(round((start - read_start) * sr)):][:window]
+        out[j, : len(piece)] = piece
+    return out

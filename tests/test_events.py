@@ -1,0 +1,51 @@
+"""Shots: the onset detector on a generated archive, chunk ownership of onsets, bursts, the per-file row."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gunsound import audio
+from gunsound.events import bursts, chunk_onsets, detect_onsets, summarize_file
+from gunsound.synthesis import generate_archive
+
+
+def test_onset_detector_recall_and_timing_on_generated_archive(tmp_path):
+    path = tmp_path / "archive.wav"
+    truth = generate_archive(path, minutes=3, bursts_per_minute=4, seed=3)
+    wave, sr = audio.read(str(path))
+    onsets = detect_onsets(wave, sr)
+    errors = np.array([np.abs(onsets - t).min() for t in truth["time"]])
+    assert np.mean(errors < 0.02) >= 0.95  # recall at 20 ms
+    assert np.median(errors[errors < 0.02]) < 0.005
+    unmatched = np.mean([np.abs(truth["time"] - t).min() > 0.02 for t in onsets])
+    assert unmatched <= 0.25  # not by firing everywhere
+
+    # A chunk finds the shots it owns, and threshold_db decides what counts as one.
+    starts = np.arange(59) * 1.0
+    found = {db: chunk_onsets(wave[: 60 * sr], sr, read_start=0.0, starts=starts, hop=1.0, duration=180.0,
+                              threshold_db=db) for db in (12.0, 200.0)}
+    in_chunk = truth["time"][truth["time"] < 59.0]
+    assert len(found[12.0]) >= 0.9 * len(in_chunk) > 0 and len(found[200.0]) == 0
+    assert found[12.0].max() < 59.0
+
+
+def test_bursts_group_shots_and_give_the_rate_of_fire():
+    events = [{"time": t} for t in (1.0, 1.1, 1.2, 3.0)]
+    bursts(events)
+    assert [e["burst"] for e in events] == [0, 0, 0, 1]
+    assert [e["shots_in_burst"] for e in events] == [3, 3, 3, 1]
+    assert events[0]["rounds_per_minute"] == pytest.approx(600.0) and np.isnan(events[3]["rounds_per_minute"])
+
+
+def test_summary_row_and_events_of_a_file():
+    windows = pd.DataFrame({"start": [0.0, 2.0], "end": [2.0, 3.0],
+                            "probs": [np.array([0.9, 0.1]), np.array([0.2, 0.3])]})
+    row, events = summarize_file("f.wav", 3.0, windows, np.array([0.5, 2.5]), ["a", "b"], method="Sliding",
+                                 threshold=0.5)
+    assert (row["top_class"], row["gunshot_windows"], row["shots"]) == ("a", 1, 1)
+    assert events[0]["time"] == 0.5 and events[0]["class"] == "a"
+    fix, _ = summarize_file("f.wav", 3.0, windows, np.zeros(0), ["a", "b"], method="Fix", threshold=0.5)
+    assert fix["top_probability"] == (0.9 * 2 + 0.2) / 3
+    failed, none = summarize_file("f.wav", 0.0, windows, np.zeros(0), ["a", "b"], method="Fix", threshold=0.5,
+                                  error="unreadable")
+    assert failed["status"] == "error" and np.isnan(failed["max_a"]) and none == []
