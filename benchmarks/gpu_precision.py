@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
 
 import torch
 
-from gunsound import scoring, training
+from gunsound import train_loop
 from gunsound.config import ArchitectureConfig, AudioConfig
 from gunsound.features import FeatureParams, mel_frames
-from gunsound.model import build_model
+from gunsound.inference import ScoringModel
+from gunsound.model import ModelArtifact, build_model
 
 CLASSES = 9
 
@@ -40,7 +40,7 @@ def training_step_seconds(arch: ArchitectureConfig, x: torch.Tensor, y: torch.Te
 
     def step():
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = training.loss_fn(model(x).float(), y, "BCE")
+            loss = train_loop.loss_fn(model(x).float(), y, "BCE")
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -49,7 +49,7 @@ def training_step_seconds(arch: ArchitectureConfig, x: torch.Tensor, y: torch.Te
     return timed(step, steps)
 
 
-def scoring_seconds(model: scoring.ScoringModel, waves: torch.Tensor, amp: bool, steps: int) -> float:
+def scoring_seconds(model: ScoringModel, waves: torch.Tensor, amp: bool, steps: int) -> float:
     ensemble = model.build().cuda()
 
     def step():
@@ -76,15 +76,16 @@ def main() -> None:
 
     x = torch.randn(b, 1, params.n_mels, mel_frames(2.0, params), device="cuda")
     y = torch.nn.functional.one_hot(torch.randint(0, CLASSES, (b,), device="cuda"), CLASSES).float()
-    _, bf16 = training.training_precision(torch.device("cuda"), True)  # the dtype the Train workers use
+    _, bf16 = train_loop.training_precision(torch.device("cuda"), True)  # the dtype the Train workers use
     fp32 = training_step_seconds(arch, x, y, None, args.steps)
     mixed = training_step_seconds(arch, x, y, bf16, args.steps)
     print(f"training   float32 {b / fp32:8.0f} clips/s   {str(bf16)[6:]} autocast {b / mixed:8.0f} clips/s   "
           f"speed-up {fp32 / mixed:.2f}x")
 
     weights = build_model(arch, CLASSES, pretrained=False).state_dict()
-    model = scoring.ScoringModel([f"c{i}" for i in range(CLASSES)], params, 2.0, "BCE",
-                                 asdict(arch), [weights])
+    model = ScoringModel([ModelArtifact(classes=[f"c{i}" for i in range(CLASSES)], features=params,
+                                        chunk_seconds=2.0, architecture=arch, loss_function="BCE",
+                                        state_dict=weights)])
     waves = 0.1 * torch.randn(4 * b, 2 * params.sample_rate, device="cuda")
     fp32 = scoring_seconds(model, waves, False, args.steps)
     mixed = scoring_seconds(model, waves, True, args.steps)

@@ -23,7 +23,10 @@ from memory import scratch_dir
 from gunsound import training
 from gunsound.config import load_config
 from gunsound.model import build_model
+from gunsound.optim import lr_lambda, make_optimizer
+from gunsound.plan import TrainingPlan
 from gunsound.synthesis import generate_dataset
+from gunsound.train_loop import loss_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["architecture.backbone=resnet18", "training.batch_size=32", "training.epochs=1", "dataset.folds=[0]",
@@ -32,14 +35,17 @@ MODEL = ["architecture.backbone=resnet18", "training.batch_size=32", "training.e
          "augmentation.time_mask_frames=0", "augmentation.frequency_mask_bins=0"]
 
 
-def plain_epochs(plan: training.TrainingPlan, features: np.ndarray, targets: np.ndarray) -> list[float]:
+def plain_epochs(plan: TrainingPlan, features: np.ndarray, targets: np.ndarray) -> list[float]:
     """The same model, optimizer, schedule and loss as the Ray loop, without Ray: seconds of each epoch."""
-    cfg = plan.cfg
+    cfg, t = plan.cfg, plan.cfg.training
     torch.manual_seed(0)
     model = build_model(cfg.architecture, len(plan.manifest.classes))
-    optimizer = training.make_optimizer(model, cfg)
-    steps = len(features) // cfg.training.batch_size
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda(cfg, steps))
+    optimizer = make_optimizer(model, kind=t.optimizer, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+                               differential_layers=t.differential_learning_rate_layers,
+                               differential_learning_rate=t.differential_learning_rate)
+    steps = len(features) // t.batch_size
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+        epochs=t.epochs, steps_per_epoch=steps, warmup_epochs=t.warmup_epochs, schedule=t.schedule))
     rng = np.random.default_rng(0)
     seconds = []
     for _ in range(cfg.training.epochs):
@@ -50,7 +56,7 @@ def plain_epochs(plan: training.TrainingPlan, features: np.ndarray, targets: np.
             idx = order[i * cfg.training.batch_size:(i + 1) * cfg.training.batch_size]
             x = torch.from_numpy(features[idx]).unsqueeze(1)
             y = torch.from_numpy(targets[idx])
-            loss = training.loss_fn(model(x), y, cfg.training.loss_function)
+            loss = loss_fn(model(x), y, t.loss_function)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

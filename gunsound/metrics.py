@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -75,3 +76,20 @@ def mean_and_spread(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values, dtype=float)
     return {"mean": float(np.nanmean(arr)), "std": float(np.nanstd(arr)), "min": float(np.nanmin(arr)),
             "max": float(np.nanmax(arr)), "n": int(np.isfinite(arr).sum())}
+
+
+def cross_validated_metrics(oof: pd.DataFrame, classes: list[str], threshold: float = 0.5,
+                            background: str = "background") -> dict:
+    """The cross-validated metrics of out-of-fold predictions (columns `fold`, `prob_<class>`, `true_<class>`):
+    each fold's metrics, their mean and spread over folds, the pooled metrics, per-class report and confusion
+    matrix."""
+    prob_columns, true_columns = [f"prob_{c}" for c in classes], [f"true_{c}" for c in classes]
+    probs, targets = oof[prob_columns].to_numpy(), oof[true_columns].to_numpy()
+    per_fold = {str(k): classification_metrics(part[prob_columns].to_numpy(), part[true_columns].to_numpy(),
+                                               classes, threshold, background)
+                for k, part in oof.groupby("fold")}
+    summary = {name: mean_and_spread([m[name] for m in per_fold.values()])
+               for name in ("roc_auc", "accuracy", "f1", "log_loss")}
+    return {"per_fold": per_fold, "mean_over_folds": summary,
+            "pooled": classification_metrics(probs, targets, classes, threshold, background),
+            **per_class_report(probs, targets, classes, threshold, background)}

@@ -21,7 +21,8 @@ import yaml
 from gunsound import storage
 from gunsound.config import Config, ConfigError, apply_overrides, config_from_dict
 from gunsound.metrics import METRIC_KEYS
-from gunsound.training import TrainingPlan, featurize, fold_datasets, make_trainer, worker_sizing
+from gunsound.plan import TrainingPlan
+from gunsound.training import featurize, fold_datasets, make_trainer, worker_sizing
 
 log = logging.getLogger(__name__)
 

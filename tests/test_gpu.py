@@ -5,16 +5,16 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
-from gunsound import scoring, training
+from gunsound import train_loop
 from gunsound.config import AudioConfig, load_config
 from gunsound.features import FeatureParams, LogMelSpectrogram
-from gunsound.model import build_model
+from gunsound.inference import ScoringModel, WindowScorer
+from gunsound.model import ModelArtifact, build_model
 from gunsound.synthesis import generate_dataset
 from tests.conftest import LAPTOP_CONFIG, REPO, reference_log_mel
 
@@ -40,10 +40,10 @@ def test_log_mel_on_cuda_matches_float64_reference(autocast):
 
 
 def test_training_precision_is_bf16_autocast_on_cuda_and_off_on_cpu():
-    assert training.training_precision(torch.device("cpu"), True) == (False, torch.float16)
-    amp, dtype = training.training_precision(torch.device("cuda"), True)
+    assert train_loop.training_precision(torch.device("cpu"), True) == (False, torch.float16)
+    amp, dtype = train_loop.training_precision(torch.device("cuda"), True)
     assert amp and dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    assert not training.training_precision(torch.device("cuda"), False)[0]
+    assert not train_loop.training_precision(torch.device("cuda"), False)[0]
 
 
 def test_window_scorer_with_amp_on_cuda_agrees_with_fp32_on_cpu(monkeypatch):
@@ -51,16 +51,17 @@ def test_window_scorer_with_amp_on_cuda_agrees_with_fp32_on_cpu(monkeypatch):
     classes = [f"c{i}" for i in range(9)]
     torch.manual_seed(0)
     weights = build_model(cfg.architecture, len(classes), pretrained=False).state_dict()
-    model = scoring.ScoringModel(classes, FeatureParams.from_config(cfg.audio), 2.0, "BCE",
-                                 asdict(cfg.architecture), [weights])
+    model = ScoringModel([ModelArtifact(classes=classes, features=FeatureParams.from_config(cfg.audio),
+                                        chunk_seconds=2.0, architecture=cfg.architecture, loss_function="BCE",
+                                        state_dict=weights)])
     rng = np.random.default_rng(1)
     waves = (0.1 * rng.standard_normal((70, 96000))).astype(np.float32)
 
-    on_gpu = scoring.WindowScorer(model, mixed_precision=True, batch_size=32)
+    on_gpu = WindowScorer(model, mixed_precision=True, batch_size=32)
     assert on_gpu.device.type == "cuda" and on_gpu.amp
     gpu = on_gpu({"wave": waves.copy()})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cpu = scoring.WindowScorer(model, mixed_precision=True, batch_size=32)({"wave": waves.copy()})
+    cpu = WindowScorer(model, mixed_precision=True, batch_size=32)({"wave": waves.copy()})
     assert set(gpu["device"]) == {"cuda"} and set(cpu["device"]) == {"cpu"}
     assert gpu["probs"].shape == cpu["probs"].shape == (70, 9)
     np.testing.assert_allclose(gpu["probs"], cpu["probs"], atol=0.02)

@@ -8,18 +8,13 @@ import pytest
 import torch
 import yaml
 
+from gunsound.augment import mixup, spec_augment
 from gunsound.cli import main
 from gunsound.config import load_config
 from gunsound.model import ModelArtifact, build_model
-from gunsound.training import (
-    load_shard,
-    loss_fn,
-    lr_lambda,
-    make_optimizer,
-    mixup,
-    shuffled_batches,
-    spec_augment,
-)
+from gunsound.optim import lr_lambda, make_optimizer
+from gunsound.train_loop import LoopSettings, loss_fn
+from gunsound.worker_data import load_shard, shuffled_batches
 from tests.conftest import FAST, LAPTOP_CONFIG, SEED_CONFIG
 
 
@@ -28,31 +23,31 @@ def cfg_with(*overrides):
 
 
 def test_differential_learning_rate_for_listed_layers():
-    cfg = cfg_with("training.learning_rate=0.01", "training.differential_learning_rate=0.001",
-                   "training.differential_learning_rate_layers=[backbone]")
     model = build_model(load_config(LAPTOP_CONFIG).architecture, 9)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, kind="AdamW", learning_rate=0.01, differential_layers=["backbone"],
+                         differential_learning_rate=0.001)
     assert [g["lr"] for g in opt.param_groups] == [0.01, 0.001]
     head = {id(p) for p in model.head.parameters()}
     assert {id(p) for p in opt.param_groups[0]["params"]} == head
     assert isinstance(opt, torch.optim.AdamW)
-    assert len(make_optimizer(model, cfg_with()).param_groups) == 1  # [] in the seed: one rate for all
+    assert len(make_optimizer(model, kind="AdamW", learning_rate=0.01).param_groups) == 1  # no layers: one rate
+    assert isinstance(make_optimizer(model, kind="SGD", learning_rate=0.01), torch.optim.SGD)
 
 
 def test_warmup_then_cosine_schedule():
-    f = lr_lambda(cfg_with("training.epochs=4", "training.warmup_epochs=1", "training.schedule=Cosine"), 10)
+    f = lr_lambda(epochs=4, steps_per_epoch=10, warmup_epochs=1, schedule="Cosine")
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(25) == pytest.approx(0.5, abs=0.03)
     assert f(40) == pytest.approx(0.0, abs=1e-9)
-    assert lr_lambda(cfg_with("training.schedule=Constant"), 10)(30) == 1.0
-    assert lr_lambda(cfg_with("training.schedule=Linear", "training.epochs=2"), 10)(10) == pytest.approx(0.5)
+    assert lr_lambda(epochs=5, steps_per_epoch=10, schedule="Constant")(30) == 1.0
+    assert lr_lambda(epochs=2, steps_per_epoch=10, schedule="Linear")(10) == pytest.approx(0.5)
 
 
 def test_time_and_frequency_masks():
     x = torch.randn(8, 1, 32, 50)
-    assert torch.equal(spec_augment(x, cfg_with()), x)  # off by default
+    assert torch.equal(spec_augment(x, time_mask_frames=0, frequency_mask_bins=0), x)  # widths 0: off
     torch.manual_seed(0)
-    masked = spec_augment(x, cfg_with("augmentation.time_mask_frames=10", "augmentation.frequency_mask_bins=6"))
+    masked = spec_augment(x, time_mask_frames=10, frequency_mask_bins=6)
     changed = masked != x
     assert changed.any()
     for clip in changed[:, 0]:
@@ -63,18 +58,36 @@ def test_time_and_frequency_masks():
 def test_mixup_mixes_power_and_targets():
     x = torch.log(torch.rand(6, 1, 8, 10) + 0.1)
     y = torch.eye(3)[[0, 1, 2, 0, 1, 2]]
-    assert mixup(x, y, cfg_with())[0] is x  # Disabled in the seed
+    on = {"iterations": 1, "probability": 1.0, "concentration": 1.0, "target": "Ratio"}
+    assert mixup(x, y, **{**on, "iterations": 0})[0] is x  # 0 iterations: off
     torch.manual_seed(1)
     np.random.seed(1)
-    mx, my = mixup(x, y, cfg_with("augmentation.mix_audio=Mixup", "augmentation.mix_probability=1.0"))
+    mx, my = mixup(x, y, **on)
     assert torch.allclose(my.sum(dim=1), torch.ones(6))  # Ratio targets stay a distribution
     lam = my.max(dim=1).values.min().item()
     assert 0 < lam <= 1
     assert mx.exp().sum() == pytest.approx(x.exp().sum().item(), rel=1e-4)  # power is conserved in total
-    _, ymax = mixup(x, y, cfg_with("augmentation.mix_audio=Mixup", "augmentation.mix_target=Max"))
+    _, ymax = mixup(x, y, **{**on, "target": "Max"})
     assert set(ymax.unique().tolist()) <= {0.0, 1.0}
-    never = mixup(x, y, cfg_with("augmentation.mix_audio=Mixup", "augmentation.mix_probability=0.0"))
+    never = mixup(x, y, **{**on, "probability": 0.0})
     assert torch.equal(never[0], x)
+
+
+def test_loop_settings_carry_the_config_as_plain_values_and_pickle():
+    import pickle
+
+    cfg = cfg_with("augmentation.mix_audio=Mixup", "augmentation.mix_iterations=2", "training.evaluation_epochs=2.4",
+                   "training.differential_learning_rate_layers=[backbone]", "augmentation.time_mask_frames=8")
+    s = LoopSettings.from_config(cfg, classes=["a", "b"], fold_dir="/tmp/fold_0", optimizer_steps_per_epoch=7,
+                                 cache_shards=True)
+    assert s.classes == ("a", "b") and s.differential_layers == ("backbone",) and s.optimizer_steps_per_epoch == 7
+    assert s.mix_iterations == 2 and s.evaluate_every == 2 and s.time_mask_frames == 8 and s.cache_shards
+    assert s.epochs == cfg.training.epochs and s.architecture == cfg.architecture and s.run_dir is None
+    assert pickle.loads(pickle.dumps(s)) == s  # Ray sends it to every worker
+    assert LoopSettings.from_config(cfg_with(), classes=["a"], fold_dir="f",
+                                    optimizer_steps_per_epoch=1).mix_iterations == 0  # Disabled in the seed
+    with pytest.raises(AttributeError):
+        s.epochs = 3  # frozen
 
 
 def test_losses():

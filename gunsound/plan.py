@@ -1,0 +1,115 @@
+"""The plan of a training run, settled and checked before anything trains (this is what --dry-run prints):
+the resolved config (auto-chosen audio parameters and the drawn seed), the manifest, its folds and the feature
+parameters."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from gunsound import storage
+from gunsound.config import Config, ConfigError, config_from_dict
+from gunsound.dataset import (
+    AudioChoice,
+    Manifest,
+    assign_folds,
+    choose_audio_parameters,
+    load_manifest,
+    num_folds,
+)
+from gunsound.features import FeatureParams, mel_frames
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingPlan:
+    cfg: Config  # resolved: audio parameters and seed filled in
+    manifest: Manifest
+    folds: np.ndarray
+    audio: AudioChoice
+    features: FeatureParams
+    output: str
+    fold_ids: list[int]
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        frame = self.manifest.frame
+        counts = frame["label"].value_counts().sort_index()
+        lines = [
+            f"experiment      {self.cfg.experiment_name}",
+            f"dataset         {self.manifest.source}: {len(frame)} clips, {len(self.manifest.classes)} classes"
+            + (f", {len(self.manifest.dropped)} bad rows dropped" if self.manifest.dropped else ""),
+            *(f"                  {label}: {n}" for label, n in counts.items()),
+            f"audio           {self.audio.reason}",
+            f"features        log-mel {self.features.n_mels} x {mel_frames(self.audio.chunk_seconds, self.features)}"
+            f" (n_fft {self.features.n_fft}, hop {self.features.hop_length},"
+            f" {self.features.f_min:g}-{self.features.f_max:g} Hz, normalize {self.features.normalize})",
+            f"model           {self.cfg.architecture.backbone} (pretrained {self.cfg.architecture.pretrained},"
+            f" pool {self.cfg.architecture.pool}, dropout {self.cfg.architecture.dropout})",
+            f"training        {self.cfg.training.epochs} epochs, batch {self.cfg.training.batch_size},"
+            f" lr {self.cfg.training.learning_rate:g}, {self.cfg.training.optimizer},"
+            f" {self.cfg.training.schedule}, loss {self.cfg.training.loss_function}",
+            f"validation      {num_folds(self.cfg.dataset)} folds, running {self.fold_ids}"
+            f" (stratified by class, grouped by {self.cfg.dataset.group_fold_column or 'file'})",
+            f"seed            {self.cfg.environment.seed}",
+            f"output          {self.output}",
+            *self.notes,
+        ]
+        for k in self.fold_ids:
+            lines.append(f"fold {k}          train {(self.folds != k).sum()} clips, validate {(self.folds == k).sum()}")
+        return "\n".join(lines)
+
+
+def prepare(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = False) -> TrainingPlan:
+    """Check the dataset and settle everything a run needs, without training (this is --dry-run)."""
+    s3 = storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
+    output, data = storage.absolute(output), storage.absolute(data) if data else None
+    resolved = config_from_dict(cfg.to_dict())
+    # Workers may run in processes that never saw this environment; the endpoint travels in the config.
+    resolved.storage.endpoint_url, resolved.storage.region = s3.endpoint_url, s3.region
+    notes = []
+    if resolved.environment.seed < 0:
+        resolved.environment.seed = int(np.random.SeedSequence().entropy % (2**31))
+        notes.append(f"note            seed -1: drew seed {resolved.environment.seed}")
+        log.info("seed -1: drew seed %d", resolved.environment.seed)
+    manifest = load_manifest(resolved, data, drop_bad_rows=drop_bad_rows)
+    if resolved.training.loss_function == "CrossEntropy" and (manifest.frame["label"] == resolved.dataset.background_label).any():
+        raise ConfigError("training.loss_function: CrossEntropy cannot learn from background clips (all-zero "
+                          "targets); use BCE")
+    choice = choose_audio_parameters(resolved, manifest)
+    resolved.audio.sample_rate = choice.sample_rate
+    resolved.audio.training_chunk_seconds = choice.chunk_seconds
+    params = FeatureParams.from_config(resolved.audio, choice.sample_rate)
+    if resolved.dataset.validation_dataframe:
+        manifest, folds = _with_validation_dataframe(resolved, manifest, data, drop_bad_rows)
+        notes.append(f"note            validation from {resolved.dataset.validation_dataframe} (one split, fold 0)")
+        return TrainingPlan(resolved, manifest, folds, choice, params, output, [0], notes)
+    k = num_folds(resolved.dataset)
+    bad = [f for f in resolved.dataset.folds if f >= k]
+    if bad:
+        raise ConfigError(f"dataset.folds {bad}: validation_size {resolved.dataset.validation_size} gives folds 0..{k - 1}")
+    folds = assign_folds(manifest, resolved.dataset, resolved.environment.seed)
+    return TrainingPlan(resolved, manifest, folds, choice, params, output, list(resolved.dataset.folds), notes)
+
+
+def _with_validation_dataframe(cfg: Config, train: Manifest, data: str | None,
+                               drop_bad_rows: bool) -> tuple[Manifest, np.ndarray]:
+    """A separate validation dataframe: its clips form fold 0 and every training clip trains (fold -1).
+    Its rows are numbered after the training dataframe's so that `row` stays a unique key."""
+    vcfg = config_from_dict(cfg.to_dict())
+    vcfg.dataset.train_dataframe = cfg.dataset.validation_dataframe
+    valid = load_manifest(vcfg, data, drop_bad_rows=drop_bad_rows)
+    offset = int(train.frame["row"].max()) + 1
+    vframe = valid.frame.assign(row=valid.frame["row"] + offset)
+    overlap = set(train.frame["path"]) & set(vframe["path"])
+    if overlap:
+        raise ConfigError(f"dataset.validation_dataframe shares {len(overlap)} file(s) with the training data, "
+                          f"e.g. {sorted(overlap)[0]}")
+    frame = pd.concat([train.frame, vframe], ignore_index=True)
+    classes = sorted(set(train.classes) | set(valid.classes))
+    folds = np.r_[np.full(len(train.frame), -1), np.zeros(len(vframe), dtype=np.int64)]
+    return Manifest(frame, classes, train.source, dropped=train.dropped + valid.dropped), folds

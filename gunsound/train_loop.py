@@ -1,0 +1,327 @@
+"""The loop every Ray Train worker runs for one fold (DDP across workers when there are several): restore from
+the latest checkpoint, then per epoch train, validate (rank 0), report and checkpoint.
+
+Rank 0 writes under the fold's folder while it trains:
+    metrics.json                 every epoch's metrics so far
+    best_state.pt                the best epoch's weights (training.save_best_checkpoint)
+    valid_predictions.parquet    the last epoch's validation probabilities
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from gunsound import storage
+from gunsound.augment import mixup, spec_augment
+from gunsound.config import ArchitectureConfig, Config
+from gunsound.metrics import METRIC_KEYS, classification_metrics
+from gunsound.model import build_model
+from gunsound.optim import lr_lambda, make_optimizer
+from gunsound.worker_data import Batch, WorkerData
+
+if TYPE_CHECKING:
+    import ray.train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Everything a Train worker needs for one fold, as plain values (Ray pickles it to every worker)."""
+
+    classes: tuple[str, ...]
+    fold_dir: str
+    architecture: ArchitectureConfig
+    seed: int
+    epochs: int
+    batch_size: int
+    optimizer_steps_per_epoch: int
+    loss_function: Literal["BCE", "CrossEntropy"] = "BCE"
+    optimizer: Literal["AdamW", "Adam", "SGD"] = "AdamW"
+    learning_rate: float = 0.001
+    weight_decay: float = 0.0
+    differential_layers: tuple[str, ...] = ()
+    differential_learning_rate: float = 0.001
+    schedule: Literal["Cosine", "Linear", "Constant"] = "Cosine"
+    warmup_epochs: float = 0.0
+    grad_accumulation: int = 1
+    gradient_clip: float = 0.0
+    drop_last_batch: bool = True
+    evaluate_every: int = 1
+    save_best_checkpoint: bool = False
+    calculate_train_metric: bool = False
+    mixed_precision_training: bool = True
+    mixed_precision_inference: bool = False
+    time_mask_frames: int = 0
+    frequency_mask_bins: int = 0
+    mix_iterations: int = 0  # 0: mixup off
+    mix_probability: float = 1.0
+    mix_concentration: float = 1.0
+    mix_target: Literal["Ratio", "Max"] = "Ratio"
+    metric: Literal["ROC_AUC", "Accuracy", "F1", "LogLoss"] = "ROC_AUC"
+    probability_threshold: float = 0.5
+    background_label: str = "background"
+    cache_shards: bool = False
+    run_dir: str | None = None  # where the live report is refreshed after every epoch; None: no live report
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, classes: Iterable[str], fold_dir: str, optimizer_steps_per_epoch: int,
+                    cache_shards: bool = False, run_dir: str | None = None) -> LoopSettings:
+        t, a, env = cfg.training, cfg.augmentation, cfg.environment
+        return cls(
+            classes=tuple(classes), fold_dir=fold_dir, architecture=cfg.architecture, seed=env.seed,
+            epochs=t.epochs, batch_size=t.batch_size, optimizer_steps_per_epoch=optimizer_steps_per_epoch,
+            loss_function=t.loss_function, optimizer=t.optimizer, learning_rate=t.learning_rate,
+            weight_decay=t.weight_decay, differential_layers=tuple(t.differential_learning_rate_layers),
+            differential_learning_rate=t.differential_learning_rate, schedule=t.schedule,
+            warmup_epochs=t.warmup_epochs, grad_accumulation=t.grad_accumulation, gradient_clip=t.gradient_clip,
+            drop_last_batch=t.drop_last_batch, evaluate_every=max(1, round(t.evaluation_epochs)),
+            save_best_checkpoint=t.save_best_checkpoint, calculate_train_metric=t.calculate_train_metric,
+            mixed_precision_training=env.mixed_precision_training,
+            mixed_precision_inference=env.mixed_precision_inference,
+            time_mask_frames=a.time_mask_frames, frequency_mask_bins=a.frequency_mask_bins,
+            mix_iterations=a.mix_iterations if a.mix_audio == "Mixup" else 0, mix_probability=a.mix_probability,
+            mix_concentration=a.mix_concentration, mix_target=a.mix_target, metric=cfg.prediction.metric,
+            probability_threshold=cfg.prediction.probability_threshold,
+            background_label=cfg.dataset.background_label, cache_shards=cache_shards, run_dir=run_dir,
+            endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
+        )
+
+    def metrics_of(self, probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        return classification_metrics(probs, targets, list(self.classes), self.probability_threshold,
+                                      self.background_label)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "BCE":
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    return torch.sigmoid(logits) if kind == "BCE" else torch.softmax(logits, dim=1)
+
+
+def training_precision(device: torch.device, mixed_precision: bool) -> tuple[bool, torch.dtype]:
+    """Autocast on CUDA only: bfloat16 where the GPU has it (no loss scaling needed), else float16 with a
+    GradScaler. CPU autocast would slow the convolutions down rather than speed them up."""
+    amp = device.type == "cuda" and mixed_precision
+    return amp, (torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: the model (unwrapped), optimizer, schedule, loss scaler and the epochs so far.
+    Its `state_dict` holds tensors and plain values only, so it loads with `torch.load(weights_only=True)`."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    history: list[dict]
+    next_epoch: int = 0
+    best_score: float | None = None
+    best_epoch: int | None = None
+
+    @classmethod
+    def create(cls, s: LoopSettings, device: torch.device, amp: bool, amp_dtype: torch.dtype) -> TrainState:
+        model = build_model(s.architecture, len(s.classes)).to(device)
+        optimizer = make_optimizer(model, kind=s.optimizer, learning_rate=s.learning_rate,
+                                   weight_decay=s.weight_decay, differential_layers=s.differential_layers,
+                                   differential_learning_rate=s.differential_learning_rate)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+            epochs=s.epochs, steps_per_epoch=s.optimizer_steps_per_epoch, warmup_epochs=s.warmup_epochs,
+            schedule=s.schedule))
+        scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
+        return cls(model, optimizer, scheduler, scaler, history=[])
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.next_epoch - 1, "history": self.history, "best_score": self.best_score,
+                "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.history, self.next_epoch = state["history"], state["epoch"] + 1
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+
+
+def save_bytes(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def restore(state: TrainState, checkpoint: ray.train.Checkpoint | None, device: torch.device) -> None:
+    """Continue from a Ray Train checkpoint (a restarted worker or a rerun of the same command), if any."""
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state.load_state_dict(torch.load(Path(d) / "state.pt", map_location=device, weights_only=True))
+
+
+def train_one_epoch(model: torch.nn.Module, state: TrainState, batches: Iterable[Batch], s: LoopSettings,
+                    device: torch.device, amp: bool, amp_dtype: torch.dtype) -> dict[str, Any]:
+    """One pass over this worker's batches (augmented, accumulated, clipped); returns the epoch's metrics."""
+    model.train()
+    optimizer, scheduler, scaler = state.optimizer, state.scheduler, state.scaler
+    batch_losses, seen, train_probs, train_targets = [], 0, [], []
+    optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(batches):
+        x = batch["features"].to(device, non_blocking=True).unsqueeze(1)
+        y = batch["target"].to(device, non_blocking=True)
+        x = spec_augment(x, time_mask_frames=s.time_mask_frames, frequency_mask_bins=s.frequency_mask_bins)
+        x, y = mixup(x, y, iterations=s.mix_iterations, probability=s.mix_probability,
+                     concentration=s.mix_concentration, target=s.mix_target)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            logits = model(x).float()
+            loss = loss_fn(logits, y, s.loss_function)
+        scaler.scale(loss / s.grad_accumulation).backward()
+        if (step + 1) % s.grad_accumulation == 0:
+            if s.gradient_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.gradient_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        batch_losses.append(loss.item())
+        seen += len(y)
+        if s.calculate_train_metric:
+            train_probs.append(probabilities(logits.detach().float(), s.loss_function).cpu().numpy())
+            train_targets.append((y > 0.5).float().cpu().numpy())
+    metrics: dict[str, Any] = {
+        "epoch": state.next_epoch + 1, "train_loss": float(np.mean(batch_losses)) if batch_losses else float("nan"),
+        "train_batch_loss": batch_losses, "lr": float(scheduler.get_last_lr()[0]), "train_clips": seen,
+        "device": str(device), "precision": str(amp_dtype if amp else torch.float32).split(".")[-1]}
+    if train_probs:  # on the augmented training batches, as seen by this worker
+        metrics.update({f"train_{k}": v for k, v in s.metrics_of(np.concatenate(train_probs),
+                                                                 np.concatenate(train_targets)).items()})
+    return metrics
+
+
+def evaluate(model: torch.nn.Module, batches: Iterable[Batch], loss_function: str, device: torch.device,
+             mixed_precision: bool = False) -> dict[str, np.ndarray]:
+    """Rows, probabilities, targets and mean loss of a model over batches of ("row", "features", "target")."""
+    model.eval()
+    rows, probs, targets, losses = [], [], [], []
+    amp = device.type == "cuda" and mixed_precision
+    with torch.inference_mode():
+        for batch in batches:
+            x = batch["features"].to(device).unsqueeze(1)
+            y = batch["target"].to(device)
+            with torch.autocast(device.type, enabled=amp):
+                logits = model(x).float()
+            losses.append(loss_fn(logits, y, loss_function).item() * len(y))
+            probs.append(probabilities(logits, loss_function).cpu().numpy())
+            targets.append(y.cpu().numpy())
+            rows.append(batch["row"].cpu().numpy())
+    return {"row": np.concatenate(rows), "probs": np.concatenate(probs), "targets": np.concatenate(targets),
+            "loss": np.array(sum(losses) / max(1, sum(len(t) for t in targets)))}
+
+
+def validate(model: torch.nn.Module, batches: Iterable[Batch], s: LoopSettings, device: torch.device,
+             metrics: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Evaluate on the validation set, add valid_* to the epoch's metrics, return the predictions."""
+    result = evaluate(model, batches, s.loss_function, device, s.mixed_precision_inference)
+    metrics["valid_loss"] = float(result["loss"])
+    metrics.update({f"valid_{k}": v for k, v in s.metrics_of(result["probs"], result["targets"]).items()})
+    return result
+
+
+def report_and_checkpoint(state: TrainState, metrics: dict[str, Any], predictions: dict[str, np.ndarray] | None,
+                          s: LoopSettings, rank: int) -> None:
+    """Report the epoch to Ray Train; rank 0 also tracks the best epoch, writes the fold's files and
+    passes the checkpoint."""
+    import ray.train
+
+    state.next_epoch += 1
+    if rank != 0:
+        ray.train.report(scalar_metrics(metrics))
+        return
+    state.history.append(metrics)
+    score = metrics.get(METRIC_KEYS[s.metric])
+    if score is not None and (state.best_score is None or _better(score, state.best_score, s.metric)):
+        state.best_score, state.best_epoch = float(score), state.next_epoch
+        if s.save_best_checkpoint:
+            storage.write_bytes(storage.join(s.fold_dir, "best_state.pt"), save_bytes(state.model.state_dict()))
+    storage.write_text(storage.join(s.fold_dir, "metrics.json"), json.dumps(state.history, indent=1))
+    if s.run_dir:
+        _live_report(s.run_dir)
+    if state.next_epoch == s.epochs and predictions is not None:
+        frame = pd.DataFrame({"row": predictions["row"]})
+        for i, c in enumerate(s.classes):
+            frame[f"prob_{c}"] = predictions["probs"][:, i]
+            frame[f"true_{c}"] = predictions["targets"][:, i]
+        storage.write_parquet(frame, storage.join(s.fold_dir, "valid_predictions.parquet"))
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "state.pt").write_bytes(save_bytes(state.state_dict()))
+        ray.train.report(scalar_metrics(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_loop_per_worker(s: LoopSettings) -> None:
+    """One fold on one Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    storage.configure_s3(s.endpoint_url, s.region)
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(s.seed + rank)
+    np.random.seed((s.seed + rank) % (2**32))
+    amp, amp_dtype = training_precision(device, s.mixed_precision_training)
+    state = TrainState.create(s, device, amp, amp_dtype)
+    restore(state, ray.train.get_checkpoint(), device)
+    model = ray.train.torch.prepare_model(state.model)  # DDP when there are several workers
+    state.model = model.module if hasattr(model, "module") else model
+    data = WorkerData(s, rank)
+    first_epoch = state.next_epoch
+    for epoch in range(first_epoch, s.epochs):
+        started = time.perf_counter()
+        metrics = train_one_epoch(model, state, data.train_batches(s.seed + epoch * 1000 + rank), s, device,
+                                  amp, amp_dtype)
+        metrics["train_seconds"] = time.perf_counter() - started
+        if data.load_seconds is not None and epoch == first_epoch:
+            metrics["shard_load_seconds"] = data.load_seconds  # once per worker start, before the first epoch
+        predictions = None
+        if rank == 0 and ((epoch + 1) % s.evaluate_every == 0 or epoch + 1 == s.epochs):
+            predictions = validate(state.model, data.valid_batches(), s, device, metrics)
+        metrics["epoch_seconds"] = time.perf_counter() - started
+        report_and_checkpoint(state, metrics, predictions, s, rank)
+
+
+def _better(score: float, best: float, metric: str) -> bool:
+    return score < best if metric == "LogLoss" else score > best
+
+
+def _live_report(run_dir: str) -> None:
+    """Refresh report.html while training runs; a chart that fails never stops training."""
+    from gunsound.report import write_report
+
+    try:
+        write_report(run_dir, live=True)
+    except Exception as exc:  # noqa: BLE001 - the report is a view, training is the job
+        log.warning("live report not updated: %s", exc)
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    """The numbers of an epoch's metrics (what Ray Train and metrics.json's per-fold summary carry)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
