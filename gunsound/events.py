@@ -8,37 +8,70 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy.ndimage import maximum_filter1d
 from scipy.signal import butter, sosfilt
 
 BLAST_BAND_HZ = (200.0, 2000.0)
 
 
-def detect_onsets(wave: np.ndarray, sr: int, min_gap: float = 0.03, threshold_db: float = 12.0) -> np.ndarray:
-    """Muzzle blasts in seconds: a jump of the short-time energy threshold_db above the running floor.
+FRAME_SECONDS = 0.005
 
-    The energy is taken in the blast's band (200 Hz to 2 kHz). Below it are wind and traffic rumble; above it
-    the supersonic crack, which reaches the microphone up to ~100 ms before the blast and, counted in a
-    broadband energy, times a shot early or counts it twice."""
-    hop = max(1, int(sr * 0.005))
-    frames = len(wave) // hop
-    if frames < 3:
-        return np.zeros(0)
+
+def band_level_db(wave: np.ndarray, sr: int, frame: int) -> np.ndarray:
+    """Short-time level (dB) of the muzzle blast's band, one value per frame of `frame` samples.
+
+    The band is 200 Hz to 2 kHz. Below it are wind and traffic rumble; above it the supersonic crack, which
+    reaches the microphone up to ~100 ms before the blast and, counted in a broadband energy, times a shot
+    early or counts it twice."""
+    frames = len(wave) // frame
     low, high = BLAST_BAND_HZ[0], min(BLAST_BAND_HZ[1], 0.45 * sr)
     band = sosfilt(butter(4, [low, high], btype="band", fs=sr, output="sos"), np.asarray(wave, dtype=np.float64))
-    energy = np.sqrt(np.mean(band[: frames * hop].reshape(frames, hop) ** 2, axis=1)) + 1e-9
-    level = 20 * np.log10(energy)
-    # The noise floor: a low percentile of the past second, so a dense burst does not raise its own floor.
-    floor = pd.Series(level).rolling(int(1.0 / 0.005), min_periods=1).quantile(0.2).shift(1).bfill().to_numpy()
-    # The rise is over the quietest of the last three frames (15 ms): in automatic fire the next blast lands
-    # on the previous shot's ring and may climb over more than one frame.
-    rise = level - pd.Series(level).shift(1).rolling(3, min_periods=1).min().bfill().to_numpy()
-    candidates = np.where((level - floor > threshold_db) & (rise > 6))[0]
-    onsets, last = [], -np.inf
-    for c in candidates:
-        t = c * hop / sr
-        if t - last >= min_gap:
-            onsets.append(t)
-            last = t
+    return 20 * np.log10(np.sqrt(np.mean(band[: frames * frame].reshape(frames, frame) ** 2, axis=1)) + 1e-9)
+
+
+def detect_onsets(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_db: float = 6.0,
+                  min_gap: float = 0.03, ring_db: float = 3.0, release_db: float = 30.0, echo_db: float = 6.0,
+                  echo_seconds: float = 1.0) -> np.ndarray:
+    """Muzzle blasts in seconds: the band level jumps `rise_db` over its quietest of the last 15 ms and stands
+    `threshold_db` above the noise floor (a low percentile of the past second, so that a dense burst does not
+    raise its own floor; the first second's own quietest part where there is no past, so that a shot at the
+    very start of a file counts).
+
+    A shot then rings until its level has fallen `release_db` below its peak. While it rings, a new blast must
+    come within `ring_db` of that peak (automatic fire: each blast as loud as the last), so the ripples of one
+    shot's ring are not shots; once it has died away, a sound within `echo_seconds` must come within
+    `echo_db` of the peak, so an echo off a wall is not a shot. Blasts closer than `min_gap` (2000 rounds per
+    minute) are one."""
+    frame = max(1, int(sr * FRAME_SECONDS))
+    frames = len(wave) // frame
+    if frames < 3:
+        return np.zeros(0)
+    level = band_level_db(wave, sr, frame)
+    second = int(round(1.0 / FRAME_SECONDS))
+    past = pd.Series(level).rolling(second, min_periods=1).quantile(0.2).shift(1).to_numpy()
+    head = np.quantile(level[:second], 0.2)
+    floor = np.where(np.arange(frames) < second, np.fmin(np.nan_to_num(past, nan=head), head), past)
+    # In automatic fire the next blast lands on the previous shot's ring and may climb over more than a frame.
+    quietest = pd.Series(level).shift(1).rolling(3, min_periods=1).min().to_numpy()
+    quietest = np.where(np.isnan(quietest), floor, quietest)
+    candidate = (level - floor > threshold_db) & (level - quietest > rise_db)
+    # A blast's own peak: the loudest of its first 15 ms (a blast may climb over more than one frame).
+    blast = maximum_filter1d(level, size=3, origin=-1)
+    onsets: list[float] = []
+    last, peak, ringing = -np.inf, -np.inf, False
+    for c in range(frames):
+        if ringing:
+            peak = max(peak, level[c])  # a shot's peak may come some ms after its onset
+            ringing = level[c] >= max(peak - release_db, floor[c] + threshold_db)
+        if not candidate[c]:
+            continue
+        t = c * frame / sr
+        if t - last < min_gap or (ringing and blast[c] < peak - ring_db):
+            continue
+        if not ringing and t - last < echo_seconds and blast[c] < peak - echo_db:
+            continue
+        onsets.append(t)
+        last, peak, ringing = t, blast[c], True
     return np.array(onsets)
 
 

@@ -49,3 +49,43 @@ def test_summary_row_and_events_of_a_file():
     failed, none = summarize_file("f.wav", 0.0, windows, np.zeros(0), ["a", "b"], method="Fix", threshold=0.5,
                                   error="unreadable")
     assert failed["status"] == "error" and np.isnan(failed["max_a"]) and none == []
+
+
+def _pistol_shot(sr: int, seed: int = 0) -> np.ndarray:
+    """One generated pistol shot (no supersonic crack), its muzzle blast at sample 0."""
+    from gunsound.synthesis import WEAPONS, _shot
+
+    rng = np.random.default_rng(seed)
+    shot, onset = _shot(WEAPONS["IMI Desert Eagle"], sr, 30.0, rng)
+    return shot[int(round(onset * sr)):]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_shot_at_the_very_start_of_a_file_counts_once(seed):
+    sr = 32000
+    wave = np.zeros(2 * sr)
+    shot = _pistol_shot(sr, seed)
+    wave[: len(shot)] += shot
+    wave += 1e-4 * np.random.default_rng(seed).standard_normal(len(wave))
+    onsets = detect_onsets(wave, sr)
+    assert len(onsets) == 1 and onsets[0] < 0.01
+
+
+@pytest.mark.parametrize(("quiet_seconds", "echo_delays"), [(0.0, (0.12, 0.31, 0.55)), (0.5, (0.08, 0.2, 0.45))])
+def test_one_shot_with_a_long_echo_tail_is_one_shot(quiet_seconds, echo_delays):
+    """Wall echoes 6-12 dB down and a reverberant tail (a second long, 10 dB under the shot): one shot."""
+    sr = 32000
+    rng = np.random.default_rng(5)
+    shot = _pistol_shot(sr)
+    dry = np.zeros(3 * sr)
+    at = int(quiet_seconds * sr)
+    dry[at:at + len(shot)] += shot
+    wet = dry.copy()
+    for delay, gain_db in zip(echo_delays, (-6, -9, -12), strict=True):
+        wet[int(delay * sr):] += 10 ** (gain_db / 20) * dry[: len(dry) - int(delay * sr)]
+    tail = rng.standard_normal(sr) * np.exp(-np.arange(sr) / (0.25 * sr))
+    tail *= np.sqrt(0.1 / np.sum(tail**2))
+    wet += np.convolve(dry, tail)[: len(wet)]
+    wet += 1e-4 * rng.standard_normal(len(wet))
+    onsets = detect_onsets(wet, sr)
+    assert len(onsets) == 1 and abs(onsets[0] - quiet_seconds) < 0.01

@@ -1,0 +1,276 @@
+"""Shot detection on real recordings: the corpus' real single shots placed at known times over real ambient
+sound and generated noise, at signal-to-noise ratios from 0 to 30 dB, with real non-gun impulsive sounds that
+must not count; single-shot clips (a shot at time 0 included); bursts made of real single shots at 400 to
+1200 rounds per minute; the corpus' own burst recordings whose rounds are known; and gunsound's synthetic
+archive. Every figure for the onset detector and for the previous one (kept here as `previous_detector`),
+in the same run.
+
+    python benchmarks/real_corpus.py /work/corpus        # once: the corpus
+    python benchmarks/shots_real.py /work/corpus [--archives 6] [--seed 0]
+
+Targets (issue 10): onset recall and precision at 50 ms >= 0.95 over the mixed archives; single shots counted
+exactly once >= 90%; bursts with the exact count >= 80% and rate of fire within 5% at the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.signal import butter, sosfilt
+
+from gunsound import audio
+from gunsound.events import detect_onsets
+from gunsound.synthesis import generate_archive
+
+SAMPLE_RATE = 32000
+TOLERANCE = 0.05  # seconds: a detection within this of a true onset finds it
+SNRS_DB = (0, 10, 20, 30)
+RATES_RPM = (400, 600, 800, 1000, 1200)
+
+
+def previous_detector(wave: np.ndarray, sr: int, min_gap: float = 0.03, threshold_db: float = 12.0) -> np.ndarray:
+    """The detector before issue 10, verbatim: the yardstick the new one is measured against."""
+    hop = max(1, int(sr * 0.005))
+    frames = len(wave) // hop
+    if frames < 3:
+        return np.zeros(0)
+    band = sosfilt(butter(4, [200.0, min(2000.0, 0.45 * sr)], btype="band", fs=sr, output="sos"),
+                   np.asarray(wave, dtype=np.float64))
+    level = 20 * np.log10(np.sqrt(np.mean(band[: frames * hop].reshape(frames, hop) ** 2, axis=1)) + 1e-9)
+    floor = pd.Series(level).rolling(int(1.0 / 0.005), min_periods=1).quantile(0.2).shift(1).bfill().to_numpy()
+    rise = level - pd.Series(level).shift(1).rolling(3, min_periods=1).min().bfill().to_numpy()
+    onsets, last = [], -np.inf
+    for c in np.where((level - floor > threshold_db) & (rise > 6))[0]:
+        if c * hop / sr - last >= min_gap:
+            onsets.append(c * hop / sr)
+            last = c * hop / sr
+    return np.array(onsets)
+
+
+DETECTORS = {"new": detect_onsets, "previous": previous_detector}
+
+
+@dataclass
+class Clip:
+    name: str
+    package: str
+    wave: np.ndarray
+    onset: float = 0.0  # first shot, seconds into the clip
+
+
+def load_corpus(root: Path) -> tuple[list[Clip], list[Clip], list[Clip], list[tuple[Clip, list[float]]]]:
+    """Single shots, ambient beds, non-gun impulsive sounds, and burst recordings with their onsets."""
+    table = pd.read_csv(root / "corpus.csv", keep_default_na=False, dtype=str)
+    shots, beds, transients, bursts = [], [], [], []
+    for row in table.itertuples():
+        wave, _ = audio.read(str(root / row.file), SAMPLE_RATE)
+        if wave.size < SAMPLE_RATE // 50 or not np.any(wave):
+            continue
+        clip = Clip(row.file.rsplit("/", 1)[-1], row.package, wave)
+        onsets = [float(t) for t in row.onsets.split(";") if t.strip()]
+        if row.label != "background":
+            if row.rounds == "1":
+                clip.onset = onsets[0] if onsets else 0.0
+                shots.append(clip)
+            elif row.rounds and len(onsets) == int(row.rounds):
+                bursts.append((clip, onsets))
+        elif is_stationary(wave):
+            beds.append(clip)
+        else:
+            transients.append(clip)
+    return shots, beds, transients, bursts
+
+
+def frame_levels(wave: np.ndarray, frame: int = SAMPLE_RATE // 20) -> np.ndarray:
+    n = len(wave) // frame
+    return 10 * np.log10(np.mean(wave[: n * frame].reshape(n, frame) ** 2, axis=1) + 1e-12)
+
+
+def is_stationary(wave: np.ndarray) -> bool:
+    """Ambient sound (rain, wind, machinery): at least 2 s whose 50 ms levels stay within 12 dB."""
+    levels = frame_levels(wave)
+    return len(levels) >= 40 and np.percentile(levels, 95) - np.percentile(levels, 5) < 12
+
+
+def shot_energy(clip: Clip) -> float:
+    """Mean power over the shot's first 100 ms: the signal of the signal-to-noise ratio."""
+    start = int(clip.onset * SAMPLE_RATE)
+    return float(np.mean(clip.wave[start:start + SAMPLE_RATE // 10] ** 2) + 1e-12)
+
+
+def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))
+    noise = np.fft.irfft(spectrum, n)
+    return noise / (noise.std() + 1e-12)
+
+
+def ambient_bed(n: int, beds: list[Clip], rng: np.random.Generator) -> np.ndarray:
+    """Unit-power background: real ambient clips end to end (random offsets) mixed with pink noise."""
+    bed = np.zeros(n)
+    at = 0
+    while beds and at < n:
+        clip = beds[rng.integers(len(beds))].wave
+        piece = clip[rng.integers(max(1, len(clip) // 2)):]
+        piece = piece[: n - at]
+        bed[at:at + len(piece)] = piece / (piece.std() + 1e-12)
+        at += len(piece)
+    bed = bed + 0.5 * pink_noise(n, rng) if beds else pink_noise(n, rng)
+    return bed / (bed.std() + 1e-12)
+
+
+def mixed_archive(shots: list[Clip], beds: list[Clip], transients: list[Clip], snr_db: float, seconds: float,
+                  rng: np.random.Generator) -> tuple[np.ndarray, list[float], list[tuple[float, float]]]:
+    """Shots every 2-4 s at `snr_db` over a unit-power bed, a non-gun sound between every other pair."""
+    n = int(seconds * SAMPLE_RATE)
+    wave = 0.02 * ambient_bed(n, beds, rng)
+    truth, others = [], []
+    t = float(rng.uniform(0.3, 1.0))
+    while t < seconds - 2.0:
+        shot = shots[rng.integers(len(shots))]
+        gain = np.sqrt(0.02**2 * 10 ** (snr_db / 10) / shot_energy(shot))
+        at = int((t - shot.onset) * SAMPLE_RATE)
+        piece = shot.wave[max(0, -at):][: n - max(at, 0)]
+        wave[max(at, 0):max(at, 0) + len(piece)] += gain * piece
+        truth.append(t)
+        gap = float(rng.uniform(2.0, 4.0))
+        if transients and rng.random() < 0.5:
+            other = transients[rng.integers(len(transients))]
+            start = t + gap / 2
+            level = 0.02 * 10 ** (rng.uniform(0, 30) / 20) / (np.sqrt(np.mean(other.wave**2)) + 1e-12)
+            piece = other.wave[: min(len(other.wave), int((gap / 2 - 0.3) * SAMPLE_RATE))]
+            at = int(start * SAMPLE_RATE)
+            wave[at:at + len(piece)] += level * piece[: n - at]
+            others.append((start, start + len(piece) / SAMPLE_RATE))
+        t += gap
+    return np.clip(wave, -1, 1).astype(np.float32), truth, others
+
+
+def match(found: np.ndarray, truth: list[float]) -> int:
+    """True onsets found within TOLERANCE, one detection each."""
+    used = np.zeros(len(found), dtype=bool)
+    hits = 0
+    for t in truth:
+        near = np.where(~used & (np.abs(found - t) <= TOLERANCE))[0]
+        if len(near):
+            used[near[np.argmin(np.abs(found[near] - t))]] = True
+            hits += 1
+    return hits
+
+
+def burst(shot: Clip, rpm: float, count: int, rng: np.random.Generator) -> tuple[np.ndarray, list[float]]:
+    """`count` copies of one real shot at `rpm`, each a little louder or softer, tails overlapping the next."""
+    interval = 60.0 / rpm
+    lead = 0.5
+    n = int((lead + count * interval + len(shot.wave) / SAMPLE_RATE) * SAMPLE_RATE)
+    wave = np.zeros(n)
+    times = []
+    for k in range(count):
+        t = lead + k * interval
+        at = int((t - shot.onset) * SAMPLE_RATE)
+        wave[at:at + len(shot.wave)] += shot.wave * 10 ** (rng.uniform(-2, 2) / 20)
+        times.append(t)
+    wave += 0.002 * pink_noise(n, rng) * np.abs(shot.wave).max()
+    return wave.astype(np.float32), times
+
+
+def rate_error(found: np.ndarray, rpm: float) -> float:
+    return abs(60.0 / np.median(np.diff(found)) - rpm) / rpm if len(found) > 1 else 1.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("corpus", type=Path, help="the folder benchmarks/real_corpus.py built")
+    parser.add_argument("--archives", type=int, default=4, help="mixed archives per signal-to-noise ratio")
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of each mixed archive")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    shots, beds, transients, real_bursts = load_corpus(args.corpus)
+    print(f"corpus {args.corpus}: {len(shots)} single shots from {len({c.package for c in shots})} packages, "
+          f"{len(beds)} ambient beds, {len(transients)} non-gun sounds, {len(real_bursts)} burst recordings")
+    rows = []
+
+    # 1. Mixed archives at each signal-to-noise ratio.
+    for snr in SNRS_DB:
+        rng = np.random.default_rng([args.seed, snr])
+        archives = [mixed_archive(shots, beds, transients, snr, args.seconds, rng) for _ in range(args.archives)]
+        for name, detect in DETECTORS.items():
+            hits = found_total = spurious = shots_total = others_total = others_hit = 0
+            for wave, truth, others in archives:
+                found = detect(wave, SAMPLE_RATE)
+                in_other = np.zeros(len(found), dtype=bool)
+                for lo, hi in others:
+                    inside = (found >= lo - TOLERANCE) & (found <= hi)
+                    others_hit += bool(inside.any())
+                    in_other |= inside
+                hits += match(found, truth)
+                near_shot = np.array([np.min(np.abs(np.array(truth) - f)) <= 1.0 for f in found], dtype=bool)
+                found_total += int((~in_other).sum())
+                spurious += int((~in_other & ~near_shot).sum())
+                shots_total += len(truth)
+                others_total += len(others)
+            rows.append({"test": f"mixed {snr:2d} dB", "detector": name, "recall": hits / shots_total,
+                         "precision": hits / max(1, found_total), "non-gun detected": others_hit / max(1, others_total),
+                         "n": shots_total})
+
+    # 2. Single-shot clips: as shipped (shot at time 0), after 0.5 s of quiet, over an ambient bed at 20 dB.
+    rng = np.random.default_rng([args.seed, 1])
+    for variant in ("as shipped", "0.5 s quiet in front", "ambient bed, 20 dB"):
+        waves = []
+        for shot in shots:
+            if variant == "as shipped":
+                waves.append(shot.wave)
+            elif variant == "0.5 s quiet in front":
+                waves.append(np.concatenate([np.zeros(SAMPLE_RATE // 2, np.float32), shot.wave]))
+            else:
+                wave = np.concatenate([np.zeros(SAMPLE_RATE // 2), shot.wave, np.zeros(SAMPLE_RATE // 2)])
+                bed = ambient_bed(len(wave), beds, rng) * np.sqrt(shot_energy(shot) / 100)
+                waves.append((wave + bed).astype(np.float32))
+        for name, detect in DETECTORS.items():
+            counts = np.array([len(detect(w, SAMPLE_RATE)) for w in waves])
+            rows.append({"test": f"single shot, {variant}", "detector": name, "exactly one": float(np.mean(counts == 1)),
+                         "shots found": f"{counts.sum()} for {len(counts)}", "n": len(counts)})
+
+    # 3. Bursts of real single shots at 400-1200 rounds per minute, and the corpus' own bursts.
+    rng = np.random.default_rng([args.seed, 2])
+    made = [(rpm, *burst(shot, rpm, int(rng.integers(3, 11)), rng)) for shot in shots for rpm in RATES_RPM]
+    for name, detect in DETECTORS.items():
+        exact, errors = [], []
+        for rpm, wave, times in made:
+            found = detect(wave, SAMPLE_RATE)
+            exact.append(len(found) == len(times))
+            errors.append(rate_error(found, rpm))
+        rows.append({"test": "bursts of real shots", "detector": name, "exact count": float(np.mean(exact)),
+                     "rate error median": float(np.median(errors)), "n": len(made)})
+        if real_bursts:
+            exact = [len(detect(c.wave, SAMPLE_RATE)) == len(t) for c, t in real_bursts]
+            recall = np.mean([match(detect(c.wave, SAMPLE_RATE), t) / len(t) for c, t in real_bursts])
+            rows.append({"test": "burst recordings", "detector": name, "exact count": float(np.mean(exact)),
+                         "recall": float(recall), "n": len(real_bursts)})
+
+    # 4. The synthetic archive (gunsound's generator), so no regression hides there.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "archive.wav"
+        truth = generate_archive(path, minutes=5, sample_rate=SAMPLE_RATE, seed=args.seed)
+        wave, _ = audio.read(str(path), SAMPLE_RATE)
+    for name, detect in DETECTORS.items():
+        found = detect(wave, SAMPLE_RATE)
+        hits = match(found, list(truth["time"]))
+        rows.append({"test": "synthetic archive", "detector": name, "recall": hits / len(truth),
+                     "precision": hits / max(1, len(found)), "n": len(truth)})
+
+    table = pd.DataFrame(rows).set_index(["test", "detector"])
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        print(table.astype(object).fillna("").to_string())
+    print(f"wall {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
