@@ -20,6 +20,7 @@ from gunsound.synthesis import generate_dataset
 REPO = Path(__file__).resolve().parents[1]
 SEED_CONFIG = REPO / "configs" / "gun_sound_resnet50.yaml"
 LAPTOP_CONFIG = REPO / "configs" / "laptop.yaml"
+SMALL_DATA_CONFIG = REPO / "configs" / "small_data.yaml"
 # Training settings that keep a fold to seconds on a laptop.
 FAST = ["architecture.backbone=resnet10t", "training.epochs=2", "training.batch_size=16",
         "audio.mel_frequency_bins=32", "training.warmup_epochs=0.5", "training.gradient_clip=1.0"]

@@ -1,6 +1,7 @@
 """One fold trained end to end on a local Ray, through the CLI."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -8,7 +9,7 @@ import yaml
 
 from gunsound.cli import main
 from gunsound.model import ModelArtifact
-from tests.conftest import FAST, LAPTOP_CONFIG, SEED_CONFIG
+from tests.conftest import FAST, LAPTOP_CONFIG, SEED_CONFIG, SMALL_DATA_CONFIG
 
 
 def test_dry_run_validates_and_prints_the_plan(synth_dir, capsys):
@@ -71,3 +72,21 @@ def test_two_folds_end_to_end_with_cv_metrics_and_report(ray_local, synth_dir, t
     write_report(str(live), live=True)
     page = (live / "report.html").read_text()
     assert "Training in progress" in page and (live / "validation_curves.png").exists()
+
+
+@pytest.mark.parametrize("layout", ["dataframe with a package column", "folder per class"])
+def test_small_data_config_takes_the_usual_overrides_on_either_layout(synth_dir, tmp_path, capsys, layout):
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    if layout == "folder per class":
+        data = data / "Gun_Classifier"
+    else:  # folds grouped by package, as on the real-sound corpus: one "package" per class here and there
+        frame = pd.read_parquet(data / "train.pq")
+        frame["package"] = [f"pkg{i % 3}" for i in range(len(frame))]
+        frame.to_parquet(data / "train.pq")
+    code = main(["train", str(SMALL_DATA_CONFIG), "--data", str(data), "--dry-run",
+                 "--set", "dataset.validation_size=0.25", "--set", "dataset.folds=[0, 2]",
+                 "--set", "training.epochs=3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "running [0, 2]" in out and "dry run: nothing trained" in out
