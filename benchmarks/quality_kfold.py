@@ -16,6 +16,7 @@ from memory import scratch_dir
 
 from gunsound import training
 from gunsound.config import load_config
+from gunsound.plan import prepare
 from gunsound.synthesis import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def main() -> None:
         generate_dataset(data, clips_per_class=args.clips_per_class, background=args.background, seed=0)
     cfg = load_config(ROOT / "configs" / "laptop.yaml", ["dataset.folds=[0, 1, 2, 3, 4]", *args.overrides])
     start = time.perf_counter()
-    plan = training.prepare(cfg, str(data), str(work / f"run-{int(time.time())}"))
+    plan = prepare(cfg, str(data), str(work / f"run-{int(time.time())}"))
     results = training.run(plan)
     wall = time.perf_counter() - start
     cv = results["cv"]

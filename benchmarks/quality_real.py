@@ -33,6 +33,7 @@ from sklearn.preprocessing import StandardScaler
 from gunsound import audio, training
 from gunsound.config import load_config
 from gunsound.features import FeatureParams, LogMelSpectrogram
+from gunsound.plan import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "small_data.yaml"
@@ -116,7 +117,7 @@ def main() -> None:
     work = scratch_dir(args.workdir, "gunsound-quality-real-")
     cfg = load_config(args.config, args.overrides)
     started = time.perf_counter()
-    plan = training.prepare(cfg, args.corpus, str(work / f"run-{int(time.time())}"))
+    plan = prepare(cfg, args.corpus, str(work / f"run-{int(time.time())}"))
     training.run(plan)
     cnn_seconds = time.perf_counter() - started
     classes, background = plan.manifest.classes, cfg.dataset.background_label

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from gunsound import audio, scoring, training
 from gunsound.config import load_config
 from gunsound.inference import ScoringModel, load_scoring_model
+from gunsound.plan import prepare
 from gunsound.synthesis import generate_archive, generate_dataset
 from gunsound.windows import window_starts
 
@@ -71,7 +72,7 @@ def main() -> None:
     if not (run / "ensemble.json").exists():
         generate_dataset(work / "data", clips_per_class=20, seed=0)
         cfg = load_config(ROOT / "configs" / "laptop.yaml", MODEL)
-        training.run(training.prepare(cfg, str(work / "data"), str(run)))
+        training.run(prepare(cfg, str(work / "data"), str(run)))
     long_path, short_path, naive_path = work / "long" / "hour.wav", work / "short" / "minute.wav", work / "naive.wav"
     if not long_path.exists():
         truth = generate_archive(long_path, args.minutes, bursts_per_minute=2, seed=1)

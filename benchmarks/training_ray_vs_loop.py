@@ -24,7 +24,7 @@ from gunsound import training
 from gunsound.config import load_config
 from gunsound.model import build_model
 from gunsound.optim import lr_lambda, make_optimizer
-from gunsound.plan import TrainingPlan
+from gunsound.plan import TrainingPlan, prepare
 from gunsound.synthesis import generate_dataset
 from gunsound.train_loop import loss_fn
 
@@ -70,7 +70,7 @@ def ray_vs_plain(data: Path, work: Path, epochs: int) -> None:
 
     cfg = load_config(ROOT / "configs" / "laptop.yaml", [*MODEL, f"training.epochs={epochs}"])
     out = work / f"ray_vs_plain-{int(time.time())}"  # a fresh run: an existing one would be resumed
-    plan = training.prepare(cfg, str(data), str(out))
+    plan = prepare(cfg, str(data), str(out))
     from gunsound.ray_runtime import init_ray
 
     init_ray()
@@ -100,7 +100,7 @@ def padding(data: Path, work: Path) -> None:
     for name, extra in (("seed recipe: 60 s chunk", ["audio.audio_parameters=Manual", "audio.training_chunk_seconds=60"]),
                         ("automatic chunk", ["audio.audio_parameters=Auto"])):
         cfg = load_config(ROOT / "configs" / "laptop.yaml", [*MODEL, "architecture.backbone=resnet10t", *extra])
-        plan = training.prepare(cfg, str(data), str(work / f"{name.split(':')[0].replace(' ', '_')}-{int(time.time())}"))
+        plan = prepare(cfg, str(data), str(work / f"{name.split(':')[0].replace(' ', '_')}-{int(time.time())}"))
         start = time.perf_counter()
         result = training.run(plan)
         final = result["folds"]["0"]["final"]

@@ -30,10 +30,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from gunsound import training
+    from gunsound.plan import prepare
 
     cfg = load_config(args.config, args.overrides)
     output = args.output or str(Path("outputs") / cfg.experiment_name)
-    plan = training.prepare(cfg, args.data, output, drop_bad_rows=args.drop_bad_rows)
+    plan = prepare(cfg, args.data, output, drop_bad_rows=args.drop_bad_rows)
     print(plan.describe())
     if args.dry_run:
         print("\n--- resolved config ---\n" + plan.cfg.to_yaml())
@@ -56,10 +57,12 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_tune(args: argparse.Namespace) -> int:
     from gunsound import training, tuning
+    from gunsound.dataset import num_folds
+    from gunsound.plan import prepare
 
     cfg = load_config(args.config, args.overrides)
     output = args.output or str(Path("outputs") / cfg.experiment_name)
-    plan = training.prepare(cfg, args.data, output, drop_bad_rows=args.drop_bad_rows)
+    plan = prepare(cfg, args.data, output, drop_bad_rows=args.drop_bad_rows)
     print(plan.describe())
     print("search space: " + ", ".join(f"{k} {v}" for k, v in tuning.search_space(plan.cfg).items()))
     if args.dry_run:
@@ -70,8 +73,8 @@ def run_tune(args: argparse.Namespace) -> int:
     print(f"best: {result.best_params}")
     print(f"best config: {result.best_config_uri}")
     if args.then_train:
-        final = training.prepare(result.best_config, args.data, storage.join(output, "best"), args.drop_bad_rows)
-        final.cfg.dataset.folds = list(range(training.num_folds(final.cfg.dataset)))
+        final = prepare(result.best_config, args.data, storage.join(output, "best"), args.drop_bad_rows)
+        final.cfg.dataset.folds = list(range(num_folds(final.cfg.dataset)))
         final.fold_ids = final.cfg.dataset.folds
         results = training.run(final, drop_bad_rows=args.drop_bad_rows)
         cv = results["cv"]["mean_over_folds"]

@@ -324,6 +324,12 @@ def assign_folds(manifest: Manifest, cfg: DatasetConfig, seed: int) -> np.ndarra
             f"{manifest.source}: every class has fewer clips than the {k} folds that dataset.validation_size="
             f"{cfg.validation_size:g} makes (the largest, '{counts.index[0]}', has {counts.max()}): "
             "add clips or raise dataset.validation_size")
+    groups = frame["group"].nunique()
+    if groups < k:
+        raise ValueError(
+            f"{manifest.source}: the {k} folds that dataset.validation_size={cfg.validation_size:g} makes need at "
+            f"least {k} groups of dataset.group_fold_column={cfg.group_fold_column!r}, and there are {groups}: "
+            "raise dataset.validation_size or group by another column")
     if counts.min() < k:
         log.warning("the rarest class '%s' has %d clips, fewer than %d folds; its folds will be uneven",
                     counts.index[-1], counts.min(), k)

@@ -30,19 +30,16 @@ import torch
 
 from gunsound import storage
 from gunsound.config import Config
-from gunsound.dataset import Problem, num_folds
+from gunsound.dataset import Problem
 from gunsound.features import mel_frames
 from gunsound.metrics import cross_validated_metrics
 from gunsound.model import ModelArtifact
-from gunsound.plan import TrainingPlan, prepare
+from gunsound.plan import TrainingPlan
 from gunsound.train_loop import LoopSettings, scalar_metrics, train_loop_per_worker
 
 if TYPE_CHECKING:
     from ray.data import Dataset
     from ray.train.torch import TorchTrainer
-
-__all__ = ["TrainingPlan", "prepare", "num_folds", "worker_sizing", "featurize", "make_trainer", "fit_fold",
-           "cross_validate", "fold_datasets", "finished_fold", "run"]
 
 log = logging.getLogger(__name__)
 

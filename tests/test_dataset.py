@@ -164,3 +164,14 @@ def test_too_few_clips_for_the_folds_is_a_clear_error(cfg, synth_dir):
     with pytest.raises(ValueError, match=r"train.pq: every class has fewer clips than the 20 folds.*has 10"):
         assign_folds(manifest, few.dataset, seed=1)
     assert len(set(assign_folds(manifest, cfg.dataset, seed=1))) == 5
+
+
+def test_fewer_groups_than_folds_is_a_clear_error(synth_dir, tmp_path):
+    shutil.copytree(synth_dir, tmp_path / "data")
+    frame = pd.read_parquet(tmp_path / "data" / "train.pq")
+    frame["package"] = [f"pkg{i % 3}" for i in range(len(frame))]
+    frame.to_parquet(tmp_path / "data" / "train.pq")
+    cfg = load_config(SEED_CONFIG, ["dataset.group_fold_column=package"])
+    manifest = load_manifest(cfg, str(tmp_path / "data"))
+    with pytest.raises(ValueError, match="5 folds .* need at least 5 groups of dataset.group_fold_column='package'"):
+        assign_folds(manifest, cfg.dataset, seed=0)

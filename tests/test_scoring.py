@@ -12,6 +12,7 @@ from gunsound import audio, scoring, storage, training
 from gunsound.cli import main
 from gunsound.config import ConfigError, load_config
 from gunsound.inference import WindowScorer, load_scoring_model
+from gunsound.plan import prepare
 from gunsound.synthesis import generate_archive
 from gunsound.windows import plan_chunks, window_starts
 from tests.conftest import FAST, LAPTOP_CONFIG
@@ -53,7 +54,7 @@ def trained_run(ray_local, synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("scoring-run")
     cfg = load_config(LAPTOP_CONFIG, [*FAST, "training.epochs=1", "dataset.validation_size=0.5",
                                       "dataset.folds=[0, 1]"])
-    training.run(training.prepare(cfg, str(synth_dir), str(out)))
+    training.run(prepare(cfg, str(synth_dir), str(out)))
     return out
 
 
