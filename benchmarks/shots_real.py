@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.signal import butter, sosfilt
 
 from gunsound import audio
-from gunsound.events import detect_onsets
+from gunsound.events import band_level_db, detect_onsets
 from gunsound.synthesis import generate_archive
 
 SAMPLE_RATE = 32000
@@ -35,14 +34,11 @@ RATES_RPM = (400, 600, 800, 1000, 1200)
 
 
 def previous_detector(wave: np.ndarray, sr: int, min_gap: float = 0.03, threshold_db: float = 12.0) -> np.ndarray:
-    """The detector before issue 10, verbatim: the yardstick the new one is measured against."""
+    """The detector before issue 10 (its rules as they were, on the shared band level): the yardstick."""
     hop = max(1, int(sr * 0.005))
-    frames = len(wave) // hop
-    if frames < 3:
+    if len(wave) // hop < 3:
         return np.zeros(0)
-    band = sosfilt(butter(4, [200.0, min(2000.0, 0.45 * sr)], btype="band", fs=sr, output="sos"),
-                   np.asarray(wave, dtype=np.float64))
-    level = 20 * np.log10(np.sqrt(np.mean(band[: frames * hop].reshape(frames, hop) ** 2, axis=1)) + 1e-9)
+    level = band_level_db(wave, sr, hop)  # the same band level the previous detector computed
     floor = pd.Series(level).rolling(int(1.0 / 0.005), min_periods=1).quantile(0.2).shift(1).bfill().to_numpy()
     rise = level - pd.Series(level).shift(1).rolling(3, min_periods=1).min().bfill().to_numpy()
     onsets, last = [], -np.inf

@@ -12,8 +12,6 @@ from scipy.ndimage import maximum_filter1d
 from scipy.signal import butter, sosfilt
 
 BLAST_BAND_HZ = (200.0, 2000.0)
-
-
 FRAME_SECONDS = 0.005
 
 

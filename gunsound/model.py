@@ -138,7 +138,7 @@ class ModelArtifact:
     @classmethod
     def load(cls, uri: str) -> ModelArtifact:
         try:
-            saved = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+            saved = storage.read_torch(uri)
         except Exception as exc:  # pickle refusals, truncation and version errors all mean: not our model file
             raise ValueError(f"{uri}: not a gunsound model file ({type(exc).__name__}: {exc})") from exc
         if not isinstance(saved, dict) or saved.get("format") != ARTIFACT_FORMAT:

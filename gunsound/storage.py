@@ -231,10 +231,11 @@ def read_bytes(uri: str) -> bytes:
 
 
 def read_torch(uri: str):
-    """A file written with torch.save (our own checkpoints and model files), loaded onto the CPU."""
+    """A file written with torch.save (our own checkpoints and model files), loaded onto the CPU. Only tensors
+    and plain values load (`weights_only=True`): a planted pickle cannot run code."""
     import torch  # here, so that storage stays importable without torch's import cost
 
-    return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=False)
+    return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -15,7 +15,6 @@ Outputs under the run's location (local or s3://):
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -137,7 +136,7 @@ def fit_fold(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset) -
     weights = state["model"]
     best = storage.join(fold_dir, "best_state.pt")
     if t.save_best_checkpoint and storage.exists(best):
-        weights = torch.load(io.BytesIO(storage.read_bytes(best)), map_location="cpu", weights_only=True)
+        weights = storage.read_torch(best)
     ModelArtifact(classes=plan.manifest.classes, features=plan.features, chunk_seconds=plan.audio.chunk_seconds,
                   architecture=plan.cfg.architecture, loss_function=t.loss_function, state_dict=weights,
                   fold=int(k), best_epoch=state.get("best_epoch")).save(storage.join(fold_dir, "model.pt"))
