@@ -71,13 +71,30 @@ class ScoringModel:
         return Ensemble(LogMelSpectrogram(self.features), models, self.loss_function).eval()
 
 
+def ensemble_members(run: str) -> list[str]:
+    """The model files a run's ensemble.json lists, as paths relative to the run: each must stay inside the
+    run folder, so an edited or planted ensemble.json cannot point scoring at a model elsewhere."""
+    where = storage.join(run, "ensemble.json")
+    try:
+        members = json.loads(storage.read_text(where))["models"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{where}: not an ensemble file ({exc})") from exc
+    if not isinstance(members, list) or not members:
+        raise ValueError(f"{where}: 'models' must be a non-empty list of model files in the run")
+    for member in members:
+        parts = member.split("/") if isinstance(member, str) else []
+        if not parts or member.startswith("/") or "\\" in member or ":" in member or any(
+                p in ("", ".", "..") for p in parts) or not member.endswith(".pt"):
+            raise ValueError(f"{where}: model {member!r} is not a .pt file inside the run folder")
+    return members
+
+
 def load_scoring_model(location: str) -> ScoringModel:
     """A training run (its fold ensemble, from ensemble.json), a fold folder, or a model.pt file."""
     if location.endswith(".pt"):
         uris = [location]
     elif storage.exists(storage.join(location, "ensemble.json")):
-        spec = json.loads(storage.read_text(storage.join(location, "ensemble.json")))
-        uris = [storage.join(location, *m.split("/")) for m in spec["models"]]
+        uris = [storage.join(location, *m.split("/")) for m in ensemble_members(location)]
     elif storage.exists(storage.join(location, "model.pt")):
         uris = [storage.join(location, "model.pt")]
     else:

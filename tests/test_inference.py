@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from gunsound.config import ArchitectureConfig
+from gunsound.features import FeatureParams
+from gunsound.inference import load_scoring_model
+from gunsound.model import ModelArtifact, build_model
+
+
+def _run_with_models(root, names: list[str]) -> None:
+    arch = ArchitectureConfig(backbone="resnet18", pretrained=False)
+    artifact = ModelArtifact(classes=["a", "b"], features=FeatureParams(16000, 512, 160, 32, 50.0, 7000.0, False),
+                             chunk_seconds=1.0, architecture=arch, loss_function="BCE",
+                             state_dict=build_model(arch, 2).state_dict())
+    for name in names:
+        artifact.save(str(root / name))
+
+
+def test_a_run_loads_the_models_its_ensemble_lists(tmp_path):
+    run = tmp_path / "run"
+    _run_with_models(run, ["fold_0/model.pt", "fold_1/model.pt"])
+    (run / "ensemble.json").write_text(json.dumps({"models": ["fold_0/model.pt", "fold_1/model.pt"]}))
+    model = load_scoring_model(str(run))
+    assert [s.rsplit("/", 2)[-2] for s in model.sources] == ["fold_0", "fold_1"]
+
+
+@pytest.mark.parametrize("member", ["../elsewhere/model.pt", "/tmp/model.pt", "s3://bucket/model.pt",
+                                    "fold_0/../../elsewhere/model.pt", "fold_0/model.pkl", ""])
+def test_an_ensemble_entry_outside_the_run_is_refused(tmp_path, member):
+    run = tmp_path / "run"
+    _run_with_models(tmp_path, ["elsewhere/model.pt"])
+    _run_with_models(run, ["fold_0/model.pt"])
+    (run / "ensemble.json").write_text(json.dumps({"models": ["fold_0/model.pt", member]}))
+    with pytest.raises(ValueError, match="ensemble.json.*inside the run folder"):
+        load_scoring_model(str(run))
+
+
+def test_a_broken_ensemble_file_is_named(tmp_path):
+    (tmp_path / "ensemble.json").write_text("{not json")
+    with pytest.raises(ValueError, match="ensemble.json: not an ensemble file"):
+        load_scoring_model(str(tmp_path))
