@@ -7,7 +7,8 @@
     OUT/score.py        a scorer that needs torch, numpy, pandas, scipy and soundfile (torchaudio only to
                         resample), not Ray and not this repository:
                             python score.py AUDIO [AUDIO ...] [--out DIR]
-                        It writes the job's three tables as DIR/windows.csv, files.csv and events.csv.
+                        It writes the job's three tables as DIR/windows.csv, files.csv and events.csv,
+                        file by file (a rerun into DIR resumes).
     OUT/windows.py, events.py, decode.py
                         the scoring job's own chunk plan, onset detector and per-file summary, and audio
                         reader: copies of the package's modules, which import no gunsound module and no Ray
@@ -51,7 +52,9 @@ def export_pipeline(run: str, out: str, overrides: list[str] | None = None) -> d
         "sample_rate": model.features.sample_rate,
         "scoring": asdict(settings),  # method, window_seconds, hop_seconds, read_seconds, threshold, ...
         "features": asdict(model.features),
-        "models": model.sources,
+        # Which fold files went in, by their place in the run: the full source locations (bucket names,
+        # home folders) stay with whoever exported, not with everyone the pipeline is handed to.
+        "models": ["/".join(uri.replace("\\", "/").rsplit("/", 2)[-2:]) for uri in model.sources],
     }
     with tempfile.TemporaryDirectory(prefix="gunsound-export-") as staging:
         local = Path(out) if storage.is_local(out) else Path(staging)

@@ -1,8 +1,10 @@
 """The exported pipeline: real files shipped beside score.py, run without Ray or gunsound, scoring a file as
 `predict_file` does (the Ray job's comparison is in test_scoring.py)."""
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +50,9 @@ def test_exported_scorer_is_real_files_and_scores_as_predict_does_without_ray_or
     result = subprocess.run([sys.executable, "score.py", *map(str, files), "--out", str(tmp_path / "out")],
                             cwd=tmp_path / "pipeline", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(GUARD)},
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1, result.stderr  # corrupt.wav is an error, not a crash
+    assert result.returncode == 0, result.stderr  # corrupt.wav is an error row, not a failure
     assert "corrupt.wav: error" in result.stderr
+    assert spec["models"] == [f"{tmp_path.name}/model.pt"]  # where the models lay stays with the exporter
     exported = {t: pd.read_csv(tmp_path / "out" / f"{t}.csv", keep_default_na=t != "files")
                 for t in ("windows", "files", "events")}
 
@@ -67,3 +70,55 @@ def test_exported_scorer_is_real_files_and_scores_as_predict_does_without_ray_or
         shots = exported["events"][exported["events"]["file"] == str(path)]
         np.testing.assert_allclose(shots["time"], [e["time"] for e in events], atol=1e-6)
     assert len(exported["events"]) > 0
+
+
+def test_exported_scorer_writes_file_by_file_resumes_after_a_crash_and_escapes_formulas(tmp_path):
+    cfg = load_config(LAPTOP_CONFIG, FAST)
+    ModelArtifact(classes=["=cmd", "b"], features=FeatureParams.from_config(cfg.audio, sample_rate=16000),
+                  chunk_seconds=1.0, architecture=cfg.architecture, loss_function="BCE",
+                  state_dict=build_model(cfg.architecture, 2, pretrained=False).state_dict(),
+                  ).save(str(tmp_path / "model.pt"))
+    export_pipeline(str(tmp_path / "model.pt"), str(tmp_path / "pipeline"), SETTINGS)
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    rng = np.random.default_rng(0)
+    names = ["first.wav", "=HYPERLINK(1).wav", "@sum.wav", "+1.wav", "'quoted.wav"]
+    for name in names:
+        sf.write(audio / name, rng.normal(0, 0.1, 16000 * 3).astype(np.float32), 16000)
+    os.mkfifo(audio / "stuck.wav")  # opening it blocks for ever: the scorer is killed there
+    out = tmp_path / "out"
+
+    def scorer(pipeline: Path, *files: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(pipeline / "score.py"), *files, "--out", str(out), *extra],
+                                cwd=audio, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(GUARD)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    stuck = scorer(tmp_path / "pipeline", names[0], "stuck.wav", *names[1:])
+    deadline = time.monotonic() + 240
+    while not ((out / "files.csv").exists() and "first.wav" in (out / "files.csv").read_text()):
+        assert stuck.poll() is None and time.monotonic() < deadline, stuck.communicate()
+        time.sleep(0.2)
+    time.sleep(1.0)
+    stuck.kill()
+    stuck.communicate()
+    assert list(pd.read_csv(out / "files.csv", dtype=str)["file"]) == ["first.wav"]  # kept through the crash
+
+    (audio / "stuck.wav").unlink()
+    (audio / "broken.wav").write_bytes(b"RIFF" + b"\x01" * 100)
+    finish = scorer(tmp_path / "pipeline", *names, "broken.wav", extra=("--strict",))
+    stdout, stderr = finish.communicate(timeout=240)
+    assert finish.returncode == 3, stderr  # --strict: an error row gives its own exit status
+    assert "first.wav" not in stdout  # already in files.csv: not scored again
+    tables = {t: pd.read_csv(out / f"{t}.csv", dtype=str, keep_default_na=False) for t in ("windows", "files")}
+    unquoted = {t: table["file"].map(lambda v: v[1:] if v.startswith("'") else v) for t, table in tables.items()}
+    assert sorted(unquoted["files"]) == sorted([*names, "broken.wav"])  # each file exactly once
+    assert unquoted["windows"].value_counts().to_dict() == {n: 3 for n in names}
+    assert "'=HYPERLINK(1).wav" in set(tables["files"]["file"]) and "''quoted.wav" in set(tables["files"]["file"])
+    for table in tables.values():  # no cell a spreadsheet would run as a formula
+        assert not [c for c in table.to_numpy().ravel() if c.startswith(("=", "+", "@"))]
+
+    other = tmp_path / "other"  # another pipeline may not append to these tables
+    export_pipeline(str(tmp_path / "model.pt"), str(other), [*SETTINGS, "scoring.hop_seconds=0.5"])
+    refused = scorer(other, names[0])
+    _, stderr = refused.communicate(timeout=240)
+    assert refused.returncode != 0 and "another pipeline" in stderr

@@ -3,7 +3,9 @@
 Needs torch, numpy, pandas, scipy and soundfile (torchaudio for files at another sample rate).
 Usage: python score.py AUDIO [AUDIO ...] [--out DIR]
 With --out, writes DIR/windows.csv (per-window probabilities), DIR/files.csv (per file: top class, shots)
-and DIR/events.csv (per shot: time, class, burst, rounds per minute), as the gunsound scoring job does.
+and DIR/events.csv (per shot: time, class, burst, rounds per minute), as the gunsound scoring job does, file
+by file: after a crash, the same command finishes the files not yet in files.csv. Text cells that a
+spreadsheet would run as a formula (starting with = + - @) are written with a leading quote.
 
 windows.py, events.py and decode.py beside this file are the scoring job's own modules (chunk plan, onset
 detector and per-file summary, audio reader), copied when the pipeline was exported; pipeline.json holds the
@@ -13,6 +15,7 @@ classes, the sample rate and the scoring settings.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -65,43 +68,104 @@ def score_file(model: torch.nn.Module, spec: dict, path: str) -> tuple[pd.DataFr
     return windows, row, events
 
 
-def write_csv(frame: pd.DataFrame, path: Path) -> None:
-    """Whole or not at all: a temporary name, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+# A spreadsheet runs a cell that starts with one of these as a formula; such values (and those starting with the
+# quote itself, so that reading back is exact) are written with a leading quote.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    text = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+    return frame.assign(**{c: [f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
+                               for v in frame[c]] for c in text})
+
+
+def read_back(value: str) -> str:
+    return value[1:] if value.startswith("'") else value
+
+
+class Tables:
+    """windows.csv, files.csv and events.csv in OUT, appended file by file: a file's windows and shots first,
+    its files.csv row last, as its commit. A crash loses at most the file being scored; run again with the
+    same OUT, the files already committed are skipped and the rows of the one cut short are dropped. OUT keeps
+    the identity of the pipeline that wrote it, so two pipelines never mix in one table."""
+
+    def __init__(self, out: Path, pipeline_id: str):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        marker = out / "pipeline.id"
+        if marker.exists() and marker.read_text().strip() != pipeline_id:
+            raise SystemExit(f"{out}: holds tables of another pipeline ({marker}); choose another --out")
+        marker.write_text(pipeline_id + "\n")
+        self.done: set[str] = set()
+        if (out / "files.csv").exists():
+            files = pd.read_csv(out / "files.csv", dtype=str, keep_default_na=False)
+            self.done = {read_back(f) for f in files["file"]}
+        for table in ("windows", "events"):
+            path = out / f"{table}.csv"
+            if path.exists() and path.stat().st_size:
+                rows = pd.read_csv(path, dtype=str, keep_default_na=False)
+                kept = rows[rows["file"].map(read_back).isin(self.done)]
+                if len(kept) < len(rows):
+                    tmp = path.with_name(f".{path.name}.tmp")
+                    kept.to_csv(tmp, index=False)
+                    os.replace(tmp, path)
+
+    def append(self, table: str, frame: pd.DataFrame) -> None:
+        path = self.out / f"{table}.csv"
+        new = not path.exists() or path.stat().st_size == 0
+        if not new:  # the columns in the order the file already has
+            frame = frame.reindex(columns=pd.read_csv(path, nrows=0).columns)
+        with open(path, "a", newline="") as f:
+            spreadsheet_safe(frame).to_csv(f, header=new, index=False)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def commit(self, windows: pd.DataFrame, row: dict, events: list[dict]) -> None:
+        self.append("windows", windows)
+        self.append("events", pd.DataFrame(events, columns=EVENT_COLUMNS))
+        self.append("files", pd.DataFrame([row]))
+        self.done.add(row["file"])
+
+
+def pipeline_identity() -> str:
+    digest = hashlib.sha256((HERE / "pipeline.json").read_bytes())
+    with open(HERE / json.loads((HERE / "pipeline.json").read_text())["model"], "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Exit status: 0 when every file was scored or reported as an error row; 3 with --strict when "
+               "some file is an error row; 1 when the scorer itself failed.")
     parser.add_argument("audio", nargs="+")
-    parser.add_argument("--out", help="folder for windows.csv, files.csv and events.csv")
+    parser.add_argument("--out", help="folder for windows.csv, files.csv and events.csv (a rerun resumes)")
+    parser.add_argument("--strict", action="store_true", help="exit 3 when any file could not be scored")
     args = parser.parse_args()
     spec = json.loads((HERE / "pipeline.json").read_text())
     with warnings.catch_warnings():  # torch.export.load maps its weights read-only; they are never written
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         model = torch.export.load(str(HERE / spec["model"])).module()
     classes = spec["classes"]
-    window_tables, file_rows, events = [], [], []
+    tables = Tables(Path(args.out), pipeline_identity()) if args.out else None
+    errors = 0
     for path in args.audio:
+        if tables and path in tables.done:
+            continue
         windows, row, shots = score_file(model, spec, path)
         if row["status"] == "error":
+            errors += 1
             print(f"{path}: error: {row['error']}", file=sys.stderr)
         else:
             print(f"{path}: {row['duration']:.1f} s, {row['windows']} windows, top {row['top_class']} "
                   f"({row['top_probability']:.3f}), {row['shots']} shots")
-        probs = np.stack(windows["probs"].to_numpy()) if len(windows) else np.zeros((0, len(classes)))
-        window_tables.append(windows.drop(columns="probs").assign(
-            **{f"prob_{c}": probs[:, i] for i, c in enumerate(classes)}))
-        file_rows.append(row)
-        events += shots
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_csv(pd.concat(window_tables, ignore_index=True), out / "windows.csv")
-        write_csv(pd.DataFrame(file_rows), out / "files.csv")
-        write_csv(pd.DataFrame(events, columns=EVENT_COLUMNS), out / "events.csv")
-    return 1 if any(r["status"] == "error" for r in file_rows) else 0
+        if tables:
+            probs = np.stack(windows["probs"].to_numpy()) if len(windows) else np.zeros((0, len(classes)))
+            tables.commit(windows.drop(columns="probs").assign(
+                **{f"prob_{c}": probs[:, i] for i, c in enumerate(classes)}), row, shots)
+    return 3 if errors and args.strict else 0
 
 
 if __name__ == "__main__":
