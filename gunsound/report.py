@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import json
 import logging
+from collections.abc import Callable
 
 import matplotlib
 
@@ -23,6 +25,36 @@ from gunsound.metrics import METRIC_KEYS  # noqa: E402
 from gunsound.model import ModelArtifact  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+
+def _plain_text(draw: Callable) -> Callable:
+    """Draw every label as written: a class or file name with `$` is text, not matplotlib's mathtext."""
+
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
+def _optional(what: str, draw: Callable[[], list[str]]) -> list[str]:
+    """The charts of one optional part of the report, or none: a part that fails (an unreadable clip, a label
+    or a value a chart cannot draw) is logged and left out, and never fails a finished run."""
+    try:
+        return draw()
+    except Exception as exc:  # noqa: BLE001 - any failure of an optional chart must leave the rest of the report
+        log.warning("report: %s left out: %s: %s", what, type(exc).__name__, exc)
+        plt.close("all")
+        return []
+
+
+def prediction_caption(classes: list[str], probs: np.ndarray, threshold: float) -> str:
+    """What a clip was predicted as: its top class, or "no gunshot" when every class stays under the threshold."""
+    top = int(probs.argmax())
+    if probs[top] < threshold:
+        return f"no gunshot (max {probs[top]:.2f})"
+    return f"pred {classes[top]} ({probs[top]:.2f})"
 
 
 def _save(fig, out: str, name: str) -> str:
@@ -139,7 +171,7 @@ def grad_cam(model: torch.nn.Module, spec: torch.Tensor, target: torch.Tensor) -
 
 
 def _examples(out: str, classes: list[str], folds: list[str], number_of_audios: int,
-              run_interpretations: bool) -> list[str]:
+              run_interpretations: bool, threshold: float) -> list[str]:
     """Spectrogram tiles of training clips, validation predictions, and Grad-CAM saliency."""
     model_uri = storage.join(out, f"fold_{folds[0]}", "model.pt")
     if not storage.exists(model_uri):
@@ -163,7 +195,8 @@ def _examples(out: str, classes: list[str], folds: list[str], number_of_audios: 
     paths = list(manifest.set_index("row").loc[oof["row"], "path"])
     probs = oof[[f"prob_{c}" for c in classes]].to_numpy()
     top = probs.argmax(axis=1)
-    titles = [f"true {lab}\npred {classes[t]} ({p[t]:.2f})" for lab, t, p in zip(oof["label"], top, probs, strict=True)]
+    titles = [f"true {lab}\n{prediction_caption(classes, p, threshold)}" for lab, p in zip(oof["label"], probs,
+                                                                                         strict=True)]
     specs = _log_mels(paths, params, artifact.chunk_seconds)
     charts.append(_tiles(specs[:, 0].numpy(), titles, out, "valid_predictions.png"))
     if run_interpretations:
@@ -179,6 +212,7 @@ def _table(rows: list[tuple], header: tuple) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+@_plain_text
 def write_report(out: str, live: bool = False) -> str:
     """Write OUT/report.html and its charts from what a run wrote under OUT; returns the report's URI.
 
@@ -195,7 +229,7 @@ def write_report(out: str, live: bool = False) -> str:
     folds = list(metrics["folds"])
     metric_key = METRIC_KEYS[cfg.prediction.metric]
     histories = _fold_histories(out, folds)
-    charts = _curves(histories, out, metric_key)
+    charts = _optional("training curves", lambda: _curves(histories, out, metric_key))
     sections = []
     cv = metrics.get("cv")
     if cv:
@@ -208,12 +242,12 @@ def write_report(out: str, live: bool = False) -> str:
         per_class = [(lab, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"])
                      for lab, v in cv["per_class"].items()]
         sections.append("<h3>Per class</h3>" + _table(per_class, ("class", "precision", "recall", "F1", "clips")))
-        charts += [_confusion(cv, out), _per_class(cv, out)]
-    try:
-        charts += [] if live else _examples(out, classes, folds, cfg.logging.number_of_audios,
-                                                  cfg.training.run_interpretations)
-    except (audio.AudioError, OSError, KeyError) as exc:  # the report never fails a finished run
-        log.warning("report: example spectrograms skipped: %s", exc)
+        charts += _optional("confusion matrix", lambda: [_confusion(cv, out)])
+        charts += _optional("per-class chart", lambda: [_per_class(cv, out)])
+    if not live:
+        charts += _optional("example spectrograms", lambda: _examples(
+            out, classes, folds, cfg.logging.number_of_audios, cfg.training.run_interpretations,
+            cfg.prediction.probability_threshold))
     images = "".join(f'<figure><img src="{c}" alt="{c}"><figcaption>{c}</figcaption></figure>' for c in charts)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(cfg.experiment_name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
@@ -230,6 +264,14 @@ backbone {html.escape(cfg.architecture.backbone)}; audio: {html.escape(metrics['
     return uri
 
 
+def classes_to_draw(probs: np.ndarray, threshold: float, top: int = 3) -> list[int]:
+    """The classes a timeline draws: the `top` most likely always (a file with no gunshot still shows what the
+    model saw), and any other whose probability comes within half of the threshold."""
+    peak = probs.max(axis=0)
+    return sorted(set(np.argsort(-peak)[:top].tolist()) | set(np.flatnonzero(peak >= threshold / 2).tolist()))
+
+
+@_plain_text
 def plot_timeline(path: str, windows: pd.DataFrame, events: list[dict], classes: list[str], params: FeatureParams,
                   threshold: float, out_png: str, max_seconds: float = 600.0) -> str:
     """A PNG of one file: waveform with detected shots, log-mel spectrogram, and per-window probabilities."""
@@ -247,10 +289,9 @@ def plot_timeline(path: str, windows: pd.DataFrame, events: list[dict], classes:
     if len(windows):
         centres = ((windows["start"] + windows["end"]) / 2).to_numpy()
         probs = np.stack(windows["probs"].to_numpy())
-        for i, c in enumerate(classes):
-            if probs[:, i].max() >= threshold / 2:
-                axes[2].plot(centres, probs[:, i], marker=".", label=c)
-        axes[2].axhline(threshold, color="grey", ls="--", lw=0.8)
+        for i in classes_to_draw(probs, threshold):
+            axes[2].plot(centres, probs[:, i], marker=".", label=classes[i])
+        axes[2].axhline(threshold, color="grey", ls="--", lw=0.8, label=f"threshold {threshold:g}")
         axes[2].legend(fontsize=7, loc="upper right")
     axes[2].set(xlabel="time (s)", ylabel="probability", ylim=(0, 1.02))
     buffer = io.BytesIO()
