@@ -3,13 +3,10 @@ its file: a `ModelArtifact` holds the weights and the arguments that rebuild the
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import posixpath
-import tempfile
+import pickle
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import timm
 import torch
@@ -20,6 +17,8 @@ from gunsound.config import ArchitectureConfig
 from gunsound.features import FeatureParams
 
 log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = 1
 
 
 class GeM(nn.Module):
@@ -65,40 +64,71 @@ class GunClassifier(nn.Module):
         return self.head(self.dropout(self.pool(self.backbone.forward_features(spec))))
 
 
-def _local_weights(uri: str, scratch: contextlib.ExitStack) -> str:
-    """A local file of the weights; a remote one is downloaded to a temporary folder that `scratch` removes
-    (every Train worker and tuning trial builds a model: the copies must not pile up)."""
-    if not storage.is_local(uri):
-        folder = scratch.enter_context(tempfile.TemporaryDirectory(prefix="gunsound-weights-"))
-        return str(storage.copy_to_local(uri, Path(folder) / posixpath.basename(uri)))
-    if not Path(uri).exists():
-        raise FileNotFoundError(f"architecture.pretrained_weights {uri} not found")
-    return uri
+def read_backbone_weights(uri: str) -> dict[str, torch.Tensor]:
+    """The backbone weights in a local or s3:// file: a timm state dict (torch.save or .safetensors), a
+    checkpoint holding one under "state_dict" or "model", or a gunsound model.pt (its backbone). Read through
+    storage and loaded without running code (safetensors, or torch.load with weights_only=True)."""
+    key = "architecture.pretrained_weights"
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{key} {uri} not found")
+    try:
+        if uri.endswith(".safetensors"):
+            from safetensors.torch import load
+
+            saved = load(storage.read_bytes(uri))
+        else:
+            saved = storage.read_torch(uri)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{key} {uri}: not a file of tensors only (refused: loading it could run code)") from exc
+    except Exception as exc:  # truncation, foreign formats: all mean "not a weights file"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"{key} {uri}: not a weights file ({type(exc).__name__}: {first})") from exc
+    state = saved
+    if isinstance(saved, dict) and saved.get("format") == ARTIFACT_FORMAT and isinstance(saved.get("state_dict"), dict):
+        state = {k.removeprefix("backbone."): v for k, v in saved["state_dict"].items() if k.startswith("backbone.")}
+    elif isinstance(saved, dict):
+        state = next((saved[k] for k in ("state_dict", "model") if isinstance(saved.get(k), dict)), saved)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{key} {uri}: holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _create_backbone(name: str, pretrained: bool, **kwargs) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, in_chans=1, num_classes=0, global_pool="", **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ValueError(f"architecture.backbone: unknown timm model {name!r}") from exc
+        raise
+
+
+def build_backbone(arch: ArchitectureConfig, pretrained: bool | None = None) -> nn.Module:
+    """The timm backbone (one input channel, no classifier). Pretrained weights come from the timm model hub,
+    or from `architecture.pretrained_weights`; timm's own loader folds an RGB stem into one channel and drops
+    the ImageNet classifier either way."""
+    pretrained = arch.pretrained if pretrained is None else pretrained
+    if not (pretrained and arch.pretrained_weights):
+        if pretrained:
+            log.info("backbone %s: weights from the timm model hub", arch.backbone)
+        return _create_backbone(arch.backbone, pretrained)
+    state = read_backbone_weights(arch.pretrained_weights)
+    names = set(state)
+    backbone = _create_backbone(arch.backbone, True, pretrained_cfg_overlay={"state_dict": state})
+    backbone.pretrained_cfg.pop("state_dict", None)  # the model holds the weights now; keep no second copy
+    # timm loads non-strictly once it has dropped the classifier: a file of another model would leave the
+    # backbone at its random initialisation with only a log line, so every tensor must come from the file.
+    missing = sorted(set(backbone.state_dict()) - names)
+    if missing:
+        raise ValueError(f"architecture.pretrained_weights {arch.pretrained_weights}: not weights of "
+                         f"{arch.backbone} ({len(missing)} of its tensors missing, e.g. {missing[0]})")
+    log.info("backbone %s: weights from %s", arch.backbone, arch.pretrained_weights)
+    return backbone
 
 
 def build_model(arch: ArchitectureConfig, num_classes: int, pretrained: bool | None = None) -> GunClassifier:
-    """Create the classifier. Pretrained weights come from the timm model hub, or from
-    `architecture.pretrained_weights` (a local or s3:// file of the backbone's ImageNet state dict); timm
-    folds the RGB stem into one channel and drops the ImageNet classifier either way.
-    """
-    pretrained = arch.pretrained if pretrained is None else pretrained
-    kwargs: dict = {"in_chans": 1, "num_classes": 0, "global_pool": ""}
-    with contextlib.ExitStack() as scratch:
-        if pretrained and arch.pretrained_weights:
-            kwargs["pretrained_cfg_overlay"] = {"file": _local_weights(arch.pretrained_weights, scratch)}
-            log.info("backbone %s: weights from %s", arch.backbone, arch.pretrained_weights)
-        elif pretrained:
-            log.info("backbone %s: weights from the timm model hub", arch.backbone)
-        try:
-            backbone = timm.create_model(arch.backbone, pretrained=pretrained, **kwargs)
-        except RuntimeError as exc:
-            if "Unknown model" in str(exc):
-                raise ValueError(f"architecture.backbone: unknown timm model {arch.backbone!r}") from exc
-            raise
-    return GunClassifier(backbone, num_classes, arch.pool, arch.dropout)
+    """Create the classifier (see `build_backbone` for where pretrained weights come from)."""
+    return GunClassifier(build_backbone(arch, pretrained), num_classes, arch.pool, arch.dropout)
 
-
-ARTIFACT_FORMAT = 1
 
 
 @dataclass

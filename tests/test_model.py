@@ -78,3 +78,11 @@ def test_a_planted_or_foreign_model_file_is_refused(tmp_path, capsys, content, m
     with pytest.raises(ValueError, match=message):
         ModelArtifact.load(str(tmp_path / "model.pt"))
     assert "code ran" not in capsys.readouterr().out
+
+
+def test_planted_pretrained_weights_are_refused_without_running_code(tmp_path, capsys):
+    torch.save({"conv1.weight": _Planted()}, tmp_path / "weights.pt")
+    arch = ArchitectureConfig(backbone="resnet18", pretrained_weights=str(tmp_path / "weights.pt"))
+    with pytest.raises(ValueError, match="architecture.pretrained_weights .*refused: loading it could run code"):
+        build_model(arch, 9)
+    assert "code ran" not in capsys.readouterr().out
