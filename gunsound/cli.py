@@ -10,8 +10,25 @@ from pathlib import Path
 from gunsound import storage
 from gunsound.config import ConfigError, load_config
 from gunsound.dataset import ManifestError
+from gunsound.fingerprint import OutputMismatch
+from gunsound.lease import LeaseHeld
 
 log = logging.getLogger("gunsound")
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job failed (an error while it ran, e.g. storage unreachable, a shard lost windows)
+EXIT_USAGE = 2  # bad arguments, config or input (as argparse exits)
+EXIT_ERROR_ROWS = 3  # score --strict: every file accounted for, but some rows are errors
+EXIT_OUTPUT_MISMATCH = 4  # OUTPUT holds results made with other settings, data or model
+EXIT_OUTPUT_BUSY = 5  # another job holds OUTPUT's lease
+
+EXIT_CODES = """exit status:
+  0  done (score: every input file accounted for, unreadable ones as error rows)
+  1  the job failed
+  2  bad arguments, config or input
+  3  score --strict: done, but some files' rows are errors
+  4  refused: OUTPUT holds results made with other settings, data or model (--overwrite starts afresh)
+  5  refused: another job is writing OUTPUT (it holds OUTPUT/lease.json)"""
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +43,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop rows that fail the dataset checks (they are listed) instead of stopping")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config and the dataset, print the plan, and stop")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh: remove the earlier run's outputs in OUTPUT (gunsound's own files "
+                             "only) instead of resuming it; a rerun with other settings or data needs it")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -34,13 +54,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     output = args.output or str(Path("outputs") / cfg.experiment_name)
-    plan = prepare(cfg, args.data, output, drop_bad_rows=args.drop_bad_rows)
+    plan = prepare(cfg, args.data, output, drop_bad_rows=args.drop_bad_rows, overwrite=args.overwrite)
     print(plan.describe())
     if args.dry_run:
         print("\n--- resolved config ---\n" + plan.cfg.to_yaml())
         print("dry run: nothing trained")
         return 0
-    results = training.run(plan, drop_bad_rows=args.drop_bad_rows)
+    results = training.run(plan, drop_bad_rows=args.drop_bad_rows, overwrite=args.overwrite)
     for fold, info in results["folds"].items():
         final = info["final"]
         print(f"fold {fold}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
@@ -73,10 +93,11 @@ def run_tune(args: argparse.Namespace) -> int:
     print(f"best: {result.best_params}")
     print(f"best config: {result.best_config_uri}")
     if args.then_train:
-        final = prepare(result.best_config, args.data, storage.join(output, "best"), args.drop_bad_rows)
+        final = prepare(result.best_config, args.data, storage.join(output, "best"), args.drop_bad_rows,
+                        overwrite=args.overwrite)
         final.cfg.dataset.folds = list(range(num_folds(final.cfg.dataset)))
         final.fold_ids = final.cfg.dataset.folds
-        results = training.run(final, drop_bad_rows=args.drop_bad_rows)
+        results = training.run(final, drop_bad_rows=args.drop_bad_rows, overwrite=args.overwrite)
         cv = results["cv"]["mean_over_folds"]
         print("cross-validated: " + ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in cv.items()))
         print(f"outputs: {final.output}")
@@ -89,15 +110,21 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="where windows/, files/, events/ and summary.json go, local or s3://")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="e.g. --set prediction.inference_chunk_method=Sliding --set scoring.hop_seconds=0.5")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh: remove earlier scoring outputs in OUTPUT (files/, windows/, events/, "
+                             "summary.json) instead of resuming; a rerun with another model or settings needs it")
+    parser.add_argument("--strict", action="store_true",
+                        help=f"exit {EXIT_ERROR_ROWS} when any file's row is an error (default: exit 0 once every "
+                             "file is accounted for)")
 
 
 def run_score(args: argparse.Namespace) -> int:
     from gunsound import scoring
 
     cfg = scoring.scoring_config(args.model, args.overrides)
-    summary = scoring.score(args.model, args.input, args.output, cfg)
+    summary = scoring.score(args.model, args.input, args.output, cfg, overwrite=args.overwrite)
     print(summary.describe())
-    return 0 if summary.errors == 0 else 1
+    return EXIT_ERROR_ROWS if args.strict and summary.errors else EXIT_OK
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -151,15 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train the folds of an experiment on Ray")
+    train = sub.add_parser("train", help="train the folds of an experiment on Ray", epilog=EXIT_CODES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(train)
     train.set_defaults(func=run_train)
 
-    tune = sub.add_parser("tune", help="sweep learning rate, epochs and search_space with Ray Tune (ASHA)")
+    tune = sub.add_parser("tune", help="sweep learning rate, epochs and search_space with Ray Tune (ASHA)",
+                          epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tune_arguments(tune)
     tune.set_defaults(func=run_tune)
 
-    score = sub.add_parser("score", help="score an audio archive with a trained model (Ray batch job)")
+    score = sub.add_parser("score", help="score an audio archive with a trained model (Ray batch job)",
+                           epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_score_arguments(score)
     score.set_defaults(func=run_score)
 
@@ -197,9 +227,18 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     setup_logging(getattr(args, "verbose", False))
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except OutputMismatch as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_OUTPUT_MISMATCH
+    except LeaseHeld as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT_BUSY
+    except (ConfigError, ManifestError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

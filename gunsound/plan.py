@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from gunsound import storage
+from gunsound import fingerprint, storage
 from gunsound.config import Config, ConfigError, config_from_dict
 from gunsound.dataset import (
     AudioChoice,
@@ -64,15 +64,24 @@ class TrainingPlan:
         return "\n".join(lines)
 
 
-def prepare(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = False) -> TrainingPlan:
-    """Check the dataset and settle everything a run needs, without training (this is --dry-run)."""
+def prepare(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = False,
+            overwrite: bool = False) -> TrainingPlan:
+    """Check the dataset and settle everything a run needs, without training (this is --dry-run).
+
+    With `seed: -1` a rerun into an OUTPUT that holds a run keeps that run's seed, so that it resumes on the
+    same split; a fresh OUTPUT, or `overwrite`, draws one."""
     s3 = storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
     output, data = storage.absolute(output), storage.absolute(data) if data else None
     resolved = config_from_dict(cfg.to_dict())
     # Workers may run in processes that never saw this environment; the endpoint travels in the config.
     resolved.storage.endpoint_url, resolved.storage.region = s3.endpoint_url, s3.region
     notes = []
-    if resolved.environment.seed < 0:
+    kept = None if overwrite or resolved.environment.seed >= 0 else fingerprint.stored_seed(output)
+    if kept is not None:
+        resolved.environment.seed = kept
+        notes.append(f"note            seed -1: kept seed {kept}, drawn by the run in {output}")
+        log.info("seed -1: kept seed %d of the run in %s", kept, output)
+    elif resolved.environment.seed < 0:
         resolved.environment.seed = int(np.random.SeedSequence().entropy % (2**31))
         notes.append(f"note            seed -1: drew seed {resolved.environment.seed}")
         log.info("seed -1: drew seed %d", resolved.environment.seed)

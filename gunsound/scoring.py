@@ -17,23 +17,26 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from gunsound import audio, storage
+from gunsound import audio, fingerprint, storage
 from gunsound.config import Config, ConfigError
 from gunsound.events import chunk_onsets, summarize_file
 from gunsound.inference import ScoringModel, WindowScorer, load_scoring_model
-from gunsound.shards import ScoreSummary, ShardCommitter, all_onsets, finished_files, write_summary
+from gunsound.lease import OutputLease
+from gunsound.shards import ScoreSummary, ShardCommitter, all_onsets, resume, write_summary
 from gunsound.windows import cut_windows, plan_chunks
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ScoringSettings", "list_inputs", "predict_file", "read_chunks", "score", "scoring_config"]
 
+# What scoring writes into its OUTPUT: all that --overwrite removes there.
+SCORING_OUTPUTS = ("files", "windows", "events", "summary.json")
 # Chunks are the input blocks, one each up to this many (so every CPU reads); beyond it a block holds several
 # chunks, still read one at a time, and the driver does not track millions of tiny objects.
 MAX_INPUT_BLOCKS = 20_000
@@ -173,17 +176,25 @@ def read_chunks(batch: dict[str, np.ndarray], *, sample_rate: int, window_second
             "index": np.array(out["index"], dtype=np.int64)}
 
 
-def score(model_location: str, input_location: str, output: str, cfg: Config) -> ScoreSummary:
-    """Score every audio file under INPUT with the model and write windows/, files/, events/ to OUTPUT."""
+def score(model_location: str, input_location: str, output: str, cfg: Config, *,
+          overwrite: bool = False) -> ScoreSummary:
+    """Score every audio file under INPUT with the model and write windows/, files/, events/ to OUTPUT.
+    One job at a time writes OUTPUT (`lease`); a rerun resumes only with the same model and settings
+    (`fingerprint`), or starts afresh with `overwrite`."""
+    output = storage.absolute(output)
+    storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
+    storage.makedirs(output)
+    with OutputLease(output, "gunsound score"):
+        return _score(model_location, input_location, output, cfg, overwrite)
+
+
+def _score(model_location: str, input_location: str, output: str, cfg: Config, overwrite: bool) -> ScoreSummary:
     import ray
 
     from gunsound.ray_runtime import cluster_cpus, cluster_gpus, init_ray
 
     started = time.perf_counter()
-    output, input_location = storage.absolute(output), storage.absolute(input_location)
-    storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
-    init_ray(cfg.environment.ray_address, feature_tasks=False)
-    ray.data.DataContext.get_current().enable_progress_bars = True
+    input_location = storage.absolute(input_location)
     model = load_scoring_model(model_location)
     s = ScoringSettings.from_config(cfg, model_chunk_seconds=model.chunk_seconds)
     files = list_inputs(input_location)
@@ -191,9 +202,12 @@ def score(model_location: str, input_location: str, output: str, cfg: Config) ->
         raise FileNotFoundError(f"input {input_location}: no audio files found")
     if len(set(files)) != len(files):
         raise ValueError(f"input {input_location}: a file is listed twice")
-    storage.makedirs(output)
-    done = finished_files(output)
-    todo = [f for f in files if f not in done]
+    made = fingerprint.scoring_fingerprint(asdict(s), model_location, model.sources)
+    fingerprint.claim(output, made, overwrite=overwrite, owned=SCORING_OUTPUTS)
+    init_ray(cfg.environment.ray_address, feature_tasks=False)
+    ray.data.DataContext.get_current().enable_progress_bars = True
+    earlier = resume(output, files)
+    todo = [f for f in files if f not in earlier.done]
     log.info("scoring %d file(s) (%d already finished) with %d model(s); %s windows of %gs, hop %gs",
              len(todo), len(files) - len(todo), len(model.artifacts), s.method, s.window_seconds, s.hop_seconds)
     gpus = cluster_gpus()
@@ -233,7 +247,8 @@ def score(model_location: str, input_location: str, output: str, cfg: Config) ->
             committer.add(batch.drop(columns=["model_seconds", "device"]))
     committer.finish()
     return write_summary(output, files, skipped=len(files) - len(todo), started=started,
-                         model_seconds=model_seconds, scorer_actors=pool, devices=sorted(devices))
+                         model_seconds=model_seconds, scorer_actors=pool, devices=sorted(devices),
+                         retried=len(earlier.retried), model=made.model, settings=made.settings)
 
 
 def predict_file(model: ScoringModel, path: str, cfg: Config) -> tuple[dict, list[dict], pd.DataFrame]:

@@ -3,10 +3,16 @@
 A shard's windows/ and events/ parts are written first and its files/ part last, as its commit: a job killed
 and started again with the same OUTPUT skips the files committed before and removes the parts of shards that
 never committed, so every file ends in the tables exactly once.
+
+A file whose committed row is an error (unreadable, a failed read) is scored again by the next run: before
+scoring, its row is taken out of its files/ part, by rewriting that part whole (an atomic replace), so at any
+point where a run may crash each file is in the tables at most once, and after a run that ends exactly once.
+An error row has no windows or events, so its shard's other parts need no rewrite.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -15,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from gunsound import storage
 from gunsound.events import summarize_file
@@ -39,16 +47,35 @@ def _remove(uri: str) -> None:
     fs.delete_file(path)
 
 
-def finished_files(output: str) -> set[str]:
-    """Files committed by earlier runs into OUTPUT (a shard's files/ part is written last, as its commit);
-    parts of shards that never committed are removed."""
+@dataclass(frozen=True)
+class Resume:
+    done: set[str]  # files committed by earlier runs, kept
+    retried: set[str]  # files of this input whose committed row was an error: taken out, to be scored again
+
+
+def resume(output: str, files: list[str]) -> Resume:
+    """What earlier runs committed into OUTPUT (a shard's files/ part is written last, as its commit). Parts
+    of shards that never committed are removed, and the error rows of `files` are taken out of their parts
+    so that this run scores those files again."""
     committed = {u.rsplit("/", 1)[-1] for u in _parts(output, "files")}
     for table in ("windows", "events"):
         for uri in _parts(output, table):
             if uri.rsplit("/", 1)[-1] not in committed:
                 _remove(uri)
-    done = _read_parts(_parts(output, "files"))
-    return set(done["file"]) if len(done) else set()
+    wanted = pa.array(sorted(set(files)), pa.string())
+    done: set[str] = set()
+    retried: set[str] = set()
+    for uri in _parts(output, "files"):
+        part = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        retry = pc.and_(pc.equal(part["status"], "error"), pc.is_in(part["file"], value_set=wanted))
+        if pc.any(retry).as_py():
+            retried.update(part.filter(retry)["file"].to_pylist())
+            part = part.filter(pc.invert(retry))
+            buffer = io.BytesIO()
+            pq.write_table(part, buffer)  # the part's own schema, so the dataset's parts still agree
+            storage.write_bytes(uri, buffer.getvalue())
+        done.update(part["file"].to_pylist())
+    return Resume(done, retried)
 
 
 class ShardCommitter:
@@ -168,17 +195,23 @@ class ScoreSummary:
     model_seconds: float = 0.0  # time inside the model stage (this run's windows, summed over actors)
     scorer_actors: int = 0  # scorer actors started (at most one per chunk)
     devices: list[str] = field(default_factory=list)  # where this run's windows were scored: cpu, cuda
+    retried_errors: int = 0  # files whose earlier row was an error, scored again by this run
+    model: dict = field(default_factory=dict)  # location, sha256 of the model files (as in fingerprint.json)
+    settings: dict = field(default_factory=dict)  # the scoring settings the rows were made with
 
     def describe(self) -> str:
         return (f"scored {self.files} files ({self.files_ok} ok, {self.errors} errors, "
-                f"{self.skipped_as_finished} already finished), {self.audio_hours:.2f} h of audio, "
+                f"{self.skipped_as_finished} already finished, {self.retried_errors} earlier errors retried), "
+                f"{self.audio_hours:.2f} h of audio, "
                 f"{self.events} shots, {self.wall_seconds:.1f} s wall, "
                 f"{self.audio_seconds_per_second:.0f} audio-s/s -> {self.output}")
 
 
 def write_summary(output: str, files: list[str], *, skipped: int, started: float, model_seconds: float,
-                  scorer_actors: int, devices: list[str]) -> ScoreSummary:
-    """summary.json over the committed files of this input (`started`: the job's time.perf_counter())."""
+                  scorer_actors: int, devices: list[str], retried: int = 0, model: dict | None = None,
+                  settings: dict | None = None) -> ScoreSummary:
+    """summary.json over the committed files of this input (`started`: the job's time.perf_counter()), with
+    the model and the settings that made them."""
     done = _read_parts(_parts(output, "files"))
     events = _read_parts(_parts(output, "events"))
     done = done[done["file"].isin(files)]
@@ -186,6 +219,6 @@ def write_summary(output: str, files: list[str], *, skipped: int, started: float
     audio_s = float(done.loc[done["status"] == "ok", "duration"].sum())
     summary = ScoreSummary(len(done), int((done["status"] == "ok").sum()), int((done["status"] != "ok").sum()),
                            audio_s / 3600, len(events), wall, audio_s / max(wall, 1e-9), skipped, output,
-                           model_seconds, scorer_actors, devices)
+                           model_seconds, scorer_actors, devices, retried, model or {}, settings or {})
     storage.write_text(storage.join(output, "summary.json"), json.dumps(asdict(summary), indent=1))
     return summary

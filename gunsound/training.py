@@ -2,6 +2,8 @@
 `gunsound.plan`, the loop on every worker from `gunsound.train_loop`).
 
 Outputs under the run's location (local or s3://):
+    fingerprint.json         what the run was made with: a rerun resumes only the same settings and data
+    lease.json               while a job trains into the location (one job at a time)
     config.yaml              the resolved settings (auto-chosen audio parameters and the drawn seed included)
     manifest.parquet         every clip with its fold
     metrics.json             per fold: every epoch's metrics; "cv": the cross-validated metrics
@@ -27,10 +29,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gunsound import storage
+from gunsound import fingerprint, storage
 from gunsound.config import Config
 from gunsound.dataset import Problem
 from gunsound.features import mel_frames
+from gunsound.lease import OutputLease
 from gunsound.metrics import cross_validated_metrics
 from gunsound.model import ModelArtifact
 from gunsound.plan import TrainingPlan
@@ -42,6 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What a training run writes into its OUTPUT: all that --overwrite removes there.
+TRAINING_OUTPUTS = ("config.yaml", "manifest.parquet", "dropped_rows.parquet", "metrics.json",
+                    "oof_predictions.parquet", "ensemble.json", "report.html", "*.png", "fold_*", "ray")
 WORKER_GROUP_START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 FOLD_QUEUE_TIMEOUT_S = 7 * 24 * 3600
 
@@ -181,20 +187,30 @@ def finished_fold(plan: TrainingPlan, k: int) -> dict | None:
     return {"epochs": [scalar_metrics(m) for m in history], "final": scalar_metrics(history[-1])}
 
 
-def run(plan: TrainingPlan, drop_bad_rows: bool = False) -> dict:
+def run(plan: TrainingPlan, drop_bad_rows: bool = False, overwrite: bool = False) -> dict:
     """Train every planned fold (concurrently when the cluster has room); returns what metrics.json holds.
 
     Rerunning the same command with the same output resumes: finished folds are kept, unfinished ones
-    continue from their last checkpoint."""
+    continue from their last checkpoint. A rerun with other settings or data is refused before anything
+    starts (`fingerprint.OutputMismatch`), and so is a second job while one trains there (`lease.LeaseHeld`);
+    `overwrite` removes the earlier run's outputs and starts afresh."""
+    storage.makedirs(plan.output)
+    with OutputLease(plan.output, "gunsound train"):
+        frame = plan.manifest.frame.assign(fold=plan.folds)
+        fingerprint.claim(plan.output, fingerprint.training_fingerprint(plan.cfg, frame, plan.manifest.source),
+                          overwrite=overwrite, owned=TRAINING_OUTPUTS)
+        return _train(plan, frame, drop_bad_rows)
+
+
+def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool) -> dict:
     import ray
 
     from gunsound.ray_runtime import init_ray
 
     init_ray(plan.cfg.environment.ray_address)
     out = plan.output
-    storage.makedirs(out)
     storage.write_text(storage.join(out, "config.yaml"), plan.cfg.to_yaml())
-    storage.write_parquet(plan.manifest.frame.assign(fold=plan.folds), storage.join(out, "manifest.parquet"))
+    storage.write_parquet(manifest, storage.join(out, "manifest.parquet"))
     if plan.manifest.dropped:
         storage.write_parquet(pd.DataFrame([asdict(p) for p in plan.manifest.dropped]), storage.join(out, "dropped_rows.parquet"))
 

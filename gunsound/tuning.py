@@ -20,6 +20,7 @@ import yaml
 
 from gunsound import storage
 from gunsound.config import Config, ConfigError, apply_overrides, config_from_dict
+from gunsound.lease import OutputLease
 from gunsound.metrics import METRIC_KEYS
 from gunsound.plan import TrainingPlan
 from gunsound.training import featurize, fold_datasets, make_trainer, worker_sizing
@@ -98,7 +99,14 @@ def trial_driver(config: dict) -> None:
 
 
 def run_tune(plan: TrainingPlan, num_samples: int) -> TuneResult:
-    """Sweep on the plan's first fold; write results.csv and best_config.yaml under OUTPUT/tune."""
+    """Sweep on the plan's first fold; write results.csv and best_config.yaml under OUTPUT/tune. Holds
+    OUTPUT's lease meanwhile: one job at a time writes there."""
+    storage.makedirs(plan.output)
+    with OutputLease(plan.output, "gunsound tune"):
+        return _sweep(plan, num_samples)
+
+
+def _sweep(plan: TrainingPlan, num_samples: int) -> TuneResult:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
