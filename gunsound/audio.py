@@ -1,6 +1,7 @@
 """Audio from any location: a local path, S3, or a member of a zip, opened through `storage` and decoded by
 `decode` (soundfile's frame-range seeking, so a window of a long recording is read without fetching and
-decoding the rest of it, as lhotse's lazy range reads)."""
+decoding the rest of it, as lhotse's lazy range reads). Reads from S3 are retried and never cut short
+(`storage.RetryingInput`); a read returns every frame asked for or raises AudioError naming the file."""
 
 from __future__ import annotations
 
@@ -19,15 +20,15 @@ __all__ = ["AUDIO_EXTENSIONS", "AudioError", "AudioInfo", "fit_length", "info", 
 def _open(path: str, what: str) -> BinaryIO:
     try:
         return storage.open_input(path)
-    except (RuntimeError, OSError, TypeError) as exc:
-        raise AudioError(f"{path}: {what}: {exc}") from exc
+    except Exception as exc:  # a missing file, a bad zip, a failed request: this file's error
+        raise AudioError(path, f"{what}: {exc}") from exc
 
 
 def info(path: str, data: bytes | None = None) -> AudioInfo:
     """Read only the header of an audio file (or of its bytes, `data`)."""
     if data is not None:
         return _decode_info(path, data)
-    with _open(path, "cannot read audio header") as f:
+    with _open(path, "unreadable audio") as f:
         return _decode_info(path, f)
 
 

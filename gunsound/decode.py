@@ -1,27 +1,66 @@
-"""Decoding: any WAV/FLAC/OGG/MP3 at any rate, depth and channel count, to mono float32 at a target rate.
+"""Decoding: any format libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, AU...) at any rate, depth and channel
+count, to mono float32 at a target rate; every frame asked for, or an AudioError naming the file.
 
 A path or an open binary file goes in; where it comes from (local disk, S3, a zip) is `audio.py`'s business.
 This module imports no gunsound module and no Ray, so the exported scorer ships it as it is and reads audio
-with the same code as the scoring job. Needs numpy, soundfile and torch; torchaudio only to resample.
+with the same code as the scoring job. Needs numpy, soundfile and torch; torchaudio and scipy to resample.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
+from math import gcd
 from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
 import torch
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".opus")
+# Headers outside these bounds are corrupt (or not worth a cluster's time) and the file becomes an error:
+# below 1 kHz a header turns 4,000 samples into an hour of windows; 768 kHz is the fastest audio interfaces
+# record.
+MIN_SAMPLE_RATE = 1_000
+MAX_SAMPLE_RATE = 768_000
+# 64 channels hold 7th-order ambisonics and the usual microphone arrays; a larger count is a corrupt header.
+MAX_CHANNELS = 64
+# One file is at most a day of recording; a longer one is a corrupt header (or should be split first).
+MAX_SECONDS = 24 * 3600
+# Decoded (interleaved float32) audio is read and mixed down in blocks of at most this size, so a read's memory
+# is its mono output and one block, whatever the channel count.
+READ_BLOCK_BYTES = 4 << 20
+# An MP3 header's frame count includes the encoder's padding, which decoders may trim: a shortfall of up to
+# two MPEG frames at the end is not a truncated file.
+MPEG_FRAME_SLACK = 2 * 1152
+# Rate ratios whose reduced terms are at most this are resampled with torchaudio's windowed sinc (its kernel
+# grows as their product: 44,101 -> 16,000 Hz would need gigabytes); others with scipy's polyphase filter over
+# the nearest ratio with terms at most this (a pitch error below 1e-6).
+MAX_RESAMPLE_FACTOR = 1000
+
+# File name extensions of the formats libsndfile reads, keyed as soundfile.available_formats() names them
+# (RAW, headerless, and MAT/HTK, whose extensions mostly name other data, are left out).
+FORMAT_EXTENSIONS = {
+    "WAV": (".wav", ".wave"), "WAVEX": (".wav",), "RF64": (".rf64",), "W64": (".w64",), "FLAC": (".flac",),
+    "OGG": (".ogg", ".oga", ".opus"), "MP3": (".mp3", ".mp2"), "AIFF": (".aiff", ".aif", ".aifc"),
+    "AU": (".au", ".snd"), "CAF": (".caf",), "IRCAM": (".sf", ".ircam"), "NIST": (".nist", ".sph"),
+    "VOC": (".voc",), "PAF": (".paf",), "SVX": (".iff", ".svx"), "AVR": (".avr",), "SD2": (".sd2",),
+    "SDS": (".sds",), "PVF": (".pvf",), "XI": (".xi",), "WVE": (".wve",),
+}
+AUDIO_EXTENSIONS = tuple(sorted({ext for name in sf.available_formats() for ext in FORMAT_EXTENSIONS.get(name, ())}))
 Source = str | BinaryIO
 
 
 class AudioError(RuntimeError):
-    """A file that cannot be decoded; the message names the file and the reason."""
+    """A file that cannot be decoded: `path` and `reason`, the message is "PATH: REASON"."""
+
+    def __init__(self, path: str, reason: str | None = None):
+        if reason is None:  # one argument: the whole message
+            path, reason = "", path
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}" if path else reason)
 
 
 @dataclass(frozen=True)
@@ -38,22 +77,140 @@ class AudioInfo:
         return self.frames / self.sample_rate if self.sample_rate else 0.0
 
 
-def _source(source: Source | bytes) -> Source:
-    return io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+class _WholeReads(io.RawIOBase):
+    """An open file as libsndfile's virtual I/O should see it. libsndfile takes a short read for the end of the
+    file, and soundfile prints an exception raised in its callbacks and goes on as if the file ended, so a
+    flaky stream would decode to a cut clip: here every read is filled up to the size asked for (a raw stream
+    may return less) and the first exception is kept, to be raised once libsndfile returns."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.failure, self._position = raw, None, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.failure is not None:
+            return 0
+        view = memoryview(buffer).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                got = self._read_into(view[done:])
+                if not got:
+                    break
+                done += got
+        except Exception as exc:  # kept, and raised once libsndfile returns
+            self.failure = exc
+        self._position += done
+        return done
+
+    def _read_into(self, view: memoryview) -> int:
+        if hasattr(self.raw, "readinto"):
+            return self.raw.readinto(view) or 0
+        data = self.raw.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if self.failure is None:
+            try:
+                self._position = self.raw.seek(offset, whence)
+                if self._position is None:  # file objects whose seek returns nothing
+                    self._position = self.raw.tell()
+            except Exception as exc:
+                self.failure = exc
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def raise_failure(self, path: str) -> None:
+        if self.failure is not None:
+            raise AudioError(path, f"read failed: {self.failure}") from self.failure
+
+
+def _handle(path: str, source: Source | bytes | None) -> tuple[str | BinaryIO, _WholeReads | None]:
+    if source is None or isinstance(source, str):
+        return source or path, None
+    guard = _WholeReads(io.BytesIO(source) if isinstance(source, bytes | bytearray) else source)
+    return guard, guard
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, sf.LibsndfileError):  # its message names the file object, not the file
+        return exc.error_string.strip()
+    return f"{type(exc).__name__}: {exc}"
+
+
+def check_header(path: str, sample_rate: int, channels: int, frames: int) -> None:
+    """Raise AudioError unless the header's values are within the bounds above."""
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise AudioError(path, f"unsupported header: sample rate {sample_rate} Hz is outside "
+                               f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(path, f"unsupported header: {channels} channels (at most {MAX_CHANNELS})")
+    if frames > MAX_SECONDS * sample_rate:
+        raise AudioError(path, f"unsupported header: {frames / sample_rate / 3600:.1f} h long "
+                               f"(at most {MAX_SECONDS / 3600:g} h per file)")
+
+
+# libsndfile's log notes an audio chunk that claims more bytes than the file holds as "data : N (should be
+# M)" (a container size alone is often stale after editing, and not a cut), and an Ogg stream without its
+# end-of-stream page. A size of 2 GiB or more is a streaming writer's "unknown length", not a claim, and a few
+# bytes off is a sloppy writer, not a cut.
+_SHOULD_BE = re.compile(r"^\s*(data|SSND|Data Size)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_CUT_SHORT = re.compile(r"^.*(end-of-stream|truncated).*$", re.MULTILINE | re.IGNORECASE)
+_UNKNOWN_LENGTH = 0x7FFF0000
+_SLOPPY_BYTES = 64
+
+
+def truncation(log: str) -> str:
+    """Why libsndfile's log (SoundFile.extra_info) shows a file cut short, or ""."""
+    for name, claimed, holds in _SHOULD_BE.findall(log):
+        if int(holds) + _SLOPPY_BYTES < int(claimed) < _UNKNOWN_LENGTH:
+            return f"truncated: the header claims {claimed} bytes of audio ({name}) and the file holds {holds}"
+    cut = _CUT_SHORT.search(log)
+    return f"truncated: {cut.group(0).strip()}" if cut else ""
+
+
+def _check_whole(path: str, f: sf.SoundFile) -> None:
+    check_header(path, f.samplerate, f.channels, f.frames)
+    cut = truncation(f.extra_info)
+    if cut:
+        raise AudioError(path, cut)
+
+
+def _block_frames(channels: int) -> int:
+    return max(1, READ_BLOCK_BYTES // (4 * channels))
 
 
 def info(path: str, source: Source | bytes | None = None) -> AudioInfo:
-    """Read only the header of an audio file (`source`: an open file or its bytes; default: open `path`)."""
+    """Read only the header of an audio file (`source`: an open file or its bytes; default: open `path`).
+    Raises AudioError for an unreadable, truncated or out-of-bounds header."""
+    handle, guard = _handle(path, source)
     try:
-        with sf.SoundFile(_source(source if source is not None else path)) as f:
+        with sf.SoundFile(handle) as f:
             frames = f.frames
             if frames <= 0 and f.format == "MPEG":  # some MP3s carry no frame count in the header
-                frames = sum(len(b) for b in f.blocks(65536))
+                frames = sum(len(b) for b in f.blocks(_block_frames(f.channels), dtype="float32", always_2d=True))
             result = AudioInfo(path, f.samplerate, int(frames), f.channels, f.format, f.subtype)
-    except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as exc:
-        raise AudioError(f"{path}: cannot read audio header: {exc}") from exc
-    if result.sample_rate <= 0 or result.channels <= 0:
-        raise AudioError(f"{path}: invalid header (sample rate {result.sample_rate}, channels {result.channels})")
+            log = f.extra_info
+        if guard is not None:
+            guard.raise_failure(path)
+    except AudioError:
+        raise
+    except Exception as exc:
+        if guard is not None:
+            guard.raise_failure(path)
+        raise AudioError(path, f"unreadable audio: {_reason(exc)}") from exc
+    check_header(path, result.sample_rate, result.channels, result.frames)
+    cut = truncation(log)
+    if cut:
+        raise AudioError(path, cut)
     return result
 
 
@@ -65,6 +222,29 @@ def to_mono(frames: np.ndarray) -> np.ndarray:
     return frames.mean(axis=1, dtype=np.float32)
 
 
+def _read_mono(f: sf.SoundFile, count: int | None) -> np.ndarray:
+    """Up to `count` frames (None: to the end) from the current position, mixed to mono block by block."""
+    block = _block_frames(f.channels)
+    if count is None:  # length unknown: block by block to the end
+        pieces = [to_mono(b) for b in f.blocks(block, dtype="float32", always_2d=True)]
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    out = np.empty(count, dtype=np.float32)
+    buffer = np.empty((block, f.channels), dtype=np.float32) if f.channels > 1 else None
+    done = 0
+    while done < count:
+        want = min(block, count - done)
+        if buffer is None:  # mono: straight into the output
+            got = len(f.read(want, dtype="float32", always_2d=True, out=out[done:done + want, None]))
+        else:
+            frames = f.read(want, dtype="float32", always_2d=True, out=buffer[:want])
+            got = len(frames)
+            out[done:done + got] = to_mono(frames)
+        done += got
+        if got < want:
+            break
+    return out[:done]
+
+
 @lru_cache(maxsize=16)
 def _resampler(orig_sr: int, target_sr: int) -> torch.nn.Module:
     # The windowed-sinc kernel is built once per rate pair, not once per clip.
@@ -73,13 +253,36 @@ def _resampler(orig_sr: int, target_sr: int) -> torch.nn.Module:
     return T.Resample(orig_sr, target_sr)
 
 
+@lru_cache(maxsize=16)
+def _polyphase(orig_sr: int, target_sr: int) -> tuple[int, int, np.ndarray]:
+    """(up, down, FIR filter) for scipy's resample_poly: the ratio with terms at most MAX_RESAMPLE_FACTOR
+    nearest target/orig, and the filter resample_poly itself designs (Kaiser window, beta 5), in float32."""
+    from scipy.signal import firwin
+
+    ratio = Fraction(target_sr, orig_sr)
+    if ratio <= 1:
+        ratio = ratio.limit_denominator(MAX_RESAMPLE_FACTOR)
+    else:
+        ratio = 1 / (1 / ratio).limit_denominator(MAX_RESAMPLE_FACTOR)
+    up, down = ratio.numerator, ratio.denominator
+    most = max(up, down)
+    return up, down, firwin(20 * most + 1, 1.0 / most, window=("kaiser", 5.0)).astype(np.float32)
+
+
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Band-limited resampling (torchaudio's windowed sinc)."""
+    """Band-limited resampling in bounded memory: torchaudio's windowed sinc for the usual rate pairs, scipy's
+    polyphase filter for the rest (see MAX_RESAMPLE_FACTOR)."""
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
     if orig_sr == target_sr or wave.size == 0:
-        return wave.astype(np.float32, copy=False)
-    with torch.inference_mode():
-        out = _resampler(orig_sr, target_sr)(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)))
-    return out.numpy()
+        return wave
+    common = gcd(orig_sr, target_sr)
+    if max(orig_sr, target_sr) // common <= MAX_RESAMPLE_FACTOR:
+        with torch.inference_mode():
+            return _resampler(orig_sr, target_sr)(torch.from_numpy(wave)).numpy()
+    from scipy.signal import resample_poly
+
+    up, down, fir = _polyphase(orig_sr, target_sr)
+    return resample_poly(wave, up, down, window=fir).astype(np.float32, copy=False)
 
 
 def read(
@@ -91,25 +294,45 @@ def read(
 ) -> tuple[np.ndarray, int]:
     """Decode [start, start + duration) seconds of a file to mono float32, resampled to `target_sr`.
 
-    Returns (wave, sample_rate). Only the requested frame range is decoded. `source` is an open file or the
-    file's bytes; without it `path` is opened from the local disk.
+    Returns (wave, sample_rate): every frame of the range that the file holds, or AudioError naming the file
+    (truncated, unreadable, a failed read, NaN or infinite samples, a header out of bounds). Only the
+    requested frame range is decoded. `source` is an open file or the file's bytes; without it `path` is
+    opened from the local disk.
     """
+    handle, guard = _handle(path, source)
     try:
-        with sf.SoundFile(_source(source if source is not None else path)) as f:
-            sr = f.samplerate
-            first = int(round(start * sr))
+        with sf.SoundFile(handle) as f:
+            if guard is not None:  # a failed read while opening: that, not what libsndfile made of it
+                guard.raise_failure(path)
+            _check_whole(path, f)
+            sr, total = f.samplerate, f.frames
+            first = max(0, int(round(start * sr)))
+            wanted = None if duration is None else max(0, int(round(duration * sr)))
+            if total > 0:
+                first = min(first, total)
+                expected = total - first if wanted is None else min(wanted, total - first)
+            else:  # no frame count in the header (some MP3s): as far as the stream goes
+                expected = None
             if first:
-                f.seek(min(first, f.frames) if f.frames > 0 else first)
-            count = -1 if duration is None else int(round(duration * sr))
-            frames = f.read(frames=count, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as exc:
-        raise AudioError(f"{path}: cannot decode audio: {exc}") from exc
-    wave = to_mono(frames)
-    if not np.all(np.isfinite(wave)):
-        raise AudioError(f"{path}: decoded samples contain NaN or infinity")
-    if target_sr is not None and target_sr != sr:
-        return resample(wave, sr, target_sr), target_sr
-    return wave, sr
+                f.seek(first)
+            wave = _read_mono(f, expected if expected is not None else wanted)
+            fmt = f.format
+        if guard is not None:
+            guard.raise_failure(path)
+        if expected is not None and len(wave) < expected - (MPEG_FRAME_SLACK if fmt == "MPEG" else 0):
+            raise AudioError(path, f"truncated: the header says {total} frames and decoding stopped at frame "
+                                   f"{first + len(wave)}")
+        if not np.all(np.isfinite(wave)):
+            raise AudioError(path, "decoded samples contain NaN or infinity")
+        if target_sr is not None and target_sr != sr:
+            return resample(wave, sr, target_sr), target_sr
+        return wave, sr
+    except AudioError:
+        raise
+    except Exception as exc:  # anything decoding or resampling one file raises is that file's error
+        if guard is not None:
+            guard.raise_failure(path)
+        raise AudioError(path, f"cannot decode audio: {_reason(exc)}") from exc
 
 
 def fit_length(wave: np.ndarray, length: int) -> np.ndarray:

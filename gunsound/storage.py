@@ -8,23 +8,35 @@ A zip archive (local or on S3) is read in place, never extracted: `zip_location(
 `zip://ARCHIVE!/`, and every function here reads members through it from the archive where it lies (range
 reads: its directory, then each member; members up to 64 MiB in one read).
 So a zipped dataset on S3 is readable from every node of a cluster, and nothing is left on any disk.
+
+Reads from S3 are retried: a transient error (throttling, a 5xx, a reset connection, a timeout) is tried
+again with exponential backoff (`RETRY`) and a persistent one raised naming the object; a read returns every
+byte asked for up to the end of the object (a short read is continued), so a decoder never takes a flaky
+stream for the end of a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
 import posixpath
+import random
 import re
 import shutil
 import tempfile
+import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,7 +116,8 @@ def _open_zip(archive: str, settings: S3Settings):
 
     fs, path = _resolve_plain(archive, settings)
     try:
-        handle = fs.open_input_file(path)
+        handle = RetryingInput(lambda: fs.open_input_file(path), archive) if is_s3(archive) else \
+            fs.open_input_file(path)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"zip archive {archive} does not exist") from exc
     try:
@@ -119,6 +132,133 @@ def _open_zip(archive: str, settings: S3Settings):
 def _zip_filesystem(archive: str, settings: S3Settings) -> pafs.FileSystem:
     """The same archive as a (read-only) pyarrow filesystem, so every function here treats it like the others."""
     return pafs.PyFileSystem(pafs.FSSpecHandler(_open_zip(archive, settings)))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff with jitter, over the AWS SDK's own retries inside Arrow (which give up
+    after three tries, too soon for throttling at cluster scale)."""
+
+    attempts: int = 6
+    first_delay: float = 0.25
+    max_delay: float = 8.0
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after the `failures`-th failure in a row (1, 2, ...)."""
+        return min(self.max_delay, self.first_delay * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+
+
+RETRY = RetryPolicy()
+
+# Arrow names AWS errors "AWS Error SLOW_DOWN during GetObject operation: ..." (or "UNKNOWN (HTTP status
+# 503)"); curl's own failures name a curlCode.
+_TRANSIENT = re.compile(
+    r"\b(SLOW_DOWN|THROTTLING|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|REQUEST_TIMEOUT|NETWORK_CONNECTION)\b"
+    r"|HTTP status 5\d\d|SlowDown|Throttl|Service Unavailable|InternalError|RequestTimeout|reduce your request rate"
+    r"|timed out|Connection reset|Connection refused|Connection aborted|Broken pipe|curlCode"
+    r"|ended at byte")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An error worth trying again: throttling, a server error, a dropped or slow connection."""
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return isinstance(exc, OSError) and bool(_TRANSIENT.search(str(exc)))
+
+
+def with_retries(call: Callable, what: str, policy: RetryPolicy | None = None):
+    """call(), tried again after transient errors (RETRY's attempts and backoff); the last error is raised as
+    an OSError naming `what` and the attempts made."""
+    policy = policy or RETRY
+    attempt = 1
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if attempt >= policy.attempts:
+                raise OSError(f"{what}: {exc} (gave up after {attempt} attempts)") from exc
+            delay = policy.delay(attempt)
+            log.warning("%s: %s; trying again in %.2f s (%d of %d)", what, exc, delay, attempt + 1,
+                        policy.attempts)
+            time.sleep(delay)
+            attempt += 1
+
+
+class RetryingInput(io.RawIOBase):
+    """A seekable input file that reads every byte asked for up to the end of the file, tried again after
+    transient errors: the failed handle is dropped and the file opened again where the read stopped (an
+    HTTP stream that broke stays broken). A stream that ends before the file's size is such an error."""
+
+    def __init__(self, opener: Callable[[], pafs.NativeFile], what: str, policy: RetryPolicy | None = None):
+        self._opener, self.what, self.policy = opener, what, policy or RETRY
+        self._file = with_retries(opener, what, self.policy)
+        self.size = self._file.size()
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def _read_at(self, count: int) -> bytes:
+        if self._file is None:  # dropped after a failure
+            self._file = self._opener()
+        try:
+            data = self._file.read_at(count, self.position)
+            if not data:
+                raise OSError(f"{self.what}: the stream ended at byte {self.position} of {self.size}")
+        except Exception:
+            self._drop()
+            raise
+        return data
+
+    def _drop(self) -> None:
+        handle, self._file = self._file, None
+        with contextlib.suppress(Exception):
+            handle.close()
+
+    def _pieces(self, count: int):
+        """The next `count` bytes (fewer at the end of the file), as the reads returned them."""
+        left = min(count, max(0, self.size - self.position))
+        while left > 0:
+            data = with_retries(lambda n=left: self._read_at(n), self.what, self.policy)
+            self.position += len(data)
+            left -= len(data)
+            yield data
+
+    def read(self, size: int | None = -1) -> bytes:
+        pieces = list(self._pieces(self.size if size is None or size < 0 else size))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def readall(self) -> bytes:
+        return self.read()
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        for data in self._pieces(len(view)):
+            view[done:done + len(data)] = data
+            done += len(data)
+        return done
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        super().close()
 
 
 def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
@@ -176,14 +316,22 @@ def relative(uri: str, root: str) -> str:
     return Path(uri).relative_to(root).as_posix()
 
 
-def exists(uri: str) -> bool:
+def _stat(uri: str, fs: pafs.FileSystem, what):
+    """fs.get_file_info(what), tried again after transient errors where `uri` is remote."""
+    return fs.get_file_info(what) if is_local(uri) else with_retries(lambda: fs.get_file_info(what), uri)
+
+
+def file_info(uri: str) -> pafs.FileInfo:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _stat(uri, fs, path)
+
+
+def exists(uri: str) -> bool:
+    return file_info(uri).type != pafs.FileType.NotFound
 
 
 def is_dir(uri: str) -> bool:
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    return file_info(uri).type == pafs.FileType.Directory
 
 
 def file_infos(uris: list[str]) -> list[pafs.FileInfo]:
@@ -191,23 +339,27 @@ def file_infos(uris: list[str]) -> list[pafs.FileInfo]:
     if not uris:
         return []
     fs, _ = resolve(uris[0])
-    return fs.get_file_info([resolve(u)[1] for u in uris])
+    return _stat(uris[0], fs, [resolve(u)[1] for u in uris])
 
 
-def list_files(uri: str, recursive: bool = True) -> list[str]:
-    """All files under a folder, as URIs of the same kind as `uri`, sorted."""
+def list_entries(uri: str, recursive: bool = True) -> list[tuple[str, pafs.FileInfo]]:
+    """Everything under a folder (files, folders, broken links), as (URI of the same kind as `uri`, info),
+    sorted by URI."""
     fs, path = resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    infos = _stat(uri, fs, pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
     out = []
     for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
         if is_local(uri):
             rel = os.path.relpath(info.path, path)
         else:  # an S3 key or a zip member; a zip's root is the empty path
             rel = info.path[len(path):].lstrip("/") if path else info.path
-        out.append(join(uri, rel))
-    return sorted(out)
+        out.append((join(uri, rel), info))
+    return sorted(out, key=lambda entry: entry[0])
+
+
+def list_files(uri: str, recursive: bool = True) -> list[str]:
+    """All files under a folder, as URIs of the same kind as `uri`, sorted."""
+    return [u for u, info in list_entries(uri, recursive) if info.type == pafs.FileType.File]
 
 
 # A zip member up to this size is read whole: a compressed member cannot be range-read (a backward seek
@@ -222,6 +374,8 @@ def open_input(uri: str) -> io.RawIOBase:
         size = fs.get_file_info(path).size  # from the archive's central directory: no read
         if size is not None and size <= ZIP_MEMBER_WHOLE_READ_BYTES:
             return io.BytesIO(_open_zip(_split_zip(uri)[1], _settings).zip.read(path))
+    if is_s3(uri):
+        return RetryingInput(lambda: fs.open_input_file(path), uri)
     return fs.open_input_file(path)
 
 
