@@ -10,10 +10,10 @@ DEMO_OUT ?= outputs/demo
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml configs/cluster-lock.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]' -c configs/cluster-lock.txt  # the versions the cluster installs
 	touch $(STAMP)
 
 demo: setup
