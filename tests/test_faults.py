@@ -1,7 +1,6 @@
 """Faults: a Train worker killed mid-epoch, and the same command run again after the driver stopped."""
 
 import json
-import logging
 import os
 import signal
 import threading
@@ -51,22 +50,6 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, synth_dir, t
     epochs = json.loads((out / "metrics.json").read_text())["folds"]["0"]["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]  # every epoch reported once
     assert [e["epoch"] for e in json.loads(live.read_text())] == [1, 2, 3]
-
-
-def test_rerun_of_a_finished_command_keeps_its_folds(ray_local, synth_dir, tmp_path, caplog):
-    out = tmp_path / "run"
-    args = ["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out),
-            *[arg for kv in FAST for arg in ("--set", kv)], "--set", "training.epochs=1"]
-    assert main(args) == 0
-    first = (out / "fold_0" / "model.pt").stat().st_mtime_ns
-    caplog.clear()
-    caplog.set_level(logging.INFO, logger="gunsound")
-    assert main(args) == 0
-    assert (out / "fold_0" / "model.pt").stat().st_mtime_ns == first
-    assert "finished by an earlier run" in caplog.text
-
-
-
 
 
 def test_rerun_after_the_driver_died_resumes_the_fold(ray_local, synth_dir, tmp_path):

@@ -156,7 +156,7 @@ def models(tmp_path_factory):
 
 
 SLIDING = ["--set", "prediction.inference_chunk_method=Sliding", "--set", "scoring.window_seconds=1",
-           "--set", "scoring.hop_seconds=1", "--set", "scoring.shard_files=1"]
+           "--set", "scoring.hop_seconds=1", "--set", "scoring.shard_files=1", "--set", "scoring.actors=1"]
 
 
 def test_a_busy_output_is_refused_with_its_own_exit_code_before_anything_runs(models, tmp_path, capsys):

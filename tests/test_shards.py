@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gunsound.shards import ShardCommitter
+from gunsound.shards import Resume, ShardCommitter, resume
 from gunsound.windows import plan_chunks
 
 
@@ -66,3 +66,33 @@ def test_a_shard_missing_a_window_is_never_committed(tmp_path):
     with pytest.raises(RuntimeError, match=r"shard\(s\) \[0\] missing 1 window"):
         committer.finish()
     assert list(pd.read_parquet(tmp_path / "files")["file"]) == ["b.wav"]
+
+
+def test_a_rerun_takes_the_error_rows_of_its_input_out_to_score_them_again(tmp_path):
+    out = str(tmp_path)
+    headers = {"a.wav": (2.0, ""), "bad.wav": (float("nan"), "unreadable: not audio"),
+               "other.wav": (float("nan"), "unreadable: not audio")}
+    chunks = _chunks("a.wav", 2.0, 2.0, 60.0)
+    committer = _committer(out, list(headers), headers, chunks, 2)
+    committer.add(_scored_windows("a.wav", chunks[0], [0]))
+    committer.finish()
+    before = pd.read_parquet(tmp_path / "files")
+    assert sorted(before.loc[before["status"] == "error", "file"]) == ["bad.wav", "other.wav"]
+
+    # other.wav belongs to another input scored into the same OUTPUT: its row stays.
+    earlier = resume(out, ["a.wav", "bad.wav"])
+    assert earlier.done == {"a.wav", "other.wav"} and earlier.retried == {"bad.wav"}
+    after = pd.read_parquet(tmp_path / "files")
+    assert sorted(after["file"]) == ["a.wav", "other.wav"]  # bad.wav is out until its new row is committed
+    assert after.dtypes.to_dict() == before.dtypes.to_dict()
+
+    # Killed before bad.wav was scored again: the next run still scores it, and it is never in twice.
+    assert resume(out, ["a.wav", "bad.wav"]) == Resume({"a.wav", "other.wav"}, set())
+    headers["bad.wav"] = (2.0, "")
+    chunks = _chunks("bad.wav", 2.0, 2.0, 60.0)
+    committer = ShardCommitter(out, "r2", ["bad.wav"], headers, chunks, ["x", "y"], shard_files=2,
+                               window_seconds=2.0, method="Fix", threshold=0.5)
+    committer.add(_scored_windows("bad.wav", chunks[0], [0]))
+    committer.finish()
+    files = pd.read_parquet(tmp_path / "files").set_index("file")
+    assert sorted(files.index) == ["a.wav", "bad.wav", "other.wav"] and files.loc["bad.wav", "status"] == "ok"
