@@ -99,9 +99,13 @@ class EnvironmentConfig:
 
 @dataclass
 class LoggingConfig:
-    logger: str | None = None
+    # Experiment tracking (see gunsound.tracking); Hydrogen Torch writes None or Neptune.
+    logger: Literal["MLflow", "TensorBoard", "Neptune"] | None = None
     neptune_project: str = ""
     number_of_audios: int = 8
+    # gunsound: an MLflow tracking server (http(s)://, databricks, sqlite:///...); None: OUTPUT/mlflow.db.
+    # Its credentials come from the environment (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), never from here.
+    tracking_uri: str | None = None
 
 
 @dataclass
@@ -282,6 +286,39 @@ def _scoring_checks(sc: ScoringConfig) -> list[tuple[str, bool, str]]:
     ]
 
 
+def _logging_checks(lg: LoggingConfig) -> list[tuple[str, bool, str]]:
+    from urllib.parse import urlsplit
+
+    return [
+        ("logging.tracking_uri", lg.tracking_uri is None or lg.logger == "MLflow", "left out unless logging.logger is MLflow"),
+        ("logging.tracking_uri", lg.tracking_uri is None or not (urlsplit(lg.tracking_uri).username
+                                                                 or urlsplit(lg.tracking_uri).password),
+         "free of credentials (MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN from the environment)"),
+        ("logging.neptune_project", lg.logger != "Neptune" or "/" in lg.neptune_project,
+         "a Neptune project as workspace/project when logging.logger is Neptune"),
+    ]
+
+
+# The package each logger needs, and how to install it.
+LOGGER_PACKAGES = {"MLflow": ("mlflow", "pip install 'gunsound[mlflow]'"),
+                   "TensorBoard": ("tensorboard", "pip install 'gunsound[tensorboard]'"),
+                   "Neptune": ("neptune", "pip install neptune")}
+
+
+def check_logger_installed(lg: LoggingConfig, source: str) -> None:
+    """A logger whose package is missing is a config error now, not a failure after the data is featurized."""
+    import importlib.util
+
+    if lg.logger is None:
+        return
+    package, install = LOGGER_PACKAGES[lg.logger]
+    needs = [package] + (["sqlalchemy", "alembic"] if lg.logger == "MLflow" and lg.tracking_uri is None else [])
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"{source}: key 'logging.logger' is {lg.logger}, which needs the "
+                          f"{', '.join(missing)} package(s): {install}")
+
+
 def _validate(cfg: Config, source: str) -> None:
     checks = [
         ("training.epochs", cfg.training.epochs >= 1, "at least 1"),
@@ -303,6 +340,7 @@ def _validate(cfg: Config, source: str) -> None:
         ("augmentation.mix_probability", 0 <= cfg.augmentation.mix_probability <= 1, "in [0, 1]"),
         ("environment.cpus_per_worker", cfg.environment.cpus_per_worker > 0, "positive"),
         *_scoring_checks(cfg.scoring),
+        *_logging_checks(cfg.logging),
     ]
     for key, ok, what in checks:
         if not ok:
@@ -365,4 +403,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a config file, apply `section.key=value` overrides, and validate the result."""
     data = apply_overrides(read_config_data(path), overrides or [])
     source = f"{path}" + (f" (with overrides {', '.join(overrides)})" if overrides else "")
-    return config_from_dict(data, source)
+    cfg = config_from_dict(data, source)
+    check_logger_installed(cfg.logging, source)
+    return cfg

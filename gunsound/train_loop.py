@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import posixpath
 import tempfile
 import time
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ from gunsound.config import ArchitectureConfig, Config
 from gunsound.metrics import METRIC_KEYS, classification_metrics
 from gunsound.model import build_model
 from gunsound.optim import lr_lambda, make_optimizer
+from gunsound.tracking import FoldTracker, TrackingSettings
 from gunsound.worker_data import Batch, WorkerData
 
 if TYPE_CHECKING:
@@ -76,6 +78,7 @@ class LoopSettings:
     background_label: str = "background"
     cache_shards: bool = False
     run_dir: str | None = None  # where the live report is refreshed after every epoch; None: no live report
+    tracking: TrackingSettings | None = None  # rank 0 logs every epoch to the command's tracked run
     endpoint_url: str | None = None
     region: str | None = None
 
@@ -99,6 +102,7 @@ class LoopSettings:
             mix_concentration=a.mix_concentration, mix_target=a.mix_target, metric=cfg.prediction.metric,
             probability_threshold=cfg.prediction.probability_threshold,
             background_label=cfg.dataset.background_label, cache_shards=cache_shards, run_dir=run_dir,
+            tracking=TrackingSettings.from_config(cfg, run_dir) if run_dir else None,
             endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
         )
 
@@ -248,9 +252,9 @@ def validate(model: torch.nn.Module, batches: Iterable[Batch], s: LoopSettings, 
 
 
 def report_and_checkpoint(state: TrainState, metrics: dict[str, Any], predictions: dict[str, np.ndarray] | None,
-                          s: LoopSettings, rank: int) -> None:
-    """Report the epoch to Ray Train; rank 0 also tracks the best epoch, writes the fold's files and
-    passes the checkpoint."""
+                          s: LoopSettings, rank: int, tracker: FoldTracker | None = None) -> None:
+    """Report the epoch to Ray Train; rank 0 also tracks the best epoch, writes the fold's files, logs the
+    epoch to the experiment tracker and passes the checkpoint."""
     import ray.train
 
     state.next_epoch += 1
@@ -266,6 +270,8 @@ def report_and_checkpoint(state: TrainState, metrics: dict[str, Any], prediction
     storage.write_text(storage.join(s.fold_dir, "metrics.json"), json.dumps(state.history, indent=1))
     if s.run_dir:
         _live_report(s.run_dir)
+    if tracker is not None:
+        _track(tracker, state.next_epoch, metrics)
     if state.next_epoch == s.epochs and predictions is not None:
         frame = pd.DataFrame({"row": predictions["row"]})
         for i, c in enumerate(s.classes):
@@ -293,19 +299,25 @@ def train_loop_per_worker(s: LoopSettings) -> None:
     model = ray.train.torch.prepare_model(state.model)  # DDP when there are several workers
     state.model = model.module if hasattr(model, "module") else model
     data = WorkerData(s, rank)
+    # Rank 0 only: it alone holds the validation metrics, and one writer per fold keeps each epoch once.
+    tracker = _fold_tracker(s) if rank == 0 and s.tracking else None
     first_epoch = state.next_epoch
-    for epoch in range(first_epoch, s.epochs):
-        started = time.perf_counter()
-        metrics = train_one_epoch(model, state, data.train_batches(s.seed + epoch * 1000 + rank), s, device,
-                                  amp, amp_dtype)
-        metrics["train_seconds"] = time.perf_counter() - started
-        if data.load_seconds is not None and epoch == first_epoch:
-            metrics["shard_load_seconds"] = data.load_seconds  # once per worker start, before the first epoch
-        predictions = None
-        if rank == 0 and ((epoch + 1) % s.evaluate_every == 0 or epoch + 1 == s.epochs):
-            predictions = validate(state.model, data.valid_batches(), s, device, metrics)
-        metrics["epoch_seconds"] = time.perf_counter() - started
-        report_and_checkpoint(state, metrics, predictions, s, rank)
+    try:
+        for epoch in range(first_epoch, s.epochs):
+            started = time.perf_counter()
+            metrics = train_one_epoch(model, state, data.train_batches(s.seed + epoch * 1000 + rank), s, device,
+                                      amp, amp_dtype)
+            metrics["train_seconds"] = time.perf_counter() - started
+            if data.load_seconds is not None and epoch == first_epoch:
+                metrics["shard_load_seconds"] = data.load_seconds  # once per worker start, before the first epoch
+            predictions = None
+            if rank == 0 and ((epoch + 1) % s.evaluate_every == 0 or epoch + 1 == s.epochs):
+                predictions = validate(state.model, data.valid_batches(), s, device, metrics)
+            metrics["epoch_seconds"] = time.perf_counter() - started
+            report_and_checkpoint(state, metrics, predictions, s, rank, tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
 
 
 def _better(score: float, best: float, metric: str) -> bool:
@@ -320,6 +332,23 @@ def _live_report(run_dir: str) -> None:
         write_report(run_dir, live=True)
     except Exception as exc:  # noqa: BLE001 - the report is a view, training is the job
         log.warning("live report not updated: %s", exc)
+
+
+def _fold_tracker(s: LoopSettings) -> FoldTracker | None:
+    """The fold's tracked run. A tracking store that fails is logged and training goes on: tracking is a view
+    of the run, and every epoch's metrics stay in the fold's metrics.json."""
+    try:
+        return FoldTracker(s.tracking, posixpath.basename(s.fold_dir), s.epochs)
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.warning("tracking: fold %s not tracked: %s", s.fold_dir, exc)
+        return None
+
+
+def _track(tracker: FoldTracker, epoch: int, metrics: dict[str, Any]) -> None:
+    try:
+        tracker.log_epoch(epoch, metrics)
+    except Exception as exc:  # noqa: BLE001 - as in _fold_tracker
+        log.warning("tracking: epoch %d not logged: %s", epoch, exc)
 
 
 def scalar_metrics(metrics: dict) -> dict:

@@ -89,3 +89,40 @@ def test_unquoted_yaml_no_is_read_as_the_option(tmp_path):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("logging.logger=Wandb", "'logging.logger' must be one of 'MLflow', 'TensorBoard', 'Neptune'"),
+    ("logging.tracking_uri=http://mlflow:5000", "'logging.tracking_uri' must be left out unless logging.logger is MLflow"),
+    ("logging.neptune_project=''", None),
+])
+def test_logging_logger_is_one_of_the_trackers(override, message):
+    if message is None:
+        assert load_config(SEED_CONFIG, [override]).logging.logger is None  # the seed's None: nothing tracked
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_config(SEED_CONFIG, [override])
+
+
+def test_tracking_credentials_are_refused_in_the_config():
+    with pytest.raises(ConfigError, match="'logging.tracking_uri' must be free of credentials"):
+        load_config(SEED_CONFIG, ["logging.logger=MLflow", "logging.tracking_uri=https://me:secret@mlflow:5000"])
+
+
+def test_a_logger_whose_package_is_missing_fails_at_config_time():
+    import importlib.util
+
+    if importlib.util.find_spec("neptune") is not None:
+        pytest.skip("neptune is installed here")
+    with pytest.raises(ConfigError, match=r"'logging.logger' is Neptune, which needs the neptune package"):
+        load_config(SEED_CONFIG, ["logging.logger=Neptune", "logging.neptune_project=team/guns"])
+    with pytest.raises(ConfigError, match="'logging.neptune_project' must be a Neptune project"):
+        load_config(SEED_CONFIG, ["logging.logger=Neptune"])
+    assert load_config(SEED_CONFIG, ["logging.logger=MLflow"]).logging.logger == "MLflow"
+
+
+@pytest.mark.parametrize("key", ["scoring.batch_size", "scoring.shard_files"])
+@pytest.mark.parametrize("value", [0, -3])
+def test_scoring_batch_and_shard_sizes_must_be_positive(key, value):
+    with pytest.raises(ConfigError, match=rf"'{key}' must be at least 1"):
+        load_config(SEED_CONFIG, [f"{key}={value}"])
