@@ -4,11 +4,14 @@ Every input file is planned into chunks of windows (`windows`); decoding and ons
 as CPU tasks that read one chunk each, and the model (`inference.WindowScorer`) in an actor pool (a GPU share
 and autocast when there is a GPU), one pool for the whole run. Files are grouped in shards; a shard's results
 are committed to OUTPUT as soon as its last window is scored (`shards`), so a killed job started again with
-the same OUTPUT skips the files it finished and ends with each file exactly once.
+the same OUTPUT skips the files it finished, scores again those whose rows are errors, and ends with each
+file exactly once. It resumes only with the same model and settings (`fingerprint`), and one job at a time
+writes an OUTPUT (`lease`).
 
 Outputs (Parquet datasets under OUTPUT): windows/ (file, start, end, prob_<class>), files/ (one row per
 input file: status, duration, top class, per-class max and mean, shots), events/ (one row per detected shot:
-time, class, probability, burst, rate of fire), and summary.json.
+time, class, probability, burst, rate of fire), summary.json (with the model and settings), fingerprint.json,
+and lease.json while a job runs.
 """
 
 from __future__ import annotations
