@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from gunsound import storage, training
+from gunsound import fingerprint, storage, training
 from gunsound.cli import main
 from gunsound.config import ArchitectureConfig
 from gunsound.features import FeatureParams
@@ -120,6 +120,26 @@ def test_the_lease_on_s3_is_a_conditional_put(s3_out):
     plant(_planted(socket.gethostname(), _dead_pid(), time.time()))  # its process on this host is gone
     with OutputLease(out, "gunsound score"):
         assert holder()["pid"] == os.getpid()
+
+
+def test_an_output_is_claimed_by_its_fingerprint_and_overwrite_removes_only_gunsound_outputs(s3_out):
+    client, out = s3_out
+    for name in ("files/part-1.parquet", "summary.json", "notes/mine.txt", "filesystem.txt"):
+        storage.write_text(f"{out}/{name}", "x")
+    made = fingerprint.Fingerprint("score", {"threshold": 0.5}, model={"digest": "a" * 64, "location": "m"})
+    with pytest.raises(fingerprint.OutputMismatch, match=r"earlier outputs \(files, summary.json\) but no"):
+        fingerprint.claim(out, made, overwrite=False, owned=("files", "summary.json"))
+    fingerprint.claim(out, made, overwrite=True, owned=("files", "summary.json"))
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="gunsound-leases", Prefix="run/")["Contents"]}
+    assert {k for k in keys if not k.endswith("/")} == {"run/fingerprint.json", "run/notes/mine.txt",
+                                                        "run/filesystem.txt"}  # "run/": pyarrow's folder marker
+    fingerprint.claim(out, made, overwrite=False, owned=("files", "summary.json"))  # the same: resumes
+    other = fingerprint.Fingerprint("score", {"threshold": 0.3}, model={"digest": "b" * 64, "location": "n"})
+    with pytest.raises(fingerprint.OutputMismatch, match=r"threshold 0.5 -> 0.3; model \(m, sha256 aaaa"):
+        fingerprint.claim(out, other, overwrite=False, owned=("files", "summary.json"))
+    training_run = fingerprint.Fingerprint("train", {"training.epochs": 1})
+    with pytest.raises(fingerprint.OutputMismatch, match="holds scoring outputs, not a training run"):
+        fingerprint.claim(out, training_run, overwrite=True, owned=("fold_*",))
 
 
 # ------------------------------------------------------------------------------------------------ scoring
