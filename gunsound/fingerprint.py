@@ -37,7 +37,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 # settings (a later `gunsound score` reads its own).
 IGNORED_TRAINING_KEYS = ("experiment_name", "environment.ray_address", "environment.number_of_workers",
                          "environment.cpus_per_worker", "environment.mixed_precision_inference",
-                         "dataset.folds", "logging.", "storage.", "scoring.", "search_space")
+                         "dataset.folds", "logging.", "storage.", "scoring.", "search_space", "search_space.")
 # Scoring settings that size the work but leave every row the same.
 IGNORED_SCORING_KEYS = ("batch_size", "shard_files", "actors")
 MANIFEST_COLUMNS = ["row", "path", "label", "group", "fold", "duration", "sample_rate"]
@@ -74,7 +74,7 @@ class Fingerprint:
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict) and value and prefix + key != "search_space":
+        if isinstance(value, dict) and value:
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[prefix + key] = value
