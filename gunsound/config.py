@@ -87,7 +87,10 @@ class EnvironmentConfig:
     # Hydrogen Torch's data-loader workers; gunsound caps its CPU decode tasks with it.
     number_of_workers: int = 4
     seed: int = -1
-    # gunsound: Ray Train sizing. None means "from the cluster": one worker per listed GPU when it has GPUs.
+    # gunsound: where work runs. auto: on GPUs when the cluster has or may launch a GPU node (an autoscaler's
+    # node types count, not only the nodes alive at submit time); cpu: never ask for a GPU; cuda: always.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    # gunsound: Ray Train sizing. None means: one worker per listed GPU when GPUs are used, else one.
     workers_per_fold: int | None = None
     gpus_per_worker: float | None = None
     cpus_per_worker: float = 1.0
