@@ -170,11 +170,6 @@ def _label_of(row: pd.Series, label_columns: list[str]) -> str | None:
     return hot[0] if hot else None
 
 
-def _is_escaping(rel: str) -> bool:
-    norm = posixpath.normpath(rel.replace("\\", "/"))
-    return rel.startswith(("/", "\\")) or "://" in rel or norm == ".." or norm.startswith("../")
-
-
 def load_manifest(cfg: Config, data: str | None = None, drop_bad_rows: bool = False) -> Manifest:
     """Read, check and return the training manifest; every problem is reported at once."""
     dcfg = cfg.dataset
@@ -208,7 +203,7 @@ def load_manifest(cfg: Config, data: str | None = None, drop_bad_rows: bool = Fa
         if not rel:
             problems.append(Problem(i, rel, "empty audio path"))
             continue
-        if _is_escaping(rel):
+        if storage.escapes_folder(rel):
             problems.append(Problem(i, rel, "path escapes the data folder"))
             continue
         norm = posixpath.normpath(rel.replace("\\", "/"))
@@ -263,8 +258,8 @@ def _check_audio(frame: pd.DataFrame) -> list[Problem]:
     def header(row: pd.Series) -> tuple[pd.Series, audio.AudioInfo | str]:
         try:
             return row, audio.info(row["path"])
-        except audio.AudioError as exc:
-            return row, f"unreadable audio: {str(exc).split(': ', 1)[-1]}"
+        except audio.AudioError as exc:  # unreadable, truncated or out of bounds: the reason, as scoring words it
+            return row, exc.reason
 
     durations = {}
     with ThreadPoolExecutor(max_workers=8) as pool:

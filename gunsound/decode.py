@@ -128,9 +128,9 @@ class _WholeReads(io.RawIOBase):
     def tell(self) -> int:
         return self._position
 
-    def raise_failure(self, path: str) -> None:
+    def raise_failure(self, path: str, what: str) -> None:
         if self.failure is not None:
-            raise AudioError(path, f"read failed: {self.failure}") from self.failure
+            raise AudioError(path, f"{what}: read failed: {self.failure}") from self.failure
 
 
 def _handle(path: str, source: Source | bytes | None) -> tuple[str | BinaryIO, _WholeReads | None]:
@@ -200,12 +200,12 @@ def info(path: str, source: Source | bytes | None = None) -> AudioInfo:
             result = AudioInfo(path, f.samplerate, int(frames), f.channels, f.format, f.subtype)
             log = f.extra_info
         if guard is not None:
-            guard.raise_failure(path)
+            guard.raise_failure(path, "unreadable audio")
     except AudioError:
         raise
     except Exception as exc:
         if guard is not None:
-            guard.raise_failure(path)
+            guard.raise_failure(path, "unreadable audio")
         raise AudioError(path, f"unreadable audio: {_reason(exc)}") from exc
     check_header(path, result.sample_rate, result.channels, result.frames)
     cut = truncation(log)
@@ -303,7 +303,7 @@ def read(
     try:
         with sf.SoundFile(handle) as f:
             if guard is not None:  # a failed read while opening: that, not what libsndfile made of it
-                guard.raise_failure(path)
+                guard.raise_failure(path, "cannot decode audio")
             _check_whole(path, f)
             sr, total = f.samplerate, f.frames
             first = max(0, int(round(start * sr)))
@@ -318,7 +318,7 @@ def read(
             wave = _read_mono(f, expected if expected is not None else wanted)
             fmt = f.format
         if guard is not None:
-            guard.raise_failure(path)
+            guard.raise_failure(path, "cannot decode audio")
         if expected is not None and len(wave) < expected - (MPEG_FRAME_SLACK if fmt == "MPEG" else 0):
             raise AudioError(path, f"truncated: the header says {total} frames and decoding stopped at frame "
                                    f"{first + len(wave)}")
@@ -331,7 +331,7 @@ def read(
         raise
     except Exception as exc:  # anything decoding or resampling one file raises is that file's error
         if guard is not None:
-            guard.raise_failure(path)
+            guard.raise_failure(path, "cannot decode audio")
         raise AudioError(path, f"cannot decode audio: {_reason(exc)}") from exc
 
 

@@ -17,26 +17,38 @@ and lease.json while a job runs.
 from __future__ import annotations
 
 import logging
+import os
+import posixpath
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 
 from gunsound import audio, fingerprint, storage
 from gunsound.config import Config, ConfigError
 from gunsound.events import chunk_onsets, summarize_file
 from gunsound.inference import ScoringModel, WindowScorer, load_scoring_model
 from gunsound.lease import OutputLease
-from gunsound.shards import ScoreSummary, ShardCommitter, all_onsets, resume, write_summary
+from gunsound.shards import (
+    SKIPPED,
+    WINDOW_COLUMNS,
+    ScoreSummary,
+    ShardCommitter,
+    all_onsets,
+    commit_shard,
+    resume,
+    write_summary,
+)
 from gunsound.windows import cut_windows, plan_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ScoringSettings", "list_inputs", "predict_file", "read_chunks", "score", "scoring_config"]
+__all__ = ["InputManifestError", "Inputs", "ScoringSettings", "list_inputs", "predict_file", "read_chunks", "score",
+           "scoring_config"]
 
 # What scoring writes into its OUTPUT: all that --overwrite removes there.
 SCORING_OUTPUTS = ("files", "windows", "events", "summary.json")
@@ -105,24 +117,104 @@ def scoring_config(model_location: str, overrides: list[str]) -> Config:
     return config_from_dict(apply_overrides(data, overrides), f"{model_location}/config.yaml")
 
 
-def list_inputs(location: str) -> list[str]:
-    """Audio files under a folder or prefix, inside a zip, a manifest's `path` column, or one file."""
+@dataclass(frozen=True)
+class Inputs:
+    """What an input location holds: the audio files to score, and every other entry under it with the reason
+    it is not scored (another format, a folder named like audio, a broken link)."""
+
+    files: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+class InputManifestError(ValueError):
+    """A scoring manifest with bad rows; the message names the manifest and every bad row."""
+
+
+def _is_audio_name(uri: str) -> bool:
+    """Named with an extension libsndfile reads, or with none (S3 keys often have none)."""
+    name = uri.rsplit("/", 1)[-1].lower()
+    return name.endswith(audio.AUDIO_EXTENSIONS) or "." not in name
+
+
+def _not_audio(uri: str) -> str:
+    return f"not an audio format libsndfile reads (.{uri.rsplit('/', 1)[-1].rsplit('.', 1)[-1]})"
+
+
+def _manifest_location(base: str, text: str) -> str:
+    """A manifest's path cell as a location: relative ones under the manifest's folder, others as they are."""
+    if "://" in text or text.startswith(("/", "\\")):
+        return text
+    rel = text.replace("\\", "/")
+    if storage.is_s3(base):
+        return "s3://" + posixpath.normpath(posixpath.join(base[len("s3://"):], rel))
+    if storage.is_local(base):
+        return os.path.normpath(os.path.join(base, rel))
+    return storage.join(base, posixpath.normpath(rel))
+
+
+def _manifest_inputs(location: str, allow_outside: bool) -> Inputs:
+    with storage.open_input(location) as f:
+        if location.lower().endswith(".csv"):  # as text: names like NA or 0012 stay what they are
+            frame = pd.read_csv(f, dtype=str, keep_default_na=False)
+        else:
+            frame = pd.read_parquet(f)
+    if "path" not in frame.columns:
+        raise InputManifestError(f"{location}: a scoring manifest needs a 'path' column; its columns are "
+                                 f"{list(frame.columns)}")
+    base = location.rsplit("/", 1)[0] if "/" in location else "."
+    files, seen, problems = [], {}, []
+    for row, cell in enumerate(frame["path"]):
+        text = "" if cell is None or (isinstance(cell, float) and np.isnan(cell)) else str(cell).strip()
+        if not text:
+            problems.append(f"row {row}: empty path")
+            continue
+        if storage.escapes_folder(text) and not allow_outside:
+            problems.append(f"row {row}: {text!r} is outside the manifest's folder (absolute, a URI or ../); "
+                            "allow locations outside it to score it (--allow-outside)")
+            continue
+        path = _manifest_location(base, text)
+        if path in seen:
+            problems.append(f"row {row}: {text!r} is listed again (first in row {seen[path]})")
+            continue
+        seen[path] = row
+        files.append(path)
+    if problems:
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise InputManifestError(f"{location}: {len(problems)} bad row(s) (rows count from 0):\n  "
+                                 + "\n  ".join(problems[:50]) + more)
+    return Inputs(files)
+
+
+def list_inputs(location: str, *, allow_outside: bool = False) -> Inputs:
+    """Audio files under a folder or prefix, inside a zip, in a manifest's `path` column, or one file; with
+    everything else under a folder as skipped, with the reason.
+
+    A manifest's (CSV or Parquet) paths are relative to its folder, as training's are; absolute paths, URIs
+    and ../ are refused unless `allow_outside`.
+    """
     lower = location.lower()
     if lower.endswith(".zip"):
         location, lower = storage.zip_location(location), ""
     if lower.endswith((".csv", ".pq", ".parquet")):
-        with storage.open_input(location) as f:
-            frame = pd.read_csv(f) if lower.endswith(".csv") else pd.read_parquet(f)
-        column = "path" if "path" in frame.columns else frame.columns[0]
-        base = location.rsplit("/", 1)[0] if "/" in location else "."
-        paths = [str(p) for p in frame[column]]
-        return [p if not storage.is_local(p) or Path(p).is_absolute() else storage.join(base, p) for p in paths]
-    if lower.endswith(audio.AUDIO_EXTENSIONS) and not storage.is_dir(location):
-        return [location]
-    if not storage.exists(location):
+        return _manifest_inputs(location, allow_outside)
+    entry = storage.file_info(location)
+    if entry.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input {location} does not exist")
-    files = storage.list_files(location)
-    return [f for f in files if f.lower().endswith(audio.AUDIO_EXTENSIONS) or "." not in f.rsplit("/", 1)[-1]]
+    if entry.type == pafs.FileType.File:
+        return Inputs([location]) if _is_audio_name(location) else Inputs([], {location: _not_audio(location)})
+    files, skipped = [], {}
+    for uri, info in storage.list_entries(location):
+        if info.type == pafs.FileType.File:
+            if _is_audio_name(uri):
+                files.append(uri)
+            else:
+                skipped[uri] = _not_audio(uri)
+        elif info.type == pafs.FileType.Directory:
+            if uri.lower().endswith(audio.AUDIO_EXTENSIONS):
+                skipped[uri] = "a folder named like an audio file (the files in it are listed on their own)"
+        else:
+            skipped[uri] = "not a readable file (a broken link?)"
+    return Inputs(files, skipped)
 
 
 def read_headers(paths: list[str]) -> dict[str, tuple[float, str]]:
@@ -131,14 +223,19 @@ def read_headers(paths: list[str]) -> dict[str, tuple[float, str]]:
     def one(path: str) -> tuple[str, tuple[float, str]]:
         try:
             info = audio.info(path)
-        except audio.AudioError as exc:
-            return path, (float("nan"), f"unreadable: {str(exc).split(': ', 1)[-1]}")
+        except Exception as exc:  # whatever one file raises is that file's error row
+            reason = exc.reason if isinstance(exc, audio.AudioError) else f"unreadable audio: {_described(exc)}"
+            return path, (float("nan"), reason)
         if info.frames <= 0:
             return path, (0.0, "empty: no samples")
         return path, (info.duration, "")
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         return dict(pool.map(one, paths))
+
+
+def _described(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def read_chunks(batch: dict[str, np.ndarray], *, sample_rate: int, window_seconds: float, onset_detection: bool,
@@ -155,8 +252,9 @@ def read_chunks(batch: dict[str, np.ndarray], *, sample_rate: int, window_second
             wave, _ = audio.read(str(path), sample_rate, start=read_start,
                                  duration=float(batch["read_end"][i]) - read_start)
             error = ""
-        except (audio.AudioError, OSError) as exc:
-            wave, error = np.zeros(0, dtype=np.float32), str(exc)
+        except Exception as exc:  # whatever one file raises is that file's error row, never a failed task
+            error = str(exc) if isinstance(exc, audio.AudioError) else f"{path}: cannot decode audio: {_described(exc)}"
+            wave = np.zeros(0, dtype=np.float32)
         onsets = np.zeros(0)
         if onset_detection and not error:
             onsets = chunk_onsets(wave, sample_rate, read_start=read_start, starts=starts,
@@ -180,18 +278,20 @@ def read_chunks(batch: dict[str, np.ndarray], *, sample_rate: int, window_second
 
 
 def score(model_location: str, input_location: str, output: str, cfg: Config, *,
-          overwrite: bool = False) -> ScoreSummary:
+          overwrite: bool = False, allow_outside: bool = False) -> ScoreSummary:
     """Score every audio file under INPUT with the model and write windows/, files/, events/ to OUTPUT.
     One job at a time writes OUTPUT (`lease`); a rerun resumes only with the same model and settings
-    (`fingerprint`), or starts afresh with `overwrite`."""
+    (`fingerprint`), or starts afresh with `overwrite`. A manifest's paths outside its folder are refused
+    unless `allow_outside`; entries under INPUT that are not audio get files/ rows with status "skipped"."""
     output = storage.absolute(output)
     storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
     storage.makedirs(output)
     with OutputLease(output, "gunsound score"):
-        return _score(model_location, input_location, output, cfg, overwrite)
+        return _score(model_location, input_location, output, cfg, overwrite, allow_outside)
 
 
-def _score(model_location: str, input_location: str, output: str, cfg: Config, overwrite: bool) -> ScoreSummary:
+def _score(model_location: str, input_location: str, output: str, cfg: Config, overwrite: bool,
+           allow_outside: bool) -> ScoreSummary:
     import ray
 
     from gunsound.ray_runtime import cluster_cpus, cluster_gpus, init_ray
@@ -200,9 +300,11 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     input_location = storage.absolute(input_location)
     model = load_scoring_model(model_location)
     s = ScoringSettings.from_config(cfg, model_chunk_seconds=model.chunk_seconds)
-    files = list_inputs(input_location)
+    inputs = list_inputs(input_location, allow_outside=allow_outside)
+    files = inputs.files
     if not files:
-        raise FileNotFoundError(f"input {input_location}: no audio files found")
+        raise FileNotFoundError(f"input {input_location}: no audio files found"
+                                + (f" ({len(inputs.skipped)} other entries skipped)" if inputs.skipped else ""))
     if len(set(files)) != len(files):
         raise ValueError(f"input {input_location}: a file is listed twice")
     made = fingerprint.scoring_fingerprint(asdict(s), model_location, model.sources)
@@ -211,6 +313,9 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     ray.data.DataContext.get_current().enable_progress_bars = True
     earlier = resume(output, files)
     todo = [f for f in files if f not in earlier.done]
+    run_id = uuid.uuid4().hex[:8]
+    _commit_skipped(output, run_id, {p: r for p, r in inputs.skipped.items() if p not in earlier.done},
+                    model.classes, s)
     log.info("scoring %d file(s) (%d already finished) with %d model(s); %s windows of %gs, hop %gs",
              len(todo), len(files) - len(todo), len(model.artifacts), s.method, s.window_seconds, s.hop_seconds)
     gpus = cluster_gpus()
@@ -221,7 +326,6 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     if not gpus and actors > cpus:
         log.warning("scoring.actors=%d but the cluster has %d CPUs and no GPU: using %d", actors, cpus, cpus)
         actors = cpus
-    run_id = uuid.uuid4().hex[:8]
     headers = read_headers(todo)
     chunks = [c for f in todo if not headers[f][1] for c in s.plan(f, headers[f][0])]
     # One dataset for the whole run, so the scorer actors load the model (and start CUDA) once; each shard is
@@ -252,6 +356,18 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     return write_summary(output, files, skipped=len(files) - len(todo), started=started,
                          model_seconds=model_seconds, scorer_actors=pool, devices=sorted(devices),
                          retried=len(earlier.retried), model=made.model, settings=made.settings)
+
+
+def _commit_skipped(output: str, run_id: str, skipped: dict[str, str], classes: list[str],
+                    s: ScoringSettings) -> None:
+    """One files/ row per entry that is not scored (status "skipped", the reason in `error`), committed at once."""
+    if not skipped:
+        return
+    log.info("%d entries under the input are not audio this reader takes: skipped (see files/)", len(skipped))
+    commit_shard(output, f"part-{run_id}-skipped.parquet", list(skipped),
+                 {p: (float("nan"), f"{SKIPPED}{why}") for p, why in skipped.items()},
+                 pd.DataFrame(columns=WINDOW_COLUMNS), classes, window_seconds=s.window_seconds, method=s.method,
+                 threshold=s.threshold)
 
 
 def predict_file(model: ScoringModel, path: str, cfg: Config) -> tuple[dict, list[dict], pd.DataFrame]:

@@ -30,6 +30,7 @@ from gunsound.events import summarize_file
 log = logging.getLogger(__name__)
 
 WINDOW_COLUMNS = ["path", "index", "start", "end", "error", "onsets", "probs"]
+SKIPPED = "skipped: "  # how the error of a files/ row with status "skipped" begins
 
 
 def _parts(output: str, table: str) -> list[str]:
@@ -161,6 +162,8 @@ def commit_shard(output: str, name: str, shard: list[str], headers: dict[str, tu
         row, file_events = summarize_file(path, duration, part if not error else part.iloc[0:0],
                                           all_onsets(part["onsets"]), classes, method=method, threshold=threshold,
                                           error=error)
+        if error.startswith(SKIPPED):  # listed under the input, not audio this reader takes
+            row["status"] = "skipped"
         if not error and duration < window_seconds:
             row["note"] = f"shorter than a window ({duration:.2f} s < {window_seconds:g} s): zero-padded"
         rows.append(row)

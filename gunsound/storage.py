@@ -188,16 +188,24 @@ def with_retries(call: Callable, what: str, policy: RetryPolicy | None = None):
             attempt += 1
 
 
+# A read of an S3 input fetches at least this much and serves the next reads from it: a decoder reads a few
+# kilobytes at a time (libsndfile's WAV reads are 8 KiB, its MP3 reads 4 and 92 bytes), and each read of
+# Arrow's S3 file is a request of its own.
+READ_AHEAD_BYTES = 1 << 20
+
+
 class RetryingInput(io.RawIOBase):
-    """A seekable input file that reads every byte asked for up to the end of the file, tried again after
-    transient errors: the failed handle is dropped and the file opened again where the read stopped (an
-    HTTP stream that broke stays broken). A stream that ends before the file's size is such an error."""
+    """A seekable input file that reads every byte asked for up to the end of the file, ahead in blocks of
+    READ_AHEAD_BYTES, tried again after transient errors: the failed handle is dropped and the file opened
+    again where the read stopped (an HTTP stream that broke stays broken). A stream that ends before the
+    file's size is such an error."""
 
     def __init__(self, opener: Callable[[], pafs.NativeFile], what: str, policy: RetryPolicy | None = None):
         self._opener, self.what, self.policy = opener, what, policy or RETRY
         self._file = with_retries(opener, what, self.policy)
         self.size = self._file.size()
         self.position = 0
+        self._ahead, self._ahead_at = b"", 0  # bytes read ahead, and where they start
 
     def readable(self) -> bool:
         return True
@@ -213,13 +221,13 @@ class RetryingInput(io.RawIOBase):
     def tell(self) -> int:
         return self.position
 
-    def _read_at(self, count: int) -> bytes:
+    def _read_at(self, count: int, position: int) -> bytes:
         if self._file is None:  # dropped after a failure
             self._file = self._opener()
         try:
-            data = self._file.read_at(count, self.position)
+            data = self._file.read_at(count, position)
             if not data:
-                raise OSError(f"{self.what}: the stream ended at byte {self.position} of {self.size}")
+                raise OSError(f"{self.what}: the stream ended at byte {position} of {self.size}")
         except Exception:
             self._drop()
             raise
@@ -230,34 +238,48 @@ class RetryingInput(io.RawIOBase):
         with contextlib.suppress(Exception):
             handle.close()
 
-    def _pieces(self, count: int):
-        """The next `count` bytes (fewer at the end of the file), as the reads returned them."""
-        left = min(count, max(0, self.size - self.position))
-        while left > 0:
-            data = with_retries(lambda n=left: self._read_at(n), self.what, self.policy)
-            self.position += len(data)
-            left -= len(data)
-            yield data
+    def _fetch(self, count: int) -> bytes:
+        """`count` bytes from the position (fewer at the end of the file), the position left where it is."""
+        pieces, at, end = [], self.position, min(self.position + count, self.size)
+        while at < end:
+            data = with_retries(lambda n=end - at, p=at: self._read_at(n, p), self.what, self.policy)
+            pieces.append(data)
+            at += len(data)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def read(self, size: int | None = -1) -> bytes:
-        pieces = list(self._pieces(self.size if size is None or size < 0 else size))
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        count = max(0, self.size - self.position)
+        if size is not None and size >= 0:
+            count = min(count, size)
+        offset = self.position - self._ahead_at
+        if count >= READ_AHEAD_BYTES and not 0 <= offset < len(self._ahead):  # large: as it comes, no copy
+            data = self._fetch(count)
+            self.position += len(data)
+            return data
+        buffer = bytearray(count)
+        return bytes(buffer[:self.readinto(buffer)])
 
     def readall(self) -> bytes:
         return self.read()
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
+        end = min(len(view), max(0, self.size - self.position))
         done = 0
-        for data in self._pieces(len(view)):
-            view[done:done + len(data)] = data
-            done += len(data)
+        while done < end:
+            offset = self.position - self._ahead_at
+            if not 0 <= offset < len(self._ahead):
+                self._ahead, self._ahead_at, offset = self._fetch(max(end - done, READ_AHEAD_BYTES)), self.position, 0
+            n = min(end - done, len(self._ahead) - offset)
+            view[done:done + n] = self._ahead[offset:offset + n]
+            done += n
+            self.position += n
         return done
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            self._drop()
+        self._ahead = b""
         super().close()
 
 
@@ -324,6 +346,13 @@ def _stat(uri: str, fs: pafs.FileSystem, what):
 def file_info(uri: str) -> pafs.FileInfo:
     fs, path = resolve(uri)
     return _stat(uri, fs, path)
+
+
+def escapes_folder(rel: str) -> bool:
+    """A manifest's path that does not stay under the manifest's folder: absolute, a URI (another bucket, a
+    zip), or climbing out with ../."""
+    norm = posixpath.normpath(rel.replace("\\", "/"))
+    return rel.startswith(("/", "\\")) or "://" in rel or norm == ".." or norm.startswith("../")
 
 
 def exists(uri: str) -> bool:

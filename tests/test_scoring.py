@@ -75,7 +75,7 @@ def test_inputs_inside_a_zip_are_listed_and_read_in_place(archive, tmp_path):
 
     root, _ = archive
     zipped = zip_folder(root, tmp_path / "recordings.zip", prefix="")
-    inputs = scoring.list_inputs(str(zipped))
+    inputs = scoring.list_inputs(str(zipped)).files
     assert [u.rsplit("!/", 1)[1] for u in inputs] == ["clip.mp3", "corrupt.wav", "empty.wav", "short.flac",
                                                       "street/long.wav"]
     assert audio.info(inputs[-1]).duration == pytest.approx(120.0)
