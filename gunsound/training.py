@@ -29,14 +29,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gunsound import fingerprint, storage
-from gunsound.config import Config
+from gunsound import fingerprint, storage, tracking, weights
+from gunsound.config import EnvironmentConfig
 from gunsound.dataset import Problem
 from gunsound.features import mel_frames
 from gunsound.lease import OutputLease
 from gunsound.metrics import cross_validated_metrics
 from gunsound.model import ModelArtifact
 from gunsound.plan import TrainingPlan
+from gunsound.resources import ClusterCapacity, TrainWorkers, cluster_capacity, train_workers
 from gunsound.train_loop import LoopSettings, scalar_metrics, train_loop_per_worker
 
 if TYPE_CHECKING:
@@ -52,16 +53,20 @@ WORKER_GROUP_START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 FOLD_QUEUE_TIMEOUT_S = 7 * 24 * 3600
 
 
-def worker_sizing(cfg: Config, gpus_in_cluster: float) -> tuple[int, float, float]:
-    env = cfg.environment
-    gpus_per_worker = env.gpus_per_worker if env.gpus_per_worker is not None else (1.0 if gpus_in_cluster else 0.0)
-    if env.workers_per_fold is not None:
-        workers = env.workers_per_fold
-    elif gpus_per_worker:
-        workers = max(1, min(len(env.gpus), int(gpus_in_cluster // gpus_per_worker)))
-    else:
-        workers = 1
-    return workers, gpus_per_worker, env.cpus_per_worker
+def fold_workers(env: EnvironmentConfig, capacity: ClusterCapacity) -> TrainWorkers:
+    """The Train workers each fold asks for, from the config and what the cluster may hold (`resources`)."""
+    return train_workers(device=env.device, listed_gpus=len(env.gpus), workers_per_fold=env.workers_per_fold,
+                         gpus_per_worker=env.gpus_per_worker, cpus_per_worker=env.cpus_per_worker,
+                         capacity=capacity)
+
+
+def planned_workers(env: EnvironmentConfig) -> TrainWorkers:
+    """Size the folds on the connected cluster and say so in the log."""
+    capacity = cluster_capacity()
+    sizing = fold_workers(env, capacity)
+    log.info("each fold asks for %s (environment.device %s; cluster %s)", sizing.describe(), env.device,
+             capacity.describe())
+    return sizing
 
 
 def featurize(plan: TrainingPlan, drop_bad_rows: bool = False) -> Dataset:
@@ -92,14 +97,13 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False) -> Dataset:
 
 
 def make_trainer(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset, fold_dir: str, name: str,
-                 storage_dir: str, callbacks: list[Any] | None = None, run_dir: str | None = None) -> TorchTrainer:
+                 storage_dir: str, sizing: TrainWorkers, callbacks: list[Any] | None = None,
+                 run_dir: str | None = None) -> TorchTrainer:
     """The Ray Train TorchTrainer for fold k of a plan (also what every Tune trial fits)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from gunsound.ray_runtime import cluster_gpus
-
-    workers, gpus_per_worker, cpus_per_worker = worker_sizing(plan.cfg, cluster_gpus())
+    workers, gpus_per_worker, cpus_per_worker = sizing.workers, sizing.gpus_per_worker, sizing.cpus_per_worker
     t = plan.cfg.training
     n_valid = int(np.sum(plan.folds == k))
     n_train = len(plan.folds) - n_valid + (n_valid if t.train_validation_data else 0)
@@ -129,13 +133,13 @@ def make_trainer(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Datase
     )
 
 
-def fit_fold(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset) -> dict:
+def fit_fold(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset, sizing: TrainWorkers) -> dict:
     """Train one fold with Ray Train and export its model; returns the fold's epoch history."""
     storage.configure_s3(plan.cfg.storage.endpoint_url, plan.cfg.storage.region)
     t = plan.cfg.training
     fold_dir = storage.join(plan.output, f"fold_{k}")
     trainer = make_trainer(plan, k, train_ds, valid_ds, fold_dir, f"fold_{k}", storage.join(plan.output, "ray"),
-                           run_dir=plan.output)
+                           sizing, run_dir=plan.output)
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
@@ -197,12 +201,22 @@ def run(plan: TrainingPlan, drop_bad_rows: bool = False, overwrite: bool = False
     storage.makedirs(plan.output)
     with OutputLease(plan.output, "gunsound train"):
         frame = plan.manifest.frame.assign(fold=plan.folds)
-        fingerprint.claim(plan.output, fingerprint.training_fingerprint(plan.cfg, frame, plan.manifest.source),
-                          overwrite=overwrite, owned=TRAINING_OUTPUTS)
-        return _train(plan, frame, drop_bad_rows)
+        claim = fingerprint.training_fingerprint(plan.cfg, frame, plan.manifest.source)
+        # Before anything is written or Ray starts: weights that cannot be had fail here, in seconds.
+        plan.cfg.architecture = weights.resolve_pretrained(plan.cfg.architecture, plan.output)
+        fingerprint.claim(plan.output, claim, overwrite=overwrite, owned=TRAINING_OUTPUTS)
+        tracker = tracking.TrackingSettings.from_config(plan.cfg, plan.output)
+        try:
+            results = _train(plan, frame, drop_bad_rows, tracker)
+        except BaseException:
+            tracking.finish_run(tracker, None, failed=True)
+            raise
+        tracking.finish_run(tracker, results)
+        return results
 
 
-def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool) -> dict:
+def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool,
+           tracker: tracking.TrackingSettings | None) -> dict:
     import ray
 
     from gunsound.ray_runtime import init_ray
@@ -210,6 +224,7 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool) -> d
     init_ray(plan.cfg.environment.ray_address)
     out = plan.output
     storage.write_text(storage.join(out, "config.yaml"), plan.cfg.to_yaml())
+    tracking.start_run(tracker, plan.cfg.to_dict())
     storage.write_parquet(manifest, storage.join(out, "manifest.parquet"))
     if plan.manifest.dropped:
         storage.write_parquet(pd.DataFrame([asdict(p) for p in plan.manifest.dropped]), storage.join(out, "dropped_rows.parquet"))
@@ -222,6 +237,7 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool) -> d
     todo = [k for k in plan.fold_ids if k not in done]
     pending = {}
     if todo:
+        sizing = planned_workers(plan.cfg.environment)
         ds = featurize(plan, drop_bad_rows)
         # A fold's driver holds almost nothing; its Train workers reserve their own resources, so folds
         # queue for workers when the cluster is full and run side by side when it is not.
@@ -233,7 +249,7 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool) -> d
         for k in todo:
             train_ds, valid_ds = fold_datasets(plan, ds, k)
             log.info("fold %d: %d train / %d validation clips", k, train_ds.count(), valid_ds.count())
-            pending[k] = remote_fit.remote(plan, k, train_ds, valid_ds)
+            pending[k] = remote_fit.remote(plan, k, train_ds, valid_ds, sizing)
     for k in plan.fold_ids:
         results["folds"][str(k)] = done[k] if k in done else ray.get(pending[k])
     results["cv"] = cross_validate(plan)

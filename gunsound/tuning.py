@@ -18,12 +18,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from gunsound import storage
+from gunsound import storage, weights
 from gunsound.config import Config, ConfigError, apply_overrides, config_from_dict
 from gunsound.lease import OutputLease
 from gunsound.metrics import METRIC_KEYS
 from gunsound.plan import TrainingPlan
-from gunsound.training import featurize, fold_datasets, make_trainer, worker_sizing
+from gunsound.resources import cluster_capacity
+from gunsound.training import featurize, fold_datasets, make_trainer, planned_workers
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def trial_driver(config: dict) -> None:
     trial = tune.get_context().get_trial_id()
     trial_dir = storage.join(plan.output, "tune", "trials", trial)
     trainer = make_trainer(plan, config["fold"], config["train_ds"], config["valid_ds"], trial_dir,
-                           f"trial_{trial}", storage.join(plan.output, "tune", "ray"),
+                           f"trial_{trial}", storage.join(plan.output, "tune", "ray"), config["sizing"],
                            callbacks=[TuneReportCallback()])
     trainer.fit()
 
@@ -103,15 +104,16 @@ def run_tune(plan: TrainingPlan, num_samples: int) -> TuneResult:
     OUTPUT's lease meanwhile: one job at a time writes there."""
     storage.makedirs(plan.output)
     with OutputLease(plan.output, "gunsound tune"):
+        # Before Ray starts: weights that cannot be had fail here, in seconds; every trial reads one copy.
+        plan.cfg.architecture = weights.resolve_pretrained(plan.cfg.architecture, plan.output)
         return _sweep(plan, num_samples)
 
 
 def _sweep(plan: TrainingPlan, num_samples: int) -> TuneResult:
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from gunsound.ray_runtime import cluster_gpus, init_ray
+    from gunsound.ray_runtime import init_ray
 
     init_ray(plan.cfg.environment.ray_address)
     space = search_space(plan.cfg)
@@ -121,11 +123,12 @@ def _sweep(plan: TrainingPlan, num_samples: int) -> TuneResult:
     ds = featurize(plan)
     train_ds, valid_ds = fold_datasets(plan, ds, k)
 
-    workers, gpus_per_worker, cpus_per_worker = worker_sizing(plan.cfg, cluster_gpus())
-    resources = ray.cluster_resources()
-    fits = [int(resources.get("CPU", 1) // (workers * cpus_per_worker + 0.01))]
-    if gpus_per_worker:
-        fits.append(int(resources.get("GPU", 0) // (workers * gpus_per_worker)))
+    sizing = planned_workers(plan.cfg.environment)
+    capacity = cluster_capacity()
+    # Trials run side by side as far as the cluster can ever hold them (the autoscaler adds the nodes).
+    fits = [int(max(capacity.most("CPU"), 1) // (sizing.workers * sizing.cpus_per_worker + 0.01))]
+    if sizing.gpus_per_worker:
+        fits.append(int(min(capacity.most("GPU"), 1024) // (sizing.workers * sizing.gpus_per_worker)))
     concurrent = max(1, min(fits))
     max_epochs = _largest(space["training.epochs"]) if "training.epochs" in space else plan.cfg.training.epochs
     log.info("tune: %d samples, %d at a time, ASHA on %s (%s), up to %d epochs, fold %d",
@@ -135,7 +138,7 @@ def _sweep(plan: TrainingPlan, num_samples: int) -> TuneResult:
     tuner = tune.Tuner(
         tune.with_resources(trial_driver, {"CPU": 0.01}),
         param_space={"params": to_tune_space(space), "plan": plan, "fold": k,
-                     "train_ds": train_ds, "valid_ds": valid_ds},
+                     "train_ds": train_ds, "valid_ds": valid_ds, "sizing": sizing},
         tune_config=tune.TuneConfig(
             num_samples=num_samples, max_concurrent_trials=concurrent,
             scheduler=ASHAScheduler(metric=metric, mode=mode, time_attr="training_iteration",

@@ -22,10 +22,7 @@ def test_a_training_with_mlflow_writes_runs_that_mlflow_reads_back(ray_local, sy
     cfg = load_config(LAPTOP_CONFIG, [*FAST, "logging.logger=MLflow"])
     plan = prepare(cfg, str(synth_dir), str(tmp_path / "run"))
     settings = TrackingSettings.from_config(plan.cfg, plan.output)
-    # What training's driver does around the folds.
-    tracking.start_run(settings, plan.cfg.to_dict())
-    results = training.run(plan)
-    tracking.finish_run(settings, results)
+    results = training.run(plan)  # opens the command's run, a run per fold, and closes them
 
     assert settings.tracking_uri == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=settings.tracking_uri)
