@@ -74,6 +74,9 @@ def feature_dataset(
     chunk_seconds: float,
     feature_actors: int | None = None,
     batch_size: int = 64,
+    *,
+    gpus: float | None = None,
+    cpus: int | None = None,
 ) -> ray.data.Dataset:
     """A lazy dataset of the clips' log-mel features; every input row comes out once, with `error` set
     where it could not be decoded. `clips` needs a `path` column; other columns are passed through.
@@ -89,12 +92,13 @@ def feature_dataset(
     records = clips.to_dict("records")
     # Blocks of at most batch_size clips, at least one per CPU; each block is then one batch
     # (a batch_size in map_batches would make Ray Data bundle two short blocks into one task).
-    cpus = cluster_cpus()
+    # `gpus` and `cpus`: what the cluster has or may launch (`resources`); by default what is alive now.
+    cpus = cpus or cluster_cpus()
     blocks = max(-(-len(records) // batch_size), min(len(records), cpus))
     ds = ray.data.from_items(records, override_num_blocks=blocks)
     decode_kwargs = {"sample_rate": params.sample_rate, "chunk_samples": chunk_samples,
                      "s3": storage.current_settings()}
-    gpus = cluster_gpus()
+    gpus = cluster_gpus() if gpus is None else gpus
     if not gpus and feature_actors is None:
         # One operator, so Ray Data's per-operator resource reservation has nothing to share out; left on, it
         # grants no CPU for the first second (its budget starts at zero) and then launches a task only after
@@ -112,6 +116,8 @@ def feature_dataset(
         batch_size=batch_size,  # Ray Data requires an int batch size with num_gpus
         num_gpus=0.25 if gpus else 0,
         num_cpus=0.5 if gpus else 1,
-        compute=ray.data.ActorPoolStrategy(size=feature_actors or max(1, int(gpus * 4))),
+        # With GPUs, a pool that grows with the backlog: its GPU requests are what bring GPU nodes up.
+        compute=(ray.data.ActorPoolStrategy(size=feature_actors) if feature_actors else
+                 ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(min(gpus, 64) * 4)))),
     )
     return ds

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from gunsound import storage
 from gunsound.augment import mixup, spec_augment
 from gunsound.config import ArchitectureConfig, Config
+from gunsound.ddp import check_ranks, placement
 from gunsound.metrics import METRIC_KEYS, classification_metrics
 from gunsound.model import build_model
 from gunsound.optim import lr_lambda, make_optimizer
@@ -183,8 +184,10 @@ def restore(state: TrainState, checkpoint: ray.train.Checkpoint | None, device: 
 
 
 def train_one_epoch(model: torch.nn.Module, state: TrainState, batches: Iterable[Batch], s: LoopSettings,
-                    device: torch.device, amp: bool, amp_dtype: torch.dtype) -> dict[str, Any]:
-    """One pass over this worker's batches (augmented, accumulated, clipped); returns the epoch's metrics."""
+                    device: torch.device, amp: bool, amp_dtype: torch.dtype,
+                    rows_trained: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """One pass over this worker's batches (augmented, accumulated, clipped); returns the epoch's metrics.
+    The manifest rows it trained on are appended to `rows_trained` where batches carry them."""
     model.train()
     optimizer, scheduler, scaler = state.optimizer, state.scheduler, state.scaler
     batch_losses, seen, train_probs, train_targets = [], 0, [], []
@@ -209,6 +212,8 @@ def train_one_epoch(model: torch.nn.Module, state: TrainState, batches: Iterable
             scheduler.step()
         batch_losses.append(loss.item())
         seen += len(y)
+        if rows_trained is not None and "row" in batch:
+            rows_trained.append(batch["row"].cpu().numpy())
         if s.calculate_train_metric:
             train_probs.append(probabilities(logits.detach().float(), s.loss_function).cpu().numpy())
             train_targets.append((y > 0.5).float().cpu().numpy())
@@ -299,15 +304,19 @@ def train_loop_per_worker(s: LoopSettings) -> None:
     model = ray.train.torch.prepare_model(state.model)  # DDP when there are several workers
     state.model = model.module if hasattr(model, "module") else model
     data = WorkerData(s, rank)
+    where = placement(device)
     # Rank 0 only: it alone holds the validation metrics, and one writer per fold keeps each epoch once.
     tracker = _fold_tracker(s) if rank == 0 and s.tracking else None
     first_epoch = state.next_epoch
     try:
         for epoch in range(first_epoch, s.epochs):
             started = time.perf_counter()
+            rows: list[np.ndarray] = []
             metrics = train_one_epoch(model, state, data.train_batches(s.seed + epoch * 1000 + rank), s, device,
-                                      amp, amp_dtype)
+                                      amp, amp_dtype, rows)
             metrics["train_seconds"] = time.perf_counter() - started
+            metrics.update(check_ranks(state.model, np.concatenate(rows) if rows else np.zeros(0, np.int64),
+                                       where))
             if data.load_seconds is not None and epoch == first_epoch:
                 metrics["shard_load_seconds"] = data.load_seconds  # once per worker start, before the first epoch
             predictions = None

@@ -37,7 +37,7 @@ from gunsound.lease import OutputLease
 from gunsound.metrics import cross_validated_metrics
 from gunsound.model import ModelArtifact
 from gunsound.plan import TrainingPlan
-from gunsound.resources import ClusterCapacity, TrainWorkers, cluster_capacity, train_workers
+from gunsound.resources import ClusterCapacity, TrainWorkers, cluster_capacity, train_workers, uses_gpus
 from gunsound.train_loop import LoopSettings, scalar_metrics, train_loop_per_worker
 
 if TYPE_CHECKING:
@@ -82,7 +82,10 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False) -> Dataset:
     targets = plan.manifest.targets(plan.cfg.dataset.background_label)
     clips = pd.DataFrame({"row": frame["row"].to_numpy(), "path": frame["path"], "fold": plan.folds,
                           "target": list(targets)})
-    ds = feature_dataset(clips, plan.features, plan.audio.chunk_seconds).materialize()
+    capacity = cluster_capacity()
+    gpus = min(capacity.most("GPU"), 1024) if uses_gpus(plan.cfg.environment.device, capacity) else 0.0
+    ds = feature_dataset(clips, plan.features, plan.audio.chunk_seconds, gpus=gpus,
+                         cpus=int(min(capacity.most("CPU"), 4096))).materialize()
     errors = ds.select_columns(["row", "path", "error"]).filter(expr=col("error") != "").to_pandas()
     if len(errors):
         problems = [Problem(int(r.row), r.path, r.error) for r in errors.itertuples()]
@@ -143,14 +146,22 @@ def fit_fold(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset, s
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    weights = state["model"]
+    log.info("fold %d ran on %s", k, "; ".join(describe_worker(w) for w in state["history"][-1].get("workers", [])))
+    model_weights = state["model"]
     best = storage.join(fold_dir, "best_state.pt")
     if t.save_best_checkpoint and storage.exists(best):
-        weights = storage.read_torch(best)
+        model_weights = storage.read_torch(best)
     ModelArtifact(classes=plan.manifest.classes, features=plan.features, chunk_seconds=plan.audio.chunk_seconds,
-                  architecture=plan.cfg.architecture, loss_function=t.loss_function, state_dict=weights,
+                  architecture=plan.cfg.architecture, loss_function=t.loss_function, state_dict=model_weights,
                   fold=int(k), best_epoch=state.get("best_epoch")).save(storage.join(fold_dir, "model.pt"))
     return {"epochs": [scalar_metrics(m) for m in state["history"]], "final": scalar_metrics(state["history"][-1])}
+
+
+def describe_worker(worker: dict) -> str:
+    """One Train worker's placement, as the fold's metrics record it (`ddp.placement`)."""
+    node = worker["node"] + (f" ({worker['node_type']})" if worker.get("node_type") else "")
+    gpus = f", GPU {','.join(worker['gpus'])}" if worker.get("gpus") else ""
+    return f"rank {worker['rank']}: {worker['device']} on {node}{gpus}"
 
 
 def cross_validate(plan: TrainingPlan) -> dict:
@@ -175,7 +186,7 @@ def fold_datasets(plan: TrainingPlan, ds: Dataset, k: int) -> tuple[Dataset, Dat
     from ray.data.expressions import col
 
     train_all = ds if plan.cfg.training.train_validation_data else ds.filter(expr=col("fold") != k)
-    train_ds = train_all.select_columns(["features", "target"]).materialize()
+    train_ds = train_all.select_columns(["row", "features", "target"]).materialize()
     valid_ds = ds.filter(expr=col("fold") == k).select_columns(["row", "features", "target"]).materialize()
     return train_ds, valid_ds
 

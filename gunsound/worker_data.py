@@ -55,7 +55,7 @@ class WorkerData:
         self.load_seconds: float | None = None
         if s.cache_shards:
             loading = time.perf_counter()
-            self.train_arrays = load_shard(self.train_shard, ["features", "target"])
+            self.train_arrays = load_shard(self.train_shard, ["row", "features", "target"])
             self.valid_arrays = load_shard(self.valid_shard, ["row", "features", "target"]) if rank == 0 else None
             self.load_seconds = time.perf_counter() - loading
             log.info("worker %d holds its shard in memory: %d training clips, read in %.1f s",

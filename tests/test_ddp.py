@@ -1,0 +1,71 @@
+"""DDP: one fold on two Ray Train workers (gloo on CPU) stays in step, each rank trains on its own shard, and
+the validation set is scored once, whole; and the check that would catch ranks drifting apart does catch it."""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gunsound.cli import main
+from gunsound.ddp import RanksDiverged, check_ranks
+from tests.conftest import FAST, LAPTOP_CONFIG
+
+
+@pytest.mark.ray
+def test_one_fold_on_two_workers_keeps_ranks_in_step_on_disjoint_shards(ray_local, synth_dir, tmp_path):
+    out = tmp_path / "run"
+    # Two half-CPU workers: on a 2-CPU machine the fold's driver task needs a little CPU beside them.
+    code = main(["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out),
+                 *[arg for kv in FAST for arg in ("--set", kv)], "--set", "environment.workers_per_fold=2",
+                 "--set", "environment.cpus_per_worker=0.5", "--set", "dataset.folds=[0]",
+                 "--set", "training.epochs=3"])
+    assert code == 0
+    epochs = json.loads((out / "fold_0" / "metrics.json").read_text())
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    train_rows, valid_rows = (manifest["fold"] != 0).sum(), (manifest["fold"] == 0).sum()
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    for e in epochs:
+        assert e["ranks"] == 2 and e["ranks_in_sync"] is True
+        assert [w["rank"] for w in e["workers"]] == [0, 1] and all(w["device"] == "cpu" for w in e["workers"])
+        assert e["rows_trained_on_several_ranks"] == 0  # each rank its own shard
+        # Both shards together cover the training rows but for what the last partial batch of each drops.
+        assert train_rows - 2 * 16 < e["rows_trained_by_all_ranks"] <= train_rows
+        assert e["train_clips"] == e["rows_trained_by_all_ranks"] // 2  # rank 0's share: one half
+    valid = pd.read_parquet(out / "fold_0" / "valid_predictions.parquet")
+    assert len(valid) == valid_rows and valid["row"].is_unique  # scored once, whole
+
+
+def _rank(rank: int, port: int, drift: bool, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    if drift and rank == 1:
+        with torch.no_grad():
+            model.bias[0] += 1e-6
+    try:
+        report = check_ranks(model, np.arange(rank * 10, rank * 10 + 10), {"node": "here", "device": "cpu"})
+        results[rank] = ("ok", report["ranks"], report["rows_trained_on_several_ranks"])
+    except RanksDiverged as exc:
+        results[rank] = ("diverged", str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_ranks_that_drift_apart_are_caught(drift):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_rank, args=(port, drift, results), nprocs=2, join=True)
+    if drift:
+        assert results[0][0] == results[1][0] == "diverged" and "rank(s) [1]" in results[0][1]
+    else:
+        assert results[0] == results[1] == ("ok", 2, 0)
