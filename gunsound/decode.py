@@ -260,29 +260,34 @@ def _polyphase(orig_sr: int, target_sr: int) -> tuple[int, int, np.ndarray]:
     from scipy.signal import firwin
 
     ratio = Fraction(target_sr, orig_sr)
-    if ratio <= 1:
-        ratio = ratio.limit_denominator(MAX_RESAMPLE_FACTOR)
-    else:
-        ratio = 1 / (1 / ratio).limit_denominator(MAX_RESAMPLE_FACTOR)
+    small = ratio if ratio <= 1 else 1 / ratio  # limit_denominator bounds the denominator: work below 1
+    small = small.limit_denominator(MAX_RESAMPLE_FACTOR) or Fraction(1, MAX_RESAMPLE_FACTOR)
+    ratio = small if ratio <= 1 else 1 / small
     up, down = ratio.numerator, ratio.denominator
     most = max(up, down)
     return up, down, firwin(20 * most + 1, 1.0 / most, window=("kaiser", 5.0)).astype(np.float32)
 
 
-def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Band-limited resampling in bounded memory: torchaudio's windowed sinc for the usual rate pairs, scipy's
-    polyphase filter for the rest (see MAX_RESAMPLE_FACTOR)."""
-    wave = np.ascontiguousarray(wave, dtype=np.float32)
-    if orig_sr == target_sr or wave.size == 0:
-        return wave
-    common = gcd(orig_sr, target_sr)
-    if max(orig_sr, target_sr) // common <= MAX_RESAMPLE_FACTOR:
-        with torch.inference_mode():
-            return _resampler(orig_sr, target_sr)(torch.from_numpy(wave)).numpy()
+def polyphase_resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """scipy's polyphase resampler over the ratio nearest target/orig with terms at most MAX_RESAMPLE_FACTOR:
+    memory bounded for any pair of rates."""
     from scipy.signal import resample_poly
 
     up, down, fir = _polyphase(orig_sr, target_sr)
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
     return resample_poly(wave, up, down, window=fir).astype(np.float32, copy=False)
+
+
+def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Band-limited resampling in bounded memory: torchaudio's windowed sinc for the usual rate pairs (whose
+    reduced terms are at most MAX_RESAMPLE_FACTOR), `polyphase_resample` for the rest."""
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
+    if orig_sr == target_sr or wave.size == 0:
+        return wave
+    if max(orig_sr, target_sr) // gcd(orig_sr, target_sr) > MAX_RESAMPLE_FACTOR:
+        return polyphase_resample(wave, orig_sr, target_sr)
+    with torch.inference_mode():
+        return _resampler(orig_sr, target_sr)(torch.from_numpy(wave)).numpy()
 
 
 def read(

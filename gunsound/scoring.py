@@ -154,8 +154,8 @@ def _manifest_location(base: str, text: str) -> str:
 
 def _manifest_inputs(location: str, allow_outside: bool) -> Inputs:
     with storage.open_input(location) as f:
-        if location.lower().endswith(".csv"):  # as text: names like NA or 0012 stay what they are
-            frame = pd.read_csv(f, dtype=str, keep_default_na=False)
+        if location.lower().endswith(".csv"):  # as text (NA and 0012 are names), a blank line an empty row
+            frame = pd.read_csv(f, dtype=str, keep_default_na=False, skip_blank_lines=False)
         else:
             frame = pd.read_parquet(f)
     if "path" not in frame.columns:
@@ -164,7 +164,8 @@ def _manifest_inputs(location: str, allow_outside: bool) -> Inputs:
     base = location.rsplit("/", 1)[0] if "/" in location else "."
     files, seen, problems = [], {}, []
     for row, cell in enumerate(frame["path"]):
-        text = "" if cell is None or (isinstance(cell, float) and np.isnan(cell)) else str(cell).strip()
+        text = cell.strip() if isinstance(cell, str) else "" if pd.api.types.is_scalar(cell) and pd.isna(cell) \
+            else str(cell).strip()
         if not text:
             problems.append(f"row {row}: empty path")
             continue

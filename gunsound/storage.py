@@ -376,6 +376,8 @@ def list_entries(uri: str, recursive: bool = True) -> list[tuple[str, pafs.FileI
     sorted by URI."""
     fs, path = resolve(uri)
     infos = _stat(uri, fs, pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    if is_local(uri):
+        infos += _broken_links(path, recursive, {info.path for info in infos})
     out = []
     for info in infos:
         if is_local(uri):
@@ -384,6 +386,19 @@ def list_entries(uri: str, recursive: bool = True) -> list[tuple[str, pafs.FileI
             rel = info.path[len(path):].lstrip("/") if path else info.path
         out.append((join(uri, rel), info))
     return sorted(out, key=lambda entry: entry[0])
+
+
+def _broken_links(folder: str, recursive: bool, listed: set[str]) -> list[pafs.FileInfo]:
+    """Links to nothing under a local folder, which Arrow's listing leaves out."""
+    out = []
+    for parent, dirs, names in os.walk(folder):
+        for name in names + dirs:
+            full = os.path.join(parent, name)
+            if full not in listed and os.path.islink(full) and not os.path.exists(full):
+                out.append(pafs.FileInfo(full, pafs.FileType.NotFound))
+        if not recursive:
+            break
+    return out
 
 
 def list_files(uri: str, recursive: bool = True) -> list[str]:
