@@ -296,14 +296,20 @@ def train_loop_per_worker(s: LoopSettings) -> None:
     storage.configure_s3(s.endpoint_url, s.region)
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # A GPU was granted but this node cannot run CUDA (no driver; a resource label only): the same loop
+        # on the CPU, said loudly, rather than a failed fold.
+        log.warning("rank %d holds GPU(s) %s but CUDA is not available on this node: training on the CPU",
+                    rank, ray.get_runtime_context().get_accelerator_ids().get("GPU"))
+        device = torch.device("cpu")
     torch.manual_seed(s.seed + rank)
     np.random.seed((s.seed + rank) % (2**32))
     amp, amp_dtype = training_precision(device, s.mixed_precision_training)
     state = TrainState.create(s, device, amp, amp_dtype)
     restore(state, ray.train.get_checkpoint(), device)
-    model = ray.train.torch.prepare_model(state.model)  # DDP when there are several workers
+    model = ray.train.torch.prepare_model(state.model, move_to_device=device)  # DDP with several workers
     state.model = model.module if hasattr(model, "module") else model
-    data = WorkerData(s, rank)
+    data = WorkerData(s, rank, device)
     where = placement(device)
     # Rank 0 only: it alone holds the validation metrics, and one writer per fold keeps each epoch once.
     tracker = _fold_tracker(s) if rank == 0 and s.tracking else None

@@ -104,7 +104,7 @@ def make_trainer(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Datase
                  run_dir: str | None = None) -> TorchTrainer:
     """The Ray Train TorchTrainer for fold k of a plan (also what every Tune trial fits)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     workers, gpus_per_worker, cpus_per_worker = sizing.workers, sizing.gpus_per_worker, sizing.cpus_per_worker
     t = plan.cfg.training
@@ -118,6 +118,8 @@ def make_trainer(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Datase
     storage_path, storage_fs = storage.storage_path_for_ray(storage_dir)
     return TorchTrainer(
         train_loop_per_worker,
+        # One worker exchanges nothing: gloo sets it up anywhere, without an NCCL communicator on its GPU.
+        torch_config=TorchConfig(backend="gloo") if workers == 1 else None,
         train_loop_config=LoopSettings.from_config(
             plan.cfg, classes=plan.manifest.classes, fold_dir=fold_dir, run_dir=run_dir, cache_shards=cache_shards,
             optimizer_steps_per_epoch=max(1, batches // t.grad_accumulation)),
@@ -146,7 +148,6 @@ def fit_fold(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset, s
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    log.info("fold %d ran on %s", k, "; ".join(describe_worker(w) for w in state["history"][-1].get("workers", [])))
     model_weights = state["model"]
     best = storage.join(fold_dir, "best_state.pt")
     if t.save_best_checkpoint and storage.exists(best):
@@ -154,7 +155,8 @@ def fit_fold(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset, s
     ModelArtifact(classes=plan.manifest.classes, features=plan.features, chunk_seconds=plan.audio.chunk_seconds,
                   architecture=plan.cfg.architecture, loss_function=t.loss_function, state_dict=model_weights,
                   fold=int(k), best_epoch=state.get("best_epoch")).save(storage.join(fold_dir, "model.pt"))
-    return {"epochs": [scalar_metrics(m) for m in state["history"]], "final": scalar_metrics(state["history"][-1])}
+    return {"epochs": [scalar_metrics(m) for m in state["history"]], "final": scalar_metrics(state["history"][-1]),
+            "workers": state["history"][-1].get("workers", [])}
 
 
 def describe_worker(worker: dict) -> str:
@@ -263,6 +265,8 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool,
             pending[k] = remote_fit.remote(plan, k, train_ds, valid_ds, sizing)
     for k in plan.fold_ids:
         results["folds"][str(k)] = done[k] if k in done else ray.get(pending[k])
+        if k in pending:
+            log.info("fold %d ran on %s", k, "; ".join(map(describe_worker, results["folds"][str(k)]["workers"])))
     results["cv"] = cross_validate(plan)
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(results, indent=1))
     storage.write_text(storage.join(out, "ensemble.json"), json.dumps(

@@ -46,10 +46,10 @@ class WorkerData:
     read once and reshuffled in memory each epoch: streaming it again costs a Ray Data execution per epoch,
     which dominates short epochs."""
 
-    def __init__(self, s: LoopSettings, rank: int) -> None:
+    def __init__(self, s: LoopSettings, rank: int, device: torch.device) -> None:
         import ray.train
 
-        self.s = s
+        self.s, self.device = s, device
         self.train_shard = ray.train.get_dataset_shard("train")
         self.valid_shard = ray.train.get_dataset_shard("valid")
         self.load_seconds: float | None = None
@@ -66,10 +66,11 @@ class WorkerData:
         if s.cache_shards:
             return shuffled_batches(self.train_arrays, s.batch_size, s.drop_last_batch, seed)
         return self.train_shard.iter_torch_batches(batch_size=s.batch_size, drop_last=s.drop_last_batch,
+                                                   device=self.device,
                                                    local_shuffle_buffer_size=4 * s.batch_size,
                                                    local_shuffle_seed=seed)
 
     def valid_batches(self) -> Iterable[Batch]:
         if self.s.cache_shards:
             return shuffled_batches(self.valid_arrays, 64, False, 0)
-        return self.valid_shard.iter_torch_batches(batch_size=64)
+        return self.valid_shard.iter_torch_batches(batch_size=64, device=self.device)
