@@ -144,13 +144,19 @@ def read_dataframe(uri: str) -> pd.DataFrame:
 
 def _folder_per_class_frame(root: str) -> pd.DataFrame:
     files = storage.list_files(root, recursive=True)
-    rows = []
+    rows, left_out = [], []
     for uri in files:
         rel = storage.relative(uri, root)
         parts = rel.split("/")
-        if len(parts) < 2 or not rel.lower().endswith(audio.AUDIO_EXTENSIONS):
+        if len(parts) < 2:
+            continue
+        if not rel.lower().endswith(audio.AUDIO_EXTENSIONS):
+            left_out.append(rel)
             continue
         rows.append({"path": rel, "class": parts[0]})
+    if left_out:
+        log.warning("%s: %d file(s) in the class folders are not audio libsndfile reads and are left out: %s%s",
+                    root, len(left_out), ", ".join(left_out[:10]), " ..." if len(left_out) > 10 else "")
     if not rows:
         raise FileNotFoundError(f"{root}: no dataframe and no <class>/<audio file> folders found")
     return pd.DataFrame(rows)

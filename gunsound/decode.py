@@ -85,6 +85,7 @@ class _WholeReads(io.RawIOBase):
 
     def __init__(self, raw: BinaryIO):
         self.raw, self.failure, self._position = raw, None, 0
+        self._read_into = raw.readinto if hasattr(raw, "readinto") else self._read_copy
 
     def readable(self) -> bool:
         return True
@@ -95,24 +96,24 @@ class _WholeReads(io.RawIOBase):
     def readinto(self, buffer) -> int:
         if self.failure is not None:
             return 0
-        view = memoryview(buffer).cast("B")
         done = 0
         try:
-            while done < len(view):
-                got = self._read_into(view[done:])
-                if not got:
-                    break
-                done += got
+            done = self._read_into(buffer) or 0
+            if done < len(buffer):  # short: read on to the size asked for, or the end of the file
+                view = memoryview(buffer).cast("B")
+                while done < len(view):
+                    got = self._read_into(view[done:]) or 0
+                    if not got:
+                        break
+                    done += got
         except Exception as exc:  # kept, and raised once libsndfile returns
             self.failure = exc
         self._position += done
         return done
 
-    def _read_into(self, view: memoryview) -> int:
-        if hasattr(self.raw, "readinto"):
-            return self.raw.readinto(view) or 0
+    def _read_copy(self, view) -> int:
         data = self.raw.read(len(view))
-        view[:len(data)] = data
+        memoryview(view).cast("B")[:len(data)] = data
         return len(data)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:

@@ -282,3 +282,36 @@ def test_one_file_named_as_another_format_is_skipped_and_a_missing_input_is_an_e
     assert inputs.files == [] and "m4a" in inputs.skipped[str(tmp_path / "talk.m4a")]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scoring.list_inputs(str(tmp_path / "missing"))
+
+
+def test_training_reports_bad_clips_in_the_words_scoring_uses(tmp_path):
+    import logging
+
+    from gunsound.config import load_config
+    from gunsound.dataset import ManifestError, load_manifest
+    from tests.conftest import SEED_CONFIG
+
+    for label in ("AK-47", "M4"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            sf.write(tmp_path / label / f"{i}.wav", tone(16000, 0.5), 16000)
+    whole = encoded(tone(16000, 2.0), 16000)
+    (tmp_path / "M4" / "cut.wav").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "M4" / "one_hertz.wav").write_bytes(with_sample_rate(whole, 1))
+    (tmp_path / "M4" / "voice memo.m4a").write_bytes(bytes(100))
+    cfg = load_config(SEED_CONFIG, ["architecture.pretrained=false", "dataset.train_dataframe=", "dataset.data_folder="])
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(cfg, str(tmp_path))
+    reasons = {p.path: p.reason for p in caught.value.problems}
+    assert reasons["M4/cut.wav"].startswith("truncated: the header claims")
+    assert reasons["M4/one_hertz.wav"].startswith("unsupported header: sample rate 1 Hz")
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("gunsound.dataset").addHandler(handler)
+    try:
+        manifest = load_manifest(cfg, str(tmp_path), drop_bad_rows=True)
+    finally:
+        logging.getLogger("gunsound.dataset").removeHandler(handler)
+    assert len(manifest.frame) == 6
+    assert any("voice memo.m4a" in w for w in warnings)  # left out, and said so
