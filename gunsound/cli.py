@@ -116,13 +116,17 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help=f"exit {EXIT_ERROR_ROWS} when any file's row is an error (default: exit 0 once every "
                              "file is accounted for)")
+    parser.add_argument("--allow-outside", action="store_true",
+                        help="a manifest INPUT may name files outside its own folder (absolute paths, ../, other "
+                             "buckets); by default such rows are errors naming the row")
 
 
 def run_score(args: argparse.Namespace) -> int:
     from gunsound import scoring
 
     cfg = scoring.scoring_config(args.model, args.overrides)
-    summary = scoring.score(args.model, args.input, args.output, cfg, overwrite=args.overwrite)
+    summary = scoring.score(args.model, args.input, args.output, cfg, overwrite=args.overwrite,
+                            allow_outside=args.allow_outside)
     print(summary.describe())
     return EXIT_ERROR_ROWS if args.strict and summary.errors else EXIT_OK
 

@@ -1,4 +1,4 @@
-"""The workers of one fold, checked after every epoch: where each runs, that every rank holds the same weights
+"""The workers of one fold, checked after every epoch: where each runs (`resources.placement`), that every rank holds the same weights
 (DDP keeps them in step; a rank that drifted would train a different model than the one rank 0 saves), and
 that their training shards did not overlap.
 
@@ -6,7 +6,6 @@ Works on one worker (no process group: nothing to compare) and on several (gloo 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -16,15 +15,6 @@ import torch.distributed as dist
 
 class RanksDiverged(RuntimeError):
     """The ranks of a fold hold different weights: DDP is not keeping them in step."""
-
-
-def placement(device: torch.device) -> dict[str, Any]:
-    """Where this worker runs: node address, autoscaler node type (where the node knows it), GPUs, device."""
-    import ray
-
-    context = ray.get_runtime_context()
-    return {"node": ray.util.get_node_ip_address(), "node_type": os.environ.get("RAY_NODE_TYPE_NAME", ""),
-            "gpus": [str(g) for g in context.get_accelerator_ids().get("GPU", [])], "device": str(device)}
 
 
 def weight_signature(model: torch.nn.Module) -> torch.Tensor:

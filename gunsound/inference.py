@@ -102,13 +102,25 @@ def load_scoring_model(location: str) -> ScoringModel:
     return ScoringModel([ModelArtifact.load(u) for u in uris], uris)
 
 
+def _where(device: torch.device) -> str:
+    """Where a scorer runs: in a Ray actor its device, node, node type and granted GPUs; else its device."""
+    import ray
+
+    if not ray.is_initialized():
+        return device.type
+    from gunsound.resources import describe_placement, placement
+
+    return describe_placement(placement(device.type))
+
+
 class WindowScorer:
     """Scores waveform windows (a batch's `wave` column) in model batches of `batch_size`, however many a call
     brings, with autocast on a GPU; loads the ensemble once (a Ray actor in the job). Adds `probs`, and per
-    row the model time and the device, for throughput figures."""
+    row the model time, the device and where the scorer ran, for throughput figures and the summary."""
 
     def __init__(self, model: ScoringModel, *, mixed_precision: bool = True, batch_size: int = 64):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.where = _where(self.device)
         self.model = model.build().to(self.device)
         self.amp = self.device.type == "cuda" and mixed_precision
         self.batch_size = batch_size
@@ -125,4 +137,5 @@ class WindowScorer:
         batch["probs"] = np.concatenate(probs)
         batch["model_seconds"] = np.full(len(waves), (time.perf_counter() - started) / max(1, len(waves)))
         batch["device"] = np.full(len(waves), self.device.type, dtype=object)
+        batch["scorer"] = np.full(len(waves), self.where, dtype=object)
         return batch

@@ -18,6 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -171,3 +172,19 @@ def scorer_actors(*, device: str, actors: int | None, capacity: ClusterCapacity)
     if actors and actors > cpus:
         log.warning("scoring.actors=%d but this cluster can hold %d CPUs and no GPU: using %d", actors, cpus, cpus)
     return max(1, min(actors or cpus, cpus)), 0.0
+
+
+def placement(device: str) -> dict[str, Any]:
+    """Where this Ray worker or actor runs: node address, autoscaler node type (where the node knows it), the
+    GPUs Ray granted it and the device it computes on."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return {"node": ray.util.get_node_ip_address(), "node_type": os.environ.get("RAY_NODE_TYPE_NAME", ""),
+            "gpus": [str(g) for g in context.get_accelerator_ids().get("GPU", [])], "device": device}
+
+
+def describe_placement(where: dict[str, Any]) -> str:
+    node = where["node"] + (f" ({where['node_type']})" if where.get("node_type") else "")
+    gpus = f", GPU {','.join(where['gpus'])}" if where.get("gpus") else ""
+    return f"{where['device']} on {node}{gpus}"

@@ -1,8 +1,8 @@
 """Offline scoring of audio archives on Ray: the job (`score`) and one file without Ray (`predict_file`).
 
 Every input file is planned into chunks of windows (`windows`); decoding and onset detection (`events`) run
-as CPU tasks that read one chunk each, and the model (`inference.WindowScorer`) in an actor pool (a GPU share
-and autocast when there is a GPU), one pool for the whole run. Files are grouped in shards; a shard's results
+as CPU tasks that read one chunk each, and the model (`inference.WindowScorer`) in an actor pool (a GPU each
+and autocast where GPUs are used, `resources.scorer_actors`), one pool for the whole run. Files are grouped in shards; a shard's results
 are committed to OUTPUT as soon as its last window is scored (`shards`), so a killed job started again with
 the same OUTPUT skips the files it finished, scores again those whose rows are errors, and ends with each
 file exactly once. It resumes only with the same model and settings (`fingerprint`), and one job at a time
@@ -295,7 +295,8 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
            allow_outside: bool) -> ScoreSummary:
     import ray
 
-    from gunsound.ray_runtime import cluster_cpus, cluster_gpus, init_ray
+    from gunsound.ray_runtime import init_ray
+    from gunsound.resources import cluster_capacity, scorer_actors
 
     started = time.perf_counter()
     input_location = storage.absolute(input_location)
@@ -319,21 +320,21 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
                     model.classes, s)
     log.info("scoring %d file(s) (%d already finished) with %d model(s); %s windows of %gs, hop %gs",
              len(todo), len(files) - len(todo), len(model.artifacts), s.method, s.window_seconds, s.hop_seconds)
-    gpus = cluster_gpus()
-    # Without GPUs the read stage fuses into the scorer actors (both take one CPU), so one actor per CPU
-    # keeps every core scoring and leaves no read task waiting for a CPU; more could never all start.
-    cpus = cluster_cpus()
-    actors = s.actors or (max(1, int(gpus)) if gpus else cpus)
-    if not gpus and actors > cpus:
-        log.warning("scoring.actors=%d but the cluster has %d CPUs and no GPU: using %d", actors, cpus, cpus)
-        actors = cpus
+    # Sized against what the cluster may hold (its autoscaler's node types), so a cluster whose GPU workers
+    # scale from zero still gets GPU scorers. Without GPUs the read stage fuses into the scorer actors (both
+    # take one CPU): one actor per CPU keeps every core scoring and leaves no read task waiting.
+    capacity = cluster_capacity()
+    actors, gpus_per_actor = scorer_actors(device=cfg.environment.device, actors=s.actors, capacity=capacity)
+    gpus = gpus_per_actor > 0
+    log.info("scoring asks for up to %d scorer actor(s) of %s (environment.device %s; cluster %s)", actors,
+             f"{gpus_per_actor:g} GPU" if gpus else "1 CPU", cfg.environment.device, capacity.describe())
     headers = read_headers(todo)
     chunks = [c for f in todo if not headers[f][1] for c in s.plan(f, headers[f][0])]
     # One dataset for the whole run, so the scorer actors load the model (and start CUDA) once; each shard is
     # committed as soon as the last of its windows comes out, which keeps resume at shard granularity.
     committer = ShardCommitter(output, run_id, todo, headers, chunks, model.classes, shard_files=s.shard_files,
                                window_seconds=s.window_seconds, method=s.method, threshold=s.threshold)
-    model_seconds, pool, devices = 0.0, 0, set()
+    model_seconds, pool, devices, scorers = 0.0, 0, set(), set()
     if chunks:
         pool = min(actors, len(chunks))  # no idle actor for a run of few chunks
         ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), MAX_INPUT_BLOCKS))
@@ -347,16 +348,20 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
         ds = ds.map_batches(WindowScorer, batch_size=s.batch_size if gpus else None, batch_format="numpy",
                             fn_constructor_kwargs={"model": model, "mixed_precision": s.mixed_precision,
                                                    "batch_size": s.batch_size},
-                            num_gpus=0.5 if gpus else 0, num_cpus=0.5 if gpus else 1,
-                            compute=ray.data.ActorPoolStrategy(size=pool))
+                            num_gpus=gpus_per_actor, num_cpus=1,
+                            # GPU scorers: a pool that grows with the backlog, its requests bring GPU nodes up.
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool) if gpus else
+                            ray.data.ActorPoolStrategy(size=pool))
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             model_seconds += float(batch["model_seconds"].sum())
             devices.update(batch["device"])
-            committer.add(batch.drop(columns=["model_seconds", "device"]))
+            scorers.update(batch["scorer"])
+            committer.add(batch.drop(columns=["model_seconds", "device", "scorer"]))
     committer.finish()
     return write_summary(output, files, skipped=len(files) - len(todo), started=started,
                          model_seconds=model_seconds, scorer_actors=pool, devices=sorted(devices),
-                         retried=len(earlier.retried), model=made.model, settings=made.settings)
+                         retried=len(earlier.retried), model=made.model, settings=made.settings,
+                         scorers=sorted(scorers), skipped_entries=len(inputs.skipped))
 
 
 def _commit_skipped(output: str, run_id: str, skipped: dict[str, str], classes: list[str],

@@ -201,10 +201,13 @@ class ScoreSummary:
     retried_errors: int = 0  # files whose earlier row was an error, scored again by this run
     model: dict = field(default_factory=dict)  # location, sha256 of the model files (as in fingerprint.json)
     settings: dict = field(default_factory=dict)  # the scoring settings the rows were made with
+    scorers: list[str] = field(default_factory=list)  # where the scorer actors ran: device, node, node type, GPU
+    skipped_entries: int = 0  # entries under the input that are not audio gunsound reads (rows "skipped")
 
     def describe(self) -> str:
         return (f"scored {self.files} files ({self.files_ok} ok, {self.errors} errors, "
-                f"{self.skipped_as_finished} already finished, {self.retried_errors} earlier errors retried), "
+                f"{self.skipped_as_finished} already finished, {self.retried_errors} earlier errors retried; "
+                f"{self.skipped_entries} entries not audio, skipped), "
                 f"{self.audio_hours:.2f} h of audio, "
                 f"{self.events} shots, {self.wall_seconds:.1f} s wall, "
                 f"{self.audio_seconds_per_second:.0f} audio-s/s -> {self.output}")
@@ -212,7 +215,8 @@ class ScoreSummary:
 
 def write_summary(output: str, files: list[str], *, skipped: int, started: float, model_seconds: float,
                   scorer_actors: int, devices: list[str], retried: int = 0, model: dict | None = None,
-                  settings: dict | None = None) -> ScoreSummary:
+                  settings: dict | None = None, scorers: list[str] | None = None,
+                  skipped_entries: int = 0) -> ScoreSummary:
     """summary.json over the committed files of this input (`started`: the job's time.perf_counter()), with
     the model and the settings that made them."""
     done = _read_parts(_parts(output, "files"))
@@ -222,6 +226,7 @@ def write_summary(output: str, files: list[str], *, skipped: int, started: float
     audio_s = float(done.loc[done["status"] == "ok", "duration"].sum())
     summary = ScoreSummary(len(done), int((done["status"] == "ok").sum()), int((done["status"] != "ok").sum()),
                            audio_s / 3600, len(events), wall, audio_s / max(wall, 1e-9), skipped, output,
-                           model_seconds, scorer_actors, devices, retried, model or {}, settings or {})
+                           model_seconds, scorer_actors, devices, retried, model or {}, settings or {},
+                           scorers or [], skipped_entries)
     storage.write_text(storage.join(output, "summary.json"), json.dumps(asdict(summary), indent=1))
     return summary

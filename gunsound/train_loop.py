@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from gunsound import storage
 from gunsound.augment import mixup, spec_augment
 from gunsound.config import ArchitectureConfig, Config
-from gunsound.ddp import check_ranks, placement
+from gunsound.ddp import check_ranks
 from gunsound.metrics import METRIC_KEYS, classification_metrics
 from gunsound.model import build_model
 from gunsound.optim import lr_lambda, make_optimizer
+from gunsound.resources import placement
 from gunsound.tracking import FoldTracker, TrackingSettings
 from gunsound.worker_data import Batch, WorkerData
 
@@ -310,7 +311,7 @@ def train_loop_per_worker(s: LoopSettings) -> None:
     model = ray.train.torch.prepare_model(state.model, move_to_device=device)  # DDP with several workers
     state.model = model.module if hasattr(model, "module") else model
     data = WorkerData(s, rank, device)
-    where = placement(device)
+    where = placement(str(device))
     # Rank 0 only: it alone holds the validation metrics, and one writer per fold keeps each epoch once.
     tracker = _fold_tracker(s) if rank == 0 and s.tracking else None
     first_epoch = state.next_epoch

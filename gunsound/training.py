@@ -37,7 +37,14 @@ from gunsound.lease import OutputLease
 from gunsound.metrics import cross_validated_metrics
 from gunsound.model import ModelArtifact
 from gunsound.plan import TrainingPlan
-from gunsound.resources import ClusterCapacity, TrainWorkers, cluster_capacity, train_workers, uses_gpus
+from gunsound.resources import (
+    ClusterCapacity,
+    TrainWorkers,
+    cluster_capacity,
+    describe_placement,
+    train_workers,
+    uses_gpus,
+)
 from gunsound.train_loop import LoopSettings, scalar_metrics, train_loop_per_worker
 
 if TYPE_CHECKING:
@@ -161,9 +168,7 @@ def fit_fold(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset, s
 
 def describe_worker(worker: dict) -> str:
     """One Train worker's placement, as the fold's metrics record it (`ddp.placement`)."""
-    node = worker["node"] + (f" ({worker['node_type']})" if worker.get("node_type") else "")
-    gpus = f", GPU {','.join(worker['gpus'])}" if worker.get("gpus") else ""
-    return f"rank {worker['rank']}: {worker['device']} on {node}{gpus}"
+    return f"rank {worker['rank']}: {describe_placement(worker)}"
 
 
 def cross_validate(plan: TrainingPlan) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from gunsound.synthesis import generate_archive
 from tests.conftest import FAST, LAPTOP_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +73,8 @@ def _launched(temp: Path) -> list[str]:
 
 
 @pytest.mark.ray
-def test_a_training_job_asks_for_gpus_and_the_autoscaler_launches_the_gpu_worker(gpu_from_zero, synth_dir, tmp_path):
+def test_training_and_scoring_jobs_ask_for_gpus_and_the_autoscaler_launches_the_gpu_worker(gpu_from_zero, synth_dir,
+                                                                                          tmp_path):
     env, temp = gpu_from_zero
     out = tmp_path / "run"
     started = time.monotonic()
@@ -88,4 +90,15 @@ def test_a_training_job_asks_for_gpus_and_the_autoscaler_launches_the_gpu_worker
     # The Train worker held the GPU it asked for, on the launched node type, and ran the CPU path there.
     assert [(w["node_type"], w["gpus"], w["device"]) for w in workers] == [("gpu_worker", ["0"], "cpu")]
     assert "fold 0 ran on rank 0: cpu on" in job.stderr and "(gpu_worker), GPU 0" in job.stderr
-    assert time.monotonic() - started < 600
+
+    audio = tmp_path / "audio"
+    generate_archive(audio / "a.wav", minutes=0.1, bursts_per_minute=10, seed=1)
+    generate_archive(audio / "b.wav", minutes=0.05, bursts_per_minute=10, seed=2)
+    job = subprocess.run([sys.executable, "-m", "ray_jobs.score", str(out), str(audio), str(tmp_path / "scores")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "scoring asks for up to 1 scorer actor(s) of 1 GPU" in job.stderr
+    summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
+    assert summary["files_ok"] == 2 and summary["devices"] == ["cpu"]
+    assert len(summary["scorers"]) == 1 and summary["scorers"][0].endswith("(gpu_worker), GPU 0")
+    assert time.monotonic() - started < 900

@@ -5,7 +5,9 @@ reader (no Ray): every entry under the input is accounted for exactly once, as "
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -15,7 +17,12 @@ import pytest
 import soundfile as sf
 
 from gunsound import scoring, storage
+from gunsound.cli import main
+from gunsound.config import load_config
+from gunsound.features import FeatureParams
+from gunsound.model import ModelArtifact, build_model
 from gunsound.shards import SKIPPED, WINDOW_COLUMNS, commit_shard, resume
+from tests.conftest import FAST, LAPTOP_CONFIG
 
 SETTINGS = scoring.ScoringSettings(method="Sliding", window_seconds=1.0, hop_seconds=1.0, read_seconds=600.0,
                                    threshold=0.5)
@@ -218,6 +225,32 @@ def test_skipped_entries_are_committed_as_skipped_rows_and_not_retried(corpus, t
     assert files.set_index("file").loc[str(root / "clip.m4a"), "error"].startswith("skipped: not an audio format")
     earlier = resume(out, inputs.files + list(inputs.skipped))
     assert earlier.done == set(inputs.skipped) and not earlier.retried
+
+
+@pytest.mark.ray
+def test_the_scoring_job_accounts_for_every_entry_once_and_exits_0(ray_local, corpus, statuses, tmp_path):
+    root, _ = corpus
+    inputs = tmp_path / "inputs"  # the corpus but its two-hour file (minutes of CPU for nothing new)
+    shutil.copytree(root, inputs, symlinks=True, ignore=shutil.ignore_patterns("long_2h.wav"))
+    expected = {str(inputs / Path(p).name): s.split(":", 1)[0] for p, s in statuses.items()
+                if Path(p).name != "long_2h.wav"}
+    cfg = load_config(LAPTOP_CONFIG, FAST)
+    ModelArtifact(classes=["a", "b"], features=FeatureParams.from_config(cfg.audio, sample_rate=SAMPLE_RATE),
+                  chunk_seconds=1.0, architecture=cfg.architecture, loss_function="BCE",
+                  state_dict=build_model(cfg.architecture, 2, pretrained=False).state_dict(),
+                  ).save(str(tmp_path / "model.pt"))
+    out = tmp_path / "out"
+    settings = ["prediction.inference_chunk_method=Sliding", "scoring.hop_seconds=1.0", "scoring.shard_files=8"]
+    assert main(["score", str(tmp_path / "model.pt"), str(inputs), str(out),
+                 *[a for kv in settings for a in ("--set", kv)]]) == 0  # error rows are accounted for: exit 0
+    files = pd.read_parquet(out / "files")
+    assert files["file"].is_unique and set(files["file"]) == set(expected)  # none missing, none twice
+    assert dict(zip(files["file"], files["status"], strict=True)) == expected
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_entries"] == sum(s == "skipped" for s in expected.values())
+    assert summary["files_ok"] == sum(s == "ok" for s in expected.values())
+    assert main(["score", str(tmp_path / "model.pt"), str(inputs), str(out), "--strict",
+                 *[a for kv in settings for a in ("--set", kv)]]) == 3  # nothing left to score, errors remain
 
 
 # ---------------------------------------------------------------- scoring manifests
