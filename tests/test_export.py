@@ -51,7 +51,7 @@ def test_exported_scorer_is_real_files_and_scores_as_predict_does_without_ray_or
                             cwd=tmp_path / "pipeline", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(GUARD)},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr  # corrupt.wav is an error row, not a failure
-    assert "corrupt.wav: error" in result.stderr
+    assert f"error: {audio / 'corrupt.wav'}: unreadable audio" in result.stderr
     assert spec["models"] == [f"{tmp_path.name}/model.pt"]  # where the models lay stays with the exporter
     exported = {t: pd.read_csv(tmp_path / "out" / f"{t}.csv", keep_default_na=t != "files")
                 for t in ("windows", "files", "events")}

@@ -157,7 +157,7 @@ def main() -> int:
         windows, row, shots = score_file(model, spec, path)
         if row["status"] == "error":
             errors += 1
-            print(f"{path}: error: {row['error']}", file=sys.stderr)
+            print(f"error: {row['error']}", file=sys.stderr)  # the reason names the file
         else:
             print(f"{path}: {row['duration']:.1f} s, {row['windows']} windows, top {row['top_class']} "
                   f"({row['top_probability']:.3f}), {row['shots']} shots")
