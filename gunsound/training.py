@@ -67,17 +67,17 @@ def fold_workers(env: EnvironmentConfig, capacity: ClusterCapacity) -> TrainWork
                          capacity=capacity)
 
 
-def planned_workers(env: EnvironmentConfig) -> TrainWorkers:
+def planned_workers(env: EnvironmentConfig, capacity: ClusterCapacity) -> TrainWorkers:
     """Size the folds on the connected cluster and say so in the log."""
-    capacity = cluster_capacity()
     sizing = fold_workers(env, capacity)
     log.info("each fold asks for %s (environment.device %s; cluster %s)", sizing.describe(), env.device,
              capacity.describe())
     return sizing
 
 
-def featurize(plan: TrainingPlan, drop_bad_rows: bool = False) -> Dataset:
-    """Features of every clip in the manifest, materialized once for all folds."""
+def featurize(plan: TrainingPlan, drop_bad_rows: bool = False, capacity: ClusterCapacity | None = None) -> Dataset:
+    """Features of every clip in the manifest, materialized once for all folds, sized against `capacity`
+    (default: read from the connected cluster)."""
     import ray.data
     from ray.data.expressions import col
 
@@ -89,7 +89,7 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False) -> Dataset:
     targets = plan.manifest.targets(plan.cfg.dataset.background_label)
     clips = pd.DataFrame({"row": frame["row"].to_numpy(), "path": frame["path"], "fold": plan.folds,
                           "target": list(targets)})
-    capacity = cluster_capacity()
+    capacity = capacity or cluster_capacity()
     gpus = min(capacity.most("GPU"), 1024) if uses_gpus(plan.cfg.environment.device, capacity) else 0.0
     ds = feature_dataset(clips, plan.features, plan.audio.chunk_seconds, gpus=gpus,
                          cpus=int(min(capacity.most("CPU"), 4096))).materialize()
@@ -255,8 +255,9 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool,
     todo = [k for k in plan.fold_ids if k not in done]
     pending = {}
     if todo:
-        sizing = planned_workers(plan.cfg.environment)
-        ds = featurize(plan, drop_bad_rows)
+        capacity = cluster_capacity()
+        sizing = planned_workers(plan.cfg.environment, capacity)
+        ds = featurize(plan, drop_bad_rows, capacity)
         # A fold's driver holds almost nothing; its Train workers reserve their own resources, so folds
         # queue for workers when the cluster is full and run side by side when it is not.
         # Ray Train gives up waiting for a worker group after 60 s and retries, logging an error each time;

@@ -120,11 +120,11 @@ def _sweep(plan: TrainingPlan, num_samples: int) -> TuneResult:
     metric = METRIC_KEYS[plan.cfg.prediction.metric]
     mode = "min" if plan.cfg.prediction.metric == "LogLoss" else "max"
     k = plan.fold_ids[0]
-    ds = featurize(plan)
+    capacity = cluster_capacity()
+    sizing = planned_workers(plan.cfg.environment, capacity)
+    ds = featurize(plan, capacity=capacity)
     train_ds, valid_ds = fold_datasets(plan, ds, k)
 
-    sizing = planned_workers(plan.cfg.environment)
-    capacity = cluster_capacity()
     # Trials run side by side as far as the cluster can ever hold them (the autoscaler adds the nodes).
     fits = [int(max(capacity.most("CPU"), 1) // (sizing.workers * sizing.cpus_per_worker + 0.01))]
     if sizing.gpus_per_worker:
