@@ -115,7 +115,8 @@ def _where(device: torch.device) -> str:
 
 class WindowScorer:
     """Scores waveform windows (a batch's `wave` column) in model batches of `batch_size`, however many a call
-    brings, with autocast on a GPU; loads the ensemble once (a Ray actor in the job). Adds `probs`, and per
+    brings (from one file or many: each row stays its own), with autocast on a GPU; rows with an `error` are
+    left unscored; loads the ensemble once (a Ray actor in the job). Adds `probs`, and per
     row the model time, the device and where the scorer ran, for throughput figures and the summary."""
 
     def __init__(self, model: ScoringModel, *, mixed_precision: bool = True, batch_size: int = 64):
@@ -129,12 +130,17 @@ class WindowScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         waves = batch.pop("wave")
-        probs = [np.zeros((0, self.classes), dtype=np.float32)]
+        # Rows that carry an error (a failed read, a file without windows) are not scored: NaN probabilities.
+        errors = batch.get("error")
+        scored = np.arange(len(waves)) if errors is None else np.flatnonzero([not e for e in errors])
+        probs = np.full((len(waves), self.classes), np.nan, dtype=np.float32)
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.amp):
-            for i in range(0, len(waves), self.batch_size):
-                piece = torch.from_numpy(np.ascontiguousarray(waves[i:i + self.batch_size])).to(self.device)
-                probs.append(self.model(piece).float().cpu().numpy())
-        batch["probs"] = np.concatenate(probs)
+            for i in range(0, len(scored), self.batch_size):
+                rows = scored[i:i + self.batch_size]
+                piece = waves[rows] if len(scored) < len(waves) else waves[i:i + self.batch_size]
+                piece = torch.from_numpy(np.ascontiguousarray(piece)).to(self.device)
+                probs[rows] = self.model(piece).float().cpu().numpy()
+        batch["probs"] = probs
         batch["model_seconds"] = np.full(len(waves), (time.perf_counter() - started) / max(1, len(waves)))
         batch["device"] = np.full(len(waves), self.device.type, dtype=object)
         batch["scorer"] = np.full(len(waves), self.where, dtype=object)

@@ -16,6 +16,7 @@ and lease.json while a job runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
@@ -43,17 +44,17 @@ from gunsound.shards import (
     resume,
     write_summary,
 )
-from gunsound.windows import cut_windows, plan_chunks
+from gunsound.windows import cut_windows, pack_chunks, plan_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InputManifestError", "Inputs", "ScoringSettings", "list_inputs", "predict_file", "read_chunks", "score",
-           "scoring_config"]
+__all__ = ["InputManifestError", "Inputs", "ScoringSettings", "list_inputs", "plan_shards", "predict_file",
+           "read_chunks", "read_groups", "score", "scoring_config"]
 
 # What scoring writes into its OUTPUT: all that --overwrite removes there.
 SCORING_OUTPUTS = ("files", "windows", "events", "summary.json")
-# Chunks are the input blocks, one each up to this many (so every CPU reads); beyond it a block holds several
-# chunks, still read one at a time, and the driver does not track millions of tiny objects.
+# Shards are the input blocks, one each up to this many; beyond it a block holds several shards, still planned
+# one at a time, and the driver does not track millions of tiny objects.
 MAX_INPUT_BLOCKS = 20_000
 
 
@@ -239,43 +240,137 @@ def _described(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _read_chunk(path: str, chunk: dict, *, sample_rate: int, window: int, onset_detection: bool,
+                onset_threshold_db: float) -> tuple[np.ndarray, np.ndarray, str]:
+    """One chunk's windows (zero-padded at the end), the onsets it owns and its error ("" when read)."""
+    starts = np.asarray(chunk["starts"], dtype=float)
+    read_start, duration = float(chunk["read_start"]), float(chunk["duration"])
+    try:
+        wave, _ = audio.read(path, sample_rate, start=read_start, duration=float(chunk["read_end"]) - read_start)
+        error = ""
+    except Exception as exc:  # whatever one file raises is that file's error row, never a failed task
+        error = str(exc) if isinstance(exc, audio.AudioError) else f"{path}: cannot decode audio: {_described(exc)}"
+        wave = np.zeros(0, dtype=np.float32)
+    onsets = np.zeros(0)
+    if onset_detection and not error:
+        onsets = chunk_onsets(wave, sample_rate, read_start=read_start, starts=starts, hop=float(chunk["hop"]),
+                              duration=duration, threshold_db=onset_threshold_db)
+    return cut_windows(wave, sample_rate, read_start, starts, window), np.asarray(onsets, dtype=np.float64), error
+
+
+class _WindowRows:
+    """Window rows gathered column by column; the chunk's onsets ride on its first window's row."""
+
+    def __init__(self, window: int, extra: tuple[str, ...] = ()):
+        self.window = window
+        self.columns: dict[str, list] = {k: [] for k in ("path", "index", "start", "end", "error", "onsets",
+                                                          *extra)}
+        self.waves: list[np.ndarray] = []
+
+    def add(self, path: str, chunk: dict, pieces: np.ndarray, onsets: np.ndarray, error: str, window_seconds: float,
+            **extra) -> None:
+        duration, first = float(chunk["duration"]), int(chunk["first_window"])
+        for j, start in enumerate(chunk["starts"]):
+            c = self.columns
+            c["path"].append(path)
+            c["index"].append(first + j)
+            c["start"].append(start)
+            c["end"].append(min(start + window_seconds, duration))
+            c["error"].append(error)
+            c["onsets"].append(onsets if j == 0 else _NO_ONSETS)
+            for k, v in extra.items():
+                c[k].append(v)
+        self.waves.append(pieces)
+
+    def marker(self, path: str, error: str, **extra) -> None:
+        """The one row of a file that has no windows: index -1, its header's error."""
+        c = self.columns
+        for k, v in (("path", path), ("index", -1), ("start", np.nan), ("end", np.nan), ("error", error),
+                     ("onsets", _NO_ONSETS), *extra.items()):
+            c[k].append(v)
+        self.waves.append(np.zeros((1, self.window), dtype=np.float32))
+
+    def batch(self) -> dict[str, np.ndarray]:
+        c = self.columns
+        onset_column = np.empty(len(c["onsets"]), dtype=object)  # one float64 array per row, of any length
+        onset_column[:] = c["onsets"]
+        out = {"path": np.array(c["path"], dtype=object), "error": np.array(c["error"], dtype=object),
+               "onsets": onset_column,
+               "wave": np.concatenate(self.waves) if self.waves else np.zeros((0, self.window), np.float32),
+               "start": np.array(c["start"], dtype=np.float64), "end": np.array(c["end"], dtype=np.float64),
+               "index": np.array(c["index"], dtype=np.int64)}
+        for k in c.keys() - out.keys():
+            out[k] = np.array(c[k], dtype=np.float64 if k == "duration" else np.int64)
+        return out
+
+
+_NO_ONSETS = np.zeros(0, dtype=np.float64)
+
+
 def read_chunks(batch: dict[str, np.ndarray], *, sample_rate: int, window_seconds: float, onset_detection: bool,
                 onset_threshold_db: float, s3: storage.S3Settings) -> dict[str, np.ndarray]:
-    """CPU task: read each chunk's frame range once and cut it into its windows (zero-padded at the end).
+    """Read each chunk's frame range once and cut it into its windows (zero-padded at the end).
     One row per window; the chunk's onsets (float64 seconds in the file) ride on its first window's row."""
     storage.configure_s3(s3.endpoint_url, s3.region)
     window = int(round(window_seconds * sample_rate))
-    out: dict[str, list] = {k: [] for k in ("path", "index", "start", "end", "wave", "error", "onsets")}
+    rows = _WindowRows(window)
     for i, path in enumerate(batch["path"]):
-        starts = np.asarray(batch["starts"][i], dtype=float)
-        read_start, duration = float(batch["read_start"][i]), float(batch["duration"][i])
-        try:
-            wave, _ = audio.read(str(path), sample_rate, start=read_start,
-                                 duration=float(batch["read_end"][i]) - read_start)
-            error = ""
-        except Exception as exc:  # whatever one file raises is that file's error row, never a failed task
-            error = str(exc) if isinstance(exc, audio.AudioError) else f"{path}: cannot decode audio: {_described(exc)}"
-            wave = np.zeros(0, dtype=np.float32)
-        onsets = np.zeros(0)
-        if onset_detection and not error:
-            onsets = chunk_onsets(wave, sample_rate, read_start=read_start, starts=starts,
-                                  hop=float(batch["hop"][i]), duration=duration, threshold_db=onset_threshold_db)
-        pieces = cut_windows(wave, sample_rate, read_start, starts, window)
-        for j, start in enumerate(starts):
-            out["path"].append(path)
-            out["index"].append(int(batch["first_window"][i]) + j)
-            out["start"].append(start)
-            out["end"].append(min(start + window_seconds, duration))
-            out["wave"].append(pieces[j])
-            out["error"].append(error)
-            out["onsets"].append(np.asarray(onsets if j == 0 else np.zeros(0), dtype=np.float64))
-    onset_column = np.empty(len(out["onsets"]), dtype=object)  # one float64 array per row, of any length
-    onset_column[:] = out["onsets"]
-    return {"path": np.array(out["path"], dtype=object), "error": np.array(out["error"], dtype=object),
-            "onsets": onset_column,
-            "wave": np.stack(out["wave"]).astype(np.float32) if out["wave"] else np.zeros((0, window), np.float32),
-            "start": np.array(out["start"], dtype=np.float64), "end": np.array(out["end"], dtype=np.float64),
-            "index": np.array(out["index"], dtype=np.int64)}
+        chunk = {k: batch[k][i] for k in ("starts", "read_start", "read_end", "duration", "hop", "first_window")}
+        pieces, onsets, error = _read_chunk(str(path), chunk, sample_rate=sample_rate, window=window,
+                                            onset_detection=onset_detection, onset_threshold_db=onset_threshold_db)
+        rows.add(path, chunk, pieces, onsets, error, window_seconds)
+    return rows.batch()
+
+
+def plan_shards(batch: dict[str, np.ndarray], *, window_seconds: float, hop_seconds: float, read_seconds: float,
+                batch_windows: int, s3: storage.S3Settings) -> dict[str, np.ndarray]:
+    """The pipeline's first stage: read the headers of a shard's files (threads), plan their chunks and pack them
+    into read groups of about `batch_windows` windows (`windows.pack_chunks`). A shard is planned by `parts`
+    units of work, each keeping every `parts`-th group from its `part` on, so a long file's chunks are shared
+    out among as many scorers. One row per group, with its shard and the rows the whole shard yields (a window
+    each, one for a file that cannot be scored): the driver tracks shards, not files."""
+    storage.configure_s3(s3.endpoint_url, s3.region)
+    out: dict[str, list] = {"shard": [], "shard_rows": [], "chunks": []}
+    for shard, part, parts, paths in zip(batch["shard"], batch["part"], batch["parts"], batch["paths"], strict=True):
+        paths = [str(p) for p in paths]
+        headers = read_headers(paths)
+        chunks: list[dict] = []
+        for path in paths:
+            duration, error = headers[path]
+            if error:  # the file's one row carries the reason
+                chunks.append({"path": path, "duration": duration, "error": error, "starts": []})
+            else:
+                chunks.extend(plan_chunks(path, duration, window_seconds=window_seconds, hop_seconds=hop_seconds,
+                                          read_seconds=read_seconds))
+        expected = sum(max(1, len(c["starts"])) for c in chunks)
+        for group in pack_chunks(chunks, batch_windows)[int(part)::int(parts)]:
+            out["shard"].append(int(shard))
+            out["shard_rows"].append(expected)
+            out["chunks"].append(json.dumps(group))
+    return {"shard": np.array(out["shard"], dtype=np.int64), "shard_rows": np.array(out["shard_rows"], np.int64),
+            "chunks": np.array(out["chunks"], dtype=object)}
+
+
+def read_groups(batch: dict[str, np.ndarray], *, sample_rate: int, window_seconds: float, onset_detection: bool,
+                onset_threshold_db: float, s3: storage.S3Settings) -> dict[str, np.ndarray]:
+    """CPU task: read the chunks of each read group (`plan_shards`), each frame range once, cut into windows.
+    One row per window, with its shard, the shard's row count and the file's duration; a file that cannot be
+    scored yields one row with index -1 and its error."""
+    storage.configure_s3(s3.endpoint_url, s3.region)
+    window = int(round(window_seconds * sample_rate))
+    rows = _WindowRows(window, extra=("shard", "shard_rows", "duration"))
+    for shard, expected, group in zip(batch["shard"], batch["shard_rows"], batch["chunks"], strict=True):
+        where = {"shard": int(shard), "shard_rows": int(expected)}
+        for chunk in json.loads(group):
+            path, duration = chunk["path"], float(chunk["duration"])
+            if chunk.get("error"):
+                rows.marker(path, chunk["error"], duration=duration, **where)
+                continue
+            pieces, onsets, error = _read_chunk(path, chunk, sample_rate=sample_rate, window=window,
+                                                onset_detection=onset_detection,
+                                                onset_threshold_db=onset_threshold_db)
+            rows.add(path, chunk, pieces, onsets, error, window_seconds, duration=duration, **where)
+    return rows.batch()
 
 
 def score(model_location: str, input_location: str, output: str, cfg: Config, *,
@@ -328,23 +423,33 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     gpus = gpus_per_actor > 0
     log.info("scoring asks for up to %d scorer actor(s) of %s (environment.device %s; cluster %s)", actors,
              f"{gpus_per_actor:g} GPU" if gpus else "1 CPU", cfg.environment.device, capacity.describe())
-    headers = read_headers(todo)
-    chunks = [c for f in todo if not headers[f][1] for c in s.plan(f, headers[f][0])]
-    # One dataset for the whole run, so the scorer actors load the model (and start CUDA) once; each shard is
-    # committed as soon as the last of its windows comes out, which keeps resume at shard granularity.
-    committer = ShardCommitter(output, run_id, todo, headers, chunks, model.classes, shard_files=s.shard_files,
-                               window_seconds=s.window_seconds, method=s.method, threshold=s.threshold)
+    # One dataset for the whole run, so the scorer actors load the model (and start CUDA) once. It starts from
+    # shards of file names: headers are read and chunks planned inside the pipeline, a shard at a time, so the
+    # first windows are scored while later headers are still unread. Each row carries its shard and the
+    # shard's row count; the driver holds the shards in flight and commits each as its last row comes out.
+    shards = [todo[i:i + s.shard_files] for i in range(0, len(todo), s.shard_files)]
+    committer = ShardCommitter(output, run_id, model.classes, shards=len(shards), window_seconds=s.window_seconds,
+                               method=s.method, threshold=s.threshold)
     model_seconds, pool, devices, scorers = 0.0, 0, set(), set()
-    if chunks:
-        pool = min(actors, len(chunks))  # no idle actor for a run of few chunks
-        ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), MAX_INPUT_BLOCKS))
-        ds = ds.map_batches(read_chunks, batch_size=1, batch_format="numpy", num_cpus=1,
+    if shards:
+        pool = _pool_size(todo, actors, s)
+        s3 = storage.current_settings()
+        # Each shard is planned by as many units of work as there are scorers (at most 8), each unit reading the
+        # shard's headers and keeping its share of the read groups: a long file is scored by every actor.
+        parts = max(1, min(pool, 8))
+        units = [{"shard": k, "part": j, "parts": parts, "paths": paths} for k, paths in enumerate(shards)
+                 for j in range(parts)]
+        ds = ray.data.from_items(units, override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
+        # Planning, reading and (without GPUs) scoring fuse into one task per unit: nothing waits for a CPU
+        # that the scorer actors hold.
+        ds = ds.map_batches(plan_shards, batch_size=1, batch_format="numpy", num_cpus=1,
+                            fn_kwargs={"window_seconds": s.window_seconds, "hop_seconds": s.hop_seconds,
+                                       "read_seconds": s.read_seconds, "batch_windows": s.batch_size, "s3": s3})
+        ds = ds.map_batches(read_groups, batch_size=1, batch_format="numpy", num_cpus=1,
                             fn_kwargs={"sample_rate": model.features.sample_rate,
                                        "window_seconds": s.window_seconds, "onset_detection": s.onset_detection,
-                                       "onset_threshold_db": s.onset_threshold_db,
-                                       "s3": storage.current_settings()})
-        # Without GPUs the read stage fuses into the actors, where a batch size would bundle that many
-        # chunks into one call (one actor would score a whole hour); one chunk per call instead.
+                                       "onset_threshold_db": s.onset_threshold_db, "s3": s3})
+        # A read call yields one read group: about a model batch of windows, from as many short files as it takes.
         ds = ds.map_batches(WindowScorer, batch_size=s.batch_size if gpus else None, batch_format="numpy",
                             fn_constructor_kwargs={"model": model, "mixed_precision": s.mixed_precision,
                                                    "batch_size": s.batch_size},
@@ -352,16 +457,26 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
                             # GPU scorers: a pool that grows with the backlog, its requests bring GPU nodes up.
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool) if gpus else
                             ray.data.ActorPoolStrategy(size=pool))
-        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-            model_seconds += float(batch["model_seconds"].sum())
-            devices.update(batch["device"])
-            scorers.update(batch["scorer"])
-            committer.add(batch.drop(columns=["model_seconds", "device", "scorer"]))
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            model_seconds += float(batch.pop("model_seconds").sum())
+            devices.update(batch.pop("device"))
+            scorers.update(batch.pop("scorer"))
+            committer.add(batch)
     committer.finish()
     return write_summary(output, files, skipped=len(files) - len(todo), started=started,
                          model_seconds=model_seconds, scorer_actors=pool, devices=sorted(devices),
                          retried=len(earlier.retried), model=made.model, settings=made.settings,
                          scorers=sorted(scorers), skipped_entries=len(inputs.skipped))
+
+
+def _pool_size(todo: list[str], actors: int, s: ScoringSettings) -> int:
+    """Scorer actors for this run: `actors`, or as many as there are read groups when a run has fewer files
+    than that (one long file still gets every actor; a few short files do not start idle ones)."""
+    if len(todo) >= actors:
+        return actors
+    headers = read_headers(todo)
+    chunks = [c for f in todo if not headers[f][1] for c in s.plan(f, headers[f][0])]
+    return max(1, min(actors, len(pack_chunks(chunks, s.batch_size))))
 
 
 def _commit_skipped(output: str, run_id: str, skipped: dict[str, str], classes: list[str],

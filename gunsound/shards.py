@@ -80,59 +80,87 @@ def resume(output: str, files: list[str]) -> Resume:
 
 
 class ShardCommitter:
-    """Takes scored windows as they stream out of the job, in any order, and commits each shard of
-    `shard_files` files once all of its windows are in. A window delivered twice (a retried task) counts
-    once; a shard whose files all failed their header read is committed at once.
+    """Takes scored rows as they stream out of the job, in any order, and commits each shard once all of its rows
+    are in. Every row names its shard (`shard`) and how many rows the whole shard yields (`shard_rows`: a window
+    each, and one row, index -1 with its error, for a file without windows), so the driver holds the shards in
+    flight and forgets each once written: nothing per file of the archive. A row delivered twice (a retried
+    task) counts once.
 
-    Windows come as rows of WINDOW_COLUMNS: `onsets` holds the shots (seconds in the file, float64) that the
-    window's chunk found, on one window of the chunk, and an empty array on the others."""
+    Rows come as columns of WINDOW_COLUMNS plus `shard`, `shard_rows` and `duration` (the file's), as numpy
+    arrays: `onsets` holds the shots (seconds in the file, float64) that the window's chunk found, on one
+    window of the chunk and an empty array on the others; `probs` is (rows, classes)."""
 
-    def __init__(self, output: str, run_id: str, files: list[str], headers: dict[str, tuple[float, str]],
-                 chunks: list[dict], classes: list[str], *, shard_files: int, window_seconds: float, method: str,
-                 threshold: float):
-        self.output, self.run_id, self.headers, self.classes = output, run_id, headers, classes
+    def __init__(self, output: str, run_id: str, classes: list[str], *, shards: int, window_seconds: float,
+                 method: str, threshold: float):
+        self.output, self.run_id, self.classes, self.shards = output, run_id, classes, shards
         self.summary = {"window_seconds": window_seconds, "method": method, "threshold": threshold}
-        self.shards = [files[i:i + shard_files] for i in range(0, len(files), shard_files)]
-        self.shard_of = {f: k for k, shard in enumerate(self.shards) for f in shard}
-        self.waiting = [0] * len(self.shards)  # windows each shard still expects
-        for c in chunks:
-            self.waiting[self.shard_of[c["path"]]] += len(c["starts"])
-        self.received: list[list[pd.DataFrame]] = [[] for _ in self.shards]
-        self.seen: dict[str, set[int]] = {f: set() for f in files}
-        self.committed = [False] * len(self.shards)
-        self._commit_ready()
+        self.open: dict[int, _OpenShard] = {}
+        self.committed: set[int] = set()
+        self.peak_open = 0  # most shards held at once (the driver's state)
 
-    def add(self, windows: pd.DataFrame) -> None:
-        for path, rows in windows.groupby("path", sort=False):
-            k = self.shard_of[path]
-            if self.committed[k]:  # delivered again after its shard was written
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        shard_ids = np.asarray(rows["shard"])
+        for k in np.unique(shard_ids):
+            k = int(k)
+            if k in self.committed:  # delivered again after its shard was written
                 continue
-            fresh = np.array([i not in self.seen[path] for i in rows["index"]], dtype=bool)
-            self.seen[path].update(rows["index"])
-            self.received[k].append(rows[fresh])
-            self.waiting[k] -= int(fresh.sum())
-        self._commit_ready()
+            take = np.flatnonzero(shard_ids == k)
+            state = self.open.setdefault(k, _OpenShard(int(rows["shard_rows"][take[0]])))
+            fresh = []
+            for i in take:
+                key = (rows["path"][i], int(rows["index"][i]))
+                if key not in state.seen:
+                    state.seen.add(key)
+                    fresh.append(i)
+            if fresh:
+                part = {c: rows[c][fresh] for c in (*WINDOW_COLUMNS, "duration")}
+                part["onsets"] = _one_array_per_row(part["onsets"])
+                state.parts.append(part)
+            if len(state.seen) >= state.expected:
+                self._commit(k, self.open.pop(k))
+        self.peak_open = max(self.peak_open, len(self.open))
 
     def finish(self) -> None:
-        """A shard still open at the end lost a window on the way: it is not reported as done."""
-        missing = [k for k, done in enumerate(self.committed) if not done]
+        """A shard still open (or never seen) at the end lost rows on the way: it is not reported as done."""
+        missing = sorted(set(range(self.shards)) - self.committed)
         if missing:
-            raise RuntimeError(f"scoring ended with shard(s) {missing} missing "
-                               f"{sum(self.waiting[k] for k in missing)} window(s); their files were not "
-                               "committed and a rerun will score them")
+            lost = sum(self.open[k].expected - len(self.open[k].seen) for k in missing if k in self.open)
+            raise RuntimeError(f"scoring ended with shard(s) {missing[:20]}{' ...' if len(missing) > 20 else ''} "
+                               f"incomplete ({lost} row(s) missing in the shards that started); their files were "
+                               "not committed and a rerun will score them")
 
-    def _commit_ready(self) -> None:
-        for k, shard in enumerate(self.shards):
-            if self.waiting[k] or self.committed[k]:
-                continue
-            parts = self.received[k]
-            windows = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=WINDOW_COLUMNS)
-            commit_shard(self.output, f"part-{self.run_id}-{k:05d}.parquet", shard, self.headers, windows,
-                         self.classes, **self.summary)
-            self.committed[k], self.received[k] = True, []
-            for f in shard:
-                del self.seen[f]
-            log.info("shard %d: %d files committed", k, len(shard))
+    def _commit(self, k: int, state: _OpenShard) -> None:
+        columns = {c: np.concatenate([part[c] for part in state.parts]) for c in (*WINDOW_COLUMNS, "duration")}
+        paths, index, errors = columns["path"], columns["index"], columns["error"]
+        headers: dict[str, tuple[float, str]] = {}
+        for path, duration, i, error in zip(paths, columns["duration"], index, errors, strict=True):
+            if path not in headers or i < 0:  # a file's header error rides on its one row, index -1
+                headers[path] = (float(duration), str(error) if i < 0 else "")
+        windows = index >= 0
+        frame = pd.DataFrame({c: columns[c][windows] if c != "probs" else list(columns[c][windows])
+                              for c in WINDOW_COLUMNS})
+        commit_shard(self.output, f"part-{self.run_id}-{k:05d}.parquet", sorted(headers), headers, frame,
+                     self.classes, **self.summary)
+        self.committed.add(k)
+        log.info("shard %d: %d files committed", k, len(headers))
+
+
+def _one_array_per_row(column: np.ndarray) -> np.ndarray:
+    """An onsets column as an object array of float64 arrays (a batch whose rows all hold as many onsets may
+    arrive as one 2-D array)."""
+    if column.dtype == object:
+        return column
+    out = np.empty(len(column), dtype=object)
+    for i, row in enumerate(column):
+        out[i] = np.asarray(row, dtype=np.float64)
+    return out
+
+
+@dataclass
+class _OpenShard:
+    expected: int  # rows the shard yields in all
+    seen: set[tuple[str, int]] = field(default_factory=set)  # (file, window index) received
+    parts: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 def all_onsets(column: pd.Series) -> np.ndarray:
@@ -149,35 +177,40 @@ EVENT_SCHEMA = pa.schema([("file", pa.string()), ("time", pa.float64()), ("class
 def commit_shard(output: str, name: str, shard: list[str], headers: dict[str, tuple[float, str]],
                  windows: pd.DataFrame, classes: list[str], *, window_seconds: float, method: str,
                  threshold: float) -> None:
-    """Write a shard's windows/, events/ and, last, files/ parts under OUTPUT as `name`."""
-    rows, events, window_rows = [], [], []
-    grouped = dict(tuple(windows.groupby("path"))) if len(windows) else {}
+    """Write a shard's windows/, events/ and, last, files/ parts under OUTPUT as `name`. `windows` holds the
+    shard's scored windows (WINDOW_COLUMNS, in any order); a file's (duration, error) come from `headers`."""
+    if len(windows):
+        windows = windows.sort_values(["path", "index"], kind="stable", ignore_index=True)
+    path_of = windows["path"].to_numpy(dtype=object)
+    edges = np.flatnonzero(path_of[1:] != path_of[:-1]) + 1 if len(windows) else np.zeros(0, dtype=int)
+    bounds = np.r_[0, edges, len(windows)].astype(int)
+    span = {path_of[a]: (a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a}
+    read_errors = windows["error"].to_numpy(dtype=object)
+    kept = np.zeros(len(windows), dtype=bool)  # the windows of files that are ok
+    rows, events = [], []
     for path in shard:
         duration, error = headers[path]
-        part = grouped.get(path, pd.DataFrame(columns=windows.columns))
-        if not error and len(part):
-            read_errors = [e for e in part["error"] if e]
-            error = f"decode failed: {read_errors[0]}" if read_errors else ""
-        part = part.sort_values("index")
-        row, file_events = summarize_file(path, duration, part if not error else part.iloc[0:0],
-                                          all_onsets(part["onsets"]), classes, method=method, threshold=threshold,
-                                          error=error)
+        a, b = span.get(path, (0, 0))
+        if not error and b > a:
+            failed = next((e for e in read_errors[a:b] if e), "")
+            error = f"decode failed: {failed}" if failed else ""
+        part = windows.iloc[a:b] if not error else windows.iloc[0:0]
+        row, file_events = summarize_file(path, duration, part, all_onsets(part["onsets"]), classes, method=method,
+                                          threshold=threshold, error=error)
         if error.startswith(SKIPPED):  # listed under the input, not audio this reader takes
             row["status"] = "skipped"
         if not error and duration < window_seconds:
             row["note"] = f"shorter than a window ({duration:.2f} s < {window_seconds:g} s): zero-padded"
         rows.append(row)
         events.extend(file_events)
-        if not error:
-            probs = np.stack(part["probs"].to_numpy()) if len(part) else np.zeros((0, len(classes)))
-            frame = pd.DataFrame({"file": path, "start": part["start"].to_numpy(), "end": part["end"].to_numpy()})
-            for i, c in enumerate(classes):
-                frame[f"prob_{c}"] = probs[:, i]
-            window_rows.append(frame)
+        kept[a:b] = not error
     window_schema = pa.schema([*WINDOW_SCHEMA_FIXED, *[(f"prob_{c}", pa.float64()) for c in classes]])
-    storage.write_parquet(pd.concat(window_rows, ignore_index=True) if window_rows else
-                          pd.DataFrame(columns=window_schema.names), storage.join(output, "windows", name),
-                          window_schema)
+    ok = windows[kept]
+    probs = np.stack(ok["probs"].to_numpy()) if len(ok) else np.zeros((0, len(classes)))
+    table = pd.DataFrame({"file": ok["path"].to_numpy(dtype=object), "start": ok["start"].to_numpy(dtype=float),
+                          "end": ok["end"].to_numpy(dtype=float),
+                          **{f"prob_{c}": probs[:, i].astype(np.float64) for i, c in enumerate(classes)}})
+    storage.write_parquet(table, storage.join(output, "windows", name), window_schema)
     storage.write_parquet(pd.DataFrame(events, columns=EVENT_SCHEMA.names), storage.join(output, "events", name),
                           EVENT_SCHEMA)
     files = pd.DataFrame(rows).astype({"file": str, "status": str, "error": str, "top_class": str, "note": str})

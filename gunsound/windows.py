@@ -44,3 +44,23 @@ def cut_windows(wave: np.ndarray, sr: int, read_start: float, starts: np.ndarray
         piece = wave[int(round((start - read_start) * sr)):][:window]
         out[j, : len(piece)] = piece
     return out
+
+
+def pack_chunks(chunks: list[dict], batch_windows: int) -> list[list[dict]]:
+    """Consecutive chunks packed into read groups of at most `batch_windows` windows, so that one read call
+    feeds the model a full batch from many short files; a chunk that holds more stands alone (a long file's
+    chunks stay separate units of parallel work). A chunk without windows (a file that cannot be scored)
+    counts as one."""
+    groups: list[list[dict]] = []
+    group: list[dict] = []
+    size = 0
+    for chunk in chunks:
+        weight = max(1, len(chunk["starts"]))
+        if group and size + weight > batch_windows:
+            groups.append(group)
+            group, size = [], 0
+        group.append(chunk)
+        size += weight
+    if group:
+        groups.append(group)
+    return groups

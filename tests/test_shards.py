@@ -12,69 +12,99 @@ def _chunks(path: str, duration: float, window: float, read: float) -> list[dict
     return plan_chunks(path, duration, window_seconds=window, hop_seconds=window, read_seconds=read)
 
 
-def _scored_windows(path: str, chunk: dict, indices: list[int]) -> pd.DataFrame:
+def _rows(path: str, chunk: dict, indices: list[int], shard: int, shard_rows: int) -> dict[str, np.ndarray]:
+    """Scored rows as they come out of the job (numpy columns), for windows `indices` of a chunk."""
     starts = np.asarray(chunk["starts"])[[i - chunk["first_window"] for i in indices]]
-    return pd.DataFrame({"path": path, "index": indices, "start": starts, "end": starts + 2.0, "error": "",
-                         "onsets": [np.array([float(t) + 0.5]) for t in starts],
-                         "probs": [np.array([0.9, 0.1]) for _ in indices]})
+    onsets = np.empty(len(indices), dtype=object)
+    for j, t in enumerate(starts):
+        onsets[j] = np.array([float(t) + 0.5])
+    n = len(indices)
+    return {"path": np.array([path] * n, dtype=object), "index": np.array(indices), "start": starts,
+            "end": starts + 2.0, "error": np.array([""] * n, dtype=object), "onsets": onsets,
+            "probs": np.tile([0.9, 0.1], (n, 1)), "shard": np.full(n, shard), "shard_rows": np.full(n, shard_rows),
+            "duration": np.full(n, chunk["duration"])}
 
 
-def _committer(out: str, files: list[str], headers: dict, chunks: list[dict], shard_files: int) -> ShardCommitter:
-    return ShardCommitter(out, "r1", files, headers, chunks, ["x", "y"], shard_files=shard_files,
-                          window_seconds=2.0, method="Fix", threshold=0.5)
+def _marker(path: str, error: str, shard: int, shard_rows: int) -> dict[str, np.ndarray]:
+    """The one row of a file without windows."""
+    onsets = np.empty(1, dtype=object)
+    onsets[0] = np.zeros(0)
+    return {"path": np.array([path], dtype=object), "index": np.array([-1]), "start": np.array([np.nan]),
+            "end": np.array([np.nan]), "error": np.array([error], dtype=object), "onsets": onsets,
+            "probs": np.full((1, 2), np.nan), "shard": np.array([shard]), "shard_rows": np.array([shard_rows]),
+            "duration": np.array([np.nan])}
+
+
+def _join(*batches: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def _committer(out: str, shards: int) -> ShardCommitter:
+    return ShardCommitter(out, "r1", ["x", "y"], shards=shards, window_seconds=2.0, method="Fix", threshold=0.5)
 
 
 def test_shards_commit_when_complete_in_any_order_and_count_each_window_once(tmp_path):
-    files = ["a.wav", "b.wav", "c.wav", "bad.wav"]
-    headers = {"a.wav": (10.0, ""), "b.wav": (2.0, ""), "c.wav": (6.0, ""), "bad.wav": (float("nan"), "unreadable")}
-    chunks = {f: _chunks(f, headers[f][0], 2.0, 4.0) for f in files[:3]}
-    committer = _committer(str(tmp_path / "out"), files, headers, [c for f in files[:3] for c in chunks[f]], 2)
+    chunks = {f: _chunks(f, d, 2.0, 4.0) for f, d in (("a.wav", 10.0), ("b.wav", 2.0), ("c.wav", 6.0))}
+    committer = _committer(str(tmp_path / "out"), 2)
+    # Shard 0: a.wav (5 windows) and b.wav (1); shard 1: c.wav (3) and bad.wav (no windows: its one row).
 
     def committed_files() -> list[str]:
         return sorted(pd.read_parquet(tmp_path / "out" / "files")["file"]) if (tmp_path / "out" / "files").exists() \
             else []
 
-    # Shard 1 (c.wav, bad.wav) completes first; shard 0 (a.wav, b.wav) waits for a.wav's last window.
-    committer.add(pd.concat([_scored_windows("a.wav", chunks["a.wav"][0], [0, 1]),
-                             _scored_windows("c.wav", chunks["c.wav"][0], [0, 1])]))
-    assert committed_files() == []
-    committer.add(_scored_windows("c.wav", chunks["c.wav"][1], [2]))
-    assert committed_files() == ["bad.wav", "c.wav"]
-    committer.add(_scored_windows("a.wav", chunks["a.wav"][0], [1]))  # delivered again: counts once
-    committer.add(_scored_windows("b.wav", chunks["b.wav"][0], [0]))
-    committer.add(_scored_windows("a.wav", chunks["a.wav"][1], [2, 3]))
+    # Shard 1 completes first; shard 0 waits for a.wav's last window. Rows of both shards share a batch.
+    committer.add(_join(_rows("a.wav", chunks["a.wav"][0], [0, 1], 0, 6), _rows("c.wav", chunks["c.wav"][0], [0, 1], 1, 4),
+                        _marker("bad.wav", "unreadable audio: not audio", 1, 4)))
+    assert committed_files() == [] and sorted(committer.open) == [0, 1]
+    committer.add(_rows("c.wav", chunks["c.wav"][1], [2], 1, 4))
+    assert committed_files() == ["bad.wav", "c.wav"] and sorted(committer.open) == [0]  # shard 1 forgotten
+    committer.add(_rows("a.wav", chunks["a.wav"][0], [1], 0, 6))  # delivered again: counts once
+    committer.add(_rows("b.wav", chunks["b.wav"][0], [0], 0, 6))
+    committer.add(_rows("a.wav", chunks["a.wav"][1], [2, 3], 0, 6))
     assert committed_files() == ["bad.wav", "c.wav"]  # a.wav's window 4 is still out
-    committer.add(pd.concat([_scored_windows("a.wav", chunks["a.wav"][2], [4]),
-                             _scored_windows("c.wav", chunks["c.wav"][1], [2])]))  # late repeat: ignored
+    committer.add(_join(_rows("a.wav", chunks["a.wav"][2], [4], 0, 6),
+                        _rows("c.wav", chunks["c.wav"][1], [2], 1, 4)))  # late repeat: ignored
     committer.finish()
-    assert committed_files() == sorted(files)
+    assert committed_files() == ["a.wav", "b.wav", "bad.wav", "c.wav"] and committer.open == {}
     windows = pd.read_parquet(tmp_path / "out" / "windows")
     assert windows.groupby("file").size().to_dict() == {"a.wav": 5, "b.wav": 1, "c.wav": 3}
     assert not windows.duplicated(["file", "start"]).any()
     files_table = pd.read_parquet(tmp_path / "out" / "files").set_index("file")
-    assert files_table.loc["a.wav", "shots"] == 5 and files_table.loc["bad.wav", "status"] == "error"
+    assert files_table.loc["a.wav", "shots"] == 5 and files_table.loc["a.wav", "windows"] == 5
+    assert files_table.loc["bad.wav", "status"] == "error"
+    assert files_table.loc["bad.wav", "error"] == "unreadable audio: not audio"
     events = pd.read_parquet(tmp_path / "out" / "events")
     assert sorted(events.loc[events["file"] == "a.wav", "time"]) == [0.5, 2.5, 4.5, 6.5, 8.5]
 
 
 def test_a_shard_missing_a_window_is_never_committed(tmp_path):
-    headers = {"a.wav": (4.0, ""), "b.wav": (2.0, "")}
-    chunks = [c for f in headers for c in _chunks(f, headers[f][0], 2.0, 60.0)]
-    committer = _committer(str(tmp_path), list(headers), headers, chunks, 1)
-    committer.add(_scored_windows("a.wav", chunks[0], [0]))
-    committer.add(_scored_windows("b.wav", chunks[1], [0]))
-    with pytest.raises(RuntimeError, match=r"shard\(s\) \[0\] missing 1 window"):
+    a, b = _chunks("a.wav", 4.0, 2.0, 60.0), _chunks("b.wav", 2.0, 2.0, 60.0)
+    committer = _committer(str(tmp_path), 3)
+    committer.add(_rows("a.wav", a[0], [0], 0, 2))
+    committer.add(_rows("b.wav", b[0], [0], 1, 1))
+    with pytest.raises(RuntimeError, match=r"shard\(s\) \[0, 2\] incomplete \(1 row\(s\) missing"):
         committer.finish()
     assert list(pd.read_parquet(tmp_path / "files")["file"]) == ["b.wav"]
 
 
+def test_a_read_error_in_any_chunk_makes_the_file_an_error_row_without_windows(tmp_path):
+    chunks = _chunks("a.wav", 8.0, 2.0, 4.0)
+    committer = _committer(str(tmp_path), 1)
+    failed = _rows("a.wav", chunks[1], [2, 3], 0, 4)
+    failed["error"][:] = "a.wav: truncated: 3 of 4 s"
+    committer.add(_join(_rows("a.wav", chunks[0], [0, 1], 0, 4), failed))
+    committer.finish()
+    row = pd.read_parquet(tmp_path / "files").iloc[0]
+    assert row["status"] == "error" and row["error"] == "decode failed: a.wav: truncated: 3 of 4 s"
+    assert len(pd.read_parquet(tmp_path / "windows")) == 0 and len(pd.read_parquet(tmp_path / "events")) == 0
+
+
 def test_a_rerun_takes_the_error_rows_of_its_input_out_to_score_them_again(tmp_path):
     out = str(tmp_path)
-    headers = {"a.wav": (2.0, ""), "bad.wav": (float("nan"), "unreadable: not audio"),
-               "other.wav": (float("nan"), "unreadable: not audio")}
     chunks = _chunks("a.wav", 2.0, 2.0, 60.0)
-    committer = _committer(out, list(headers), headers, chunks, 2)
-    committer.add(_scored_windows("a.wav", chunks[0], [0]))
+    committer = _committer(out, 1)
+    committer.add(_join(_rows("a.wav", chunks[0], [0], 0, 3), _marker("bad.wav", "unreadable: not audio", 0, 3),
+                        _marker("other.wav", "unreadable: not audio", 0, 3)))
     committer.finish()
     before = pd.read_parquet(tmp_path / "files")
     assert sorted(before.loc[before["status"] == "error", "file"]) == ["bad.wav", "other.wav"]
@@ -88,11 +118,9 @@ def test_a_rerun_takes_the_error_rows_of_its_input_out_to_score_them_again(tmp_p
 
     # Killed before bad.wav was scored again: the next run still scores it, and it is never in twice.
     assert resume(out, ["a.wav", "bad.wav"]) == Resume({"a.wav", "other.wav"}, set())
-    headers["bad.wav"] = (2.0, "")
     chunks = _chunks("bad.wav", 2.0, 2.0, 60.0)
-    committer = ShardCommitter(out, "r2", ["bad.wav"], headers, chunks, ["x", "y"], shard_files=2,
-                               window_seconds=2.0, method="Fix", threshold=0.5)
-    committer.add(_scored_windows("bad.wav", chunks[0], [0]))
+    committer = ShardCommitter(out, "r2", ["x", "y"], shards=1, window_seconds=2.0, method="Fix", threshold=0.5)
+    committer.add(_rows("bad.wav", chunks[0], [0], 0, 1))
     committer.finish()
     files = pd.read_parquet(tmp_path / "files").set_index("file")
     assert sorted(files.index) == ["a.wav", "bad.wav", "other.wav"] and files.loc["bad.wav", "status"] == "ok"

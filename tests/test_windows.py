@@ -24,3 +24,21 @@ def test_cut_windows_are_zero_padded_where_the_audio_ends():
     wave = np.arange(10, dtype=np.float32)
     pieces = cut_windows(wave, 2, read_start=1.0, starts=np.array([1.0, 3.0, 5.0]), window=4)
     assert pieces.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]]
+
+
+def test_read_groups_hold_about_a_batch_of_windows_and_keep_long_chunks_alone():
+    from gunsound.windows import pack_chunks
+
+    chunks = [c for d in (1.0, 3.0, 0.5, 2.5) * 20 for c in plan_chunks("f.wav", d, window_seconds=2.0,
+                                                                        hop_seconds=2.0, read_seconds=60.0)]
+    chunks += plan_chunks("long.wav", 600.0, window_seconds=2.0, hop_seconds=1.0, read_seconds=60.0)
+    chunks.insert(7, {"path": "bad.wav", "starts": []})  # a file without windows weighs one row
+    groups = pack_chunks(chunks, 16)
+    assert [c for g in groups for c in g] == chunks  # every chunk once, in order
+    sizes = [sum(max(1, len(c["starts"])) for c in g) for g in groups]
+    assert all(s <= 16 for s, g in zip(sizes, groups, strict=True) if len(g) > 1)
+    # Each group is as full as it can be: the next chunk would not have fitted.
+    assert all(size + max(1, len(after[0]["starts"])) > 16 for size, after in zip(sizes, groups[1:], strict=False))
+    assert sum(len(g) for g in groups[:-10]) == 81 and len(groups[:-10]) < 81 / 5  # short files share groups
+    long_groups = [g for g in groups if g[0]["path"] == "long.wav"]
+    assert len(long_groups) == 10 and all(len(g) == 1 for g in long_groups)  # 60-window chunks stand alone
