@@ -9,26 +9,46 @@ import ray
 
 log = logging.getLogger(__name__)
 
+# Ray refuses a smaller object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES).
+MIN_OBJECT_STORE_BYTES = 75 * 2**20
+# A local Ray's object store unless the caller sizes it: Ray's default is 30% of RAM. Its pages are taken
+# as objects are written, not when Ray starts, so the size is a ceiling on what Ray may hold in memory
+# (beyond it, objects spill to disk), not a cost: featurizing the 851 reference clips touched about 80 MB.
+DEFAULT_OBJECT_STORE_BYTES = 512 * 2**20
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, feature_tasks: bool = True) -> None:
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, feature_tasks: bool = True, *,
+             dashboard: bool | None = None, object_store_bytes: int | None = None) -> None:
     """Connect to a cluster (address, or RAY_ADDRESS as set by `ray job submit`) or start a local Ray.
 
     A local Ray starts Ray Data's helper actors at once and, when `feature_tasks` says that feature tasks
     follow (training, tuning), has its pooled workers import the feature stack; scoring runs in actors
-    that import it themselves, so there the warm-up would only hold the CPUs the actors wait for."""
+    that import it themselves, so there the warm-up would only hold the CPUs the actors wait for.
+
+    `dashboard` (default: `feature_tasks`, i.e. training and tuning) starts Ray's dashboard, whose State API
+    Ray Train uses to clean up after stopped trials and folds; without Ray Train (scoring, featurizing alone)
+    it is a dozen processes of some 300 MB that the work never uses. `object_store_bytes` sizes a local
+    Ray's object store (`object_store_bytes_for` from what the work keeps in it; default 512 MiB)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # A laptop: a local Ray with a modest object store (Ray's default is 30% of RAM).
-    # The dashboard serves the State API, which Ray Train uses to clean up after stopped trials and folds.
-    ray.init(num_cpus=num_cpus, object_store_memory=1 << 30, include_dashboard=True, log_to_driver=True)
+    ray.init(num_cpus=num_cpus, log_to_driver=True,
+             include_dashboard=feature_tasks if dashboard is None else dashboard,
+             object_store_memory=max(MIN_OBJECT_STORE_BYTES, object_store_bytes or DEFAULT_OBJECT_STORE_BYTES))
     if feature_tasks:
         warm_up_workers()
     else:
         start_ray_data_helpers()
+
+
+def object_store_bytes_for(resident_bytes: int, in_flight_bytes: int = 64 * 2**20) -> int:
+    """An object store for work that keeps `resident_bytes` in it (a materialized dataset) while
+    `in_flight_bytes` of blocks pass through, with half again for the store's own fragmentation and Ray
+    Data's budget (it lets operators use half of the store); never under Ray's minimum."""
+    return max(MIN_OBJECT_STORE_BYTES, int(1.5 * (resident_bytes + 2 * in_flight_bytes)))
 
 
 @ray.remote(num_cpus=1)
