@@ -1,9 +1,13 @@
 """Offline scoring of audio archives on Ray: the job (`score`) and one file without Ray (`predict_file`).
 
-Every input file is planned into chunks of windows (`windows`); decoding and onset detection (`events`) run
-as CPU tasks that read one chunk each, and the model (`inference.WindowScorer`) in an actor pool (a GPU each
-and autocast where GPUs are used, `resources.scorer_actors`), one pool for the whole run. Files are grouped in shards; a shard's results
-are committed to OUTPUT as soon as its last window is scored (`shards`), so a killed job started again with
+The driver lists the input and hands the pipeline shards of file names; headers are read and every file
+planned into chunks of windows (`windows`) inside the pipeline, a shard at a time (`plan_shards`), so the
+first shard is scored while later headers are unread. Chunks are packed into read groups of about a model
+batch of windows, from as many short files as it takes; decoding and onset detection (`events`) read a group
+per call (`read_groups`), and the model (`inference.WindowScorer`) scores it in an actor pool (a GPU each and
+autocast where GPUs are used, `resources.scorer_actors`), one pool for the whole run. Every row names its
+shard and the shard's row count, so the driver holds only the shards in flight; a shard's results are
+committed to OUTPUT as soon as its last row is scored (`shards`), so a killed job started again with
 the same OUTPUT skips the files it finished, scores again those whose rows are errors, and ends with each
 file exactly once. It resumes only with the same model and settings (`fingerprint`), and one job at a time
 writes an OUTPUT (`lease`).
@@ -463,6 +467,8 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
             scorers.update(batch.pop("scorer"))
             committer.add(batch)
     committer.finish()
+    log.info("%d shard(s) committed; the driver held at most %d at once", len(committer.committed),
+             committer.peak_open)
     return write_summary(output, files, skipped=len(files) - len(todo), started=started,
                          model_seconds=model_seconds, scorer_actors=pool, devices=sorted(devices),
                          retried=len(earlier.retried), model=made.model, settings=made.settings,

@@ -1,0 +1,140 @@
+"""Many short files through the scoring job: read groups that mix files (error files among them), each file
+committed exactly once with its own windows, and resume after a partial run."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from gunsound import storage
+from gunsound.cli import main
+from gunsound.config import load_config
+from gunsound.features import FeatureParams
+from gunsound.inference import WindowScorer, load_scoring_model
+from gunsound.model import ModelArtifact, build_model
+from gunsound.scoring import plan_shards, predict_file, read_groups, scoring_config
+from gunsound.windows import window_starts
+from tests.conftest import FAST, LAPTOP_CONFIG
+
+SAMPLE_RATE = 16000
+# 1 s windows every 0.5 s; shards of 16 files; read groups of up to 32 windows, so one read call holds many files.
+SETTINGS = ["prediction.inference_chunk_method=Sliding", "scoring.window_seconds=1.0", "scoring.hop_seconds=0.5",
+            "scoring.shard_files=16", "scoring.batch_size=32"]
+ARGS = [a for kv in SETTINGS for a in ("--set", kv)]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    cfg = load_config(LAPTOP_CONFIG, FAST)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    ModelArtifact(classes=["a", "b", "c"], features=FeatureParams.from_config(cfg.audio, sample_rate=SAMPLE_RATE),
+                  chunk_seconds=1.0, architecture=cfg.architecture, loss_function="BCE",
+                  state_dict=build_model(cfg.architecture, 3, pretrained=False).state_dict()).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """300 clips of 0.3 to 2 s (noise with a click or two, so files differ), a corrupt and a truncated file
+    named to sort among them, and a text file."""
+    root = tmp_path_factory.mktemp("clips")
+    rng = np.random.default_rng(11)
+    durations = {}
+    for i in range(300):
+        seconds = float(rng.uniform(0.3, 2.0))
+        wave = rng.normal(0, 0.02, int(seconds * SAMPLE_RATE))
+        for t in rng.uniform(0, seconds, rng.integers(1, 3)):
+            at = int(t * SAMPLE_RATE)
+            wave[at:at + 400] += rng.normal(0, 0.5, len(wave[at:at + 400]))
+        path = root / f"clip{i:03d}.wav"
+        sf.write(path, np.clip(wave, -1, 1), SAMPLE_RATE, subtype="PCM_16")
+        durations[str(path)] = sf.info(path).duration
+    (root / "clip050x_corrupt.wav").write_bytes(b"RIFF" + b"\x01" * 300)
+    whole = (root / "clip120.wav").read_bytes()
+    (root / "clip120x_truncated.wav").write_bytes(whole[: len(whole) // 2])
+    (root / "clip200x_notes.txt").write_text("not audio")
+    errors = {str(root / "clip050x_corrupt.wav"), str(root / "clip120x_truncated.wav")}
+    return root, durations, errors
+
+
+def test_a_read_group_mixes_files_and_keeps_each_files_windows_its_own(model_file, clips):
+    root, durations, errors = clips
+    paths = sorted([*durations, *errors])[40:80]  # clip040 to clip077, the corrupt file among them
+    planned = plan_shards({"shard": np.array([3]), "part": np.array([0]), "parts": np.array([1]),
+                           "paths": np.array([np.array(paths, dtype=object)], dtype=object)},
+                          window_seconds=1.0, hop_seconds=0.5, read_seconds=60.0, batch_windows=32,
+                          s3=storage.current_settings())
+    groups = [json.loads(g) for g in planned["chunks"]]
+    assert all(len({c["path"] for c in g}) > 5 for g in groups[:-1])  # full groups hold many files
+    assert [c["path"] for g in groups for c in g] == paths  # each file once, in order
+    expected_rows = sum(len(window_starts(durations[p], 1.0, 0.5)) if p in durations else 1 for p in paths)
+    assert set(planned["shard_rows"]) == {expected_rows} and set(planned["shard"]) == {3}
+
+    model = load_scoring_model(str(model_file))
+    scorer = WindowScorer(model, batch_size=32)
+    scored = [scorer(read_groups({k: v[[i]] for k, v in planned.items()}, sample_rate=SAMPLE_RATE,
+                                 window_seconds=1.0, onset_detection=True, onset_threshold_db=12.0,
+                                 s3=storage.current_settings())) for i in range(len(groups))]
+    rows = {k: np.concatenate([b[k] for b in scored]) for k in ("path", "index", "probs", "error")}
+    assert len(rows["path"]) == expected_rows
+    mixed_error = [p for p in errors if p in paths]
+    assert mixed_error  # an error file sits inside a group of ok files: one row, its error, no probabilities
+    for p in mixed_error:
+        mine = rows["path"] == p
+        assert mine.sum() == 1 and rows["index"][mine][0] == -1 and rows["error"][mine][0]
+        assert np.isnan(rows["probs"][mine]).all()
+    cfg = scoring_config(str(model_file), SETTINGS)
+    for p in [q for q in paths if q in durations][:6]:
+        _, _, alone = predict_file(model, p, cfg)  # the file scored by itself, its windows in a batch of their own
+        mine = rows["path"] == p
+        np.testing.assert_array_equal(rows["index"][mine], alone["index"])
+        np.testing.assert_allclose(rows["probs"][mine], np.stack(alone["probs"]), atol=1e-5)
+
+
+@pytest.mark.ray
+def test_many_short_files_each_committed_once_and_a_partial_run_resumed(ray_local, model_file, clips, tmp_path):
+    root, durations, errors = clips
+    out = tmp_path / "scored"
+    assert main(["score", str(model_file), str(root), str(out), *ARGS]) == 0
+    files = pd.read_parquet(out / "files")
+    every = {*durations, *errors, str(root / "clip200x_notes.txt")}
+    assert files["file"].is_unique and set(files["file"]) == every
+    status = dict(zip(files["file"], files["status"], strict=True))
+    assert {p for p, s in status.items() if s == "error"} == errors
+    assert status[str(root / "clip200x_notes.txt")] == "skipped"
+    windows = pd.read_parquet(out / "windows")
+    assert not windows.duplicated(["file", "start"]).any() and not set(windows["file"]) & errors
+    counts = windows.groupby("file").size()
+    assert all(counts[p] == len(window_starts(d, 1.0, 0.5)) for p, d in durations.items())
+    assert len(list((out / "files").glob("*.parquet"))) == 19 + 1  # 302 files in shards of 16, the skipped part
+
+    # Windows in the tables are each file's own: as the file scored by itself in this process.
+    model = load_scoring_model(str(model_file))
+    cfg = scoring_config(str(model_file), SETTINGS)
+    for p in sorted(durations)[::60]:
+        _, _, alone = predict_file(model, p, cfg)
+        mine = windows[windows["file"] == p].sort_values("start")
+        np.testing.assert_allclose(mine["start"], alone["start"])
+        np.testing.assert_allclose(mine[["prob_a", "prob_b", "prob_c"]].to_numpy(), np.stack(alone["probs"]),
+                                   atol=1e-5)
+
+    # What a kill leaves: some shards committed, others with windows/ and events/ parts but no files/ part.
+    parts = sorted((out / "files").glob("part-*-0*.parquet"))
+    lost = parts[3:9]
+    lost_files = set(pd.concat([pd.read_parquet(p) for p in lost])["file"])
+    kept = pd.concat([pd.read_parquet(p) for p in parts if p not in lost])
+    for p in lost:
+        p.unlink()
+    (out / "summary.json").unlink()
+    assert main(["score", str(model_file), str(root), str(out), *ARGS]) == 0
+    again = pd.read_parquet(out / "files")
+    assert again["file"].is_unique and set(again["file"]) == every
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_as_finished"] == int((kept["status"] == "ok").sum())  # kept; error rows retried
+    assert summary["retried_errors"] == int((kept["status"] == "error").sum())
+    assert summary["files"] == len(every) - 1 and summary["errors"] == 2 and summary["skipped_entries"] == 1
+    windows = pd.read_parquet(out / "windows")
+    assert not windows.duplicated(["file", "start"]).any()
+    assert set(windows["file"]) == set(durations) and lost_files
