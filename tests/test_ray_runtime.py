@@ -1,0 +1,52 @@
+"""The local Ray that init_ray starts: what it runs for a job with and without Ray Train."""
+
+import json
+import os
+import subprocess
+import sys
+
+from gunsound.ray_runtime import MIN_OBJECT_STORE_BYTES, object_store_bytes_for
+
+# Run in its own process: the test session's Ray (conftest.ray_local) is already initialized in this one,
+# and init_ray returns at once on an initialized Ray.
+PROBE = """
+import json, sys
+import ray
+from ray.util.state import list_actors
+from gunsound.ray_runtime import init_ray
+
+def state_api():
+    try:
+        list_actors(timeout=10)
+        return True
+    except Exception:
+        return False
+
+report = {}
+for name, kwargs in (("scoring", dict(feature_tasks=False, object_store_bytes=100 * 2**20)),
+                     ("training", dict(feature_tasks=True))):
+    init_ray(num_cpus=1, **kwargs)
+    report[name] = {"store": ray.cluster_resources()["object_store_memory"], "state_api": state_api()}
+    ray.shutdown()
+print("REPORT" + json.dumps(report))
+"""
+
+
+def test_local_ray_starts_the_dashboard_only_for_ray_train_and_sizes_its_object_store():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.split("REPORT", 1)[1])
+    # Scoring and featurizing alone: no dashboard (so no State API), the object store it asked for.
+    assert report["scoring"]["state_api"] is False
+    assert abs(report["scoring"]["store"] - 100 * 2**20) < 2**20
+    # Training and tuning: Ray Train cleans up through the dashboard's State API; the default store.
+    assert report["training"]["state_api"] is True
+    assert abs(report["training"]["store"] - 512 * 2**20) < 2**20
+
+
+def test_object_store_sized_to_what_the_work_keeps_in_it():
+    assert object_store_bytes_for(0, 0) == MIN_OBJECT_STORE_BYTES  # Ray refuses less
+    small, large = object_store_bytes_for(80 * 2**20), object_store_bytes_for(4 * 2**30)
+    assert MIN_OBJECT_STORE_BYTES <= small < 512 * 2**20  # the reference data's features: well under the default
+    assert large > 4 * 2**30  # a materialized dataset fits whole, with room for the blocks in flight
