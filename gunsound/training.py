@@ -233,13 +233,20 @@ def run(plan: TrainingPlan, drop_bad_rows: bool = False, overwrite: bool = False
         return results
 
 
+def start_ray(plan: TrainingPlan) -> None:
+    """Connect to the cluster, or start a local Ray whose object store holds this plan's features."""
+    from gunsound.ray_features import feature_bytes
+    from gunsound.ray_runtime import init_ray, object_store_bytes_for
+
+    features = feature_bytes(len(plan.manifest.frame), plan.features, plan.audio.chunk_seconds)
+    init_ray(plan.cfg.environment.ray_address, object_store_bytes=object_store_bytes_for(features))
+
+
 def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool,
            tracker: tracking.TrackingSettings | None) -> dict:
     import ray
 
-    from gunsound.ray_runtime import init_ray
-
-    init_ray(plan.cfg.environment.ray_address)
+    start_ray(plan)
     out = plan.output
     storage.write_text(storage.join(out, "config.yaml"), plan.cfg.to_yaml())
     tracking.start_run(tracker, plan.cfg.to_dict())

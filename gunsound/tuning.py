@@ -24,7 +24,7 @@ from gunsound.lease import OutputLease
 from gunsound.metrics import METRIC_KEYS
 from gunsound.plan import TrainingPlan
 from gunsound.resources import cluster_capacity
-from gunsound.training import featurize, fold_datasets, make_trainer, planned_workers
+from gunsound.training import featurize, fold_datasets, make_trainer, planned_workers, start_ray
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,7 @@ def _sweep(plan: TrainingPlan, num_samples: int) -> TuneResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from gunsound.ray_runtime import init_ray
-
-    init_ray(plan.cfg.environment.ray_address)
+    start_ray(plan)
     space = search_space(plan.cfg)
     metric = METRIC_KEYS[plan.cfg.prediction.metric]
     mode = "min" if plan.cfg.prediction.metric == "LogLoss" else "max"
