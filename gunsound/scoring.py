@@ -438,9 +438,10 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     if shards:
         pool = _pool_size(todo, actors, s)
         s3 = storage.current_settings()
-        # Each shard is planned by as many units of work as there are scorers (at most 8), each unit reading the
-        # shard's headers and keeping its share of the read groups: a long file is scored by every actor.
-        parts = max(1, min(pool, 8))
+        # A run of fewer shards than scorers (a few long files) plans each shard in several units (at most 8),
+        # each reading the shard's headers and keeping its share of the read groups, so a long file is scored
+        # by every actor; a larger archive keeps its scorers busy with whole shards and reads each header once.
+        parts = _planning_parts(pool, len(shards))
         units = [{"shard": k, "part": j, "parts": parts, "paths": paths} for k, paths in enumerate(shards)
                  for j in range(parts)]
         ds = ray.data.from_items(units, override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
@@ -473,6 +474,11 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
                          model_seconds=model_seconds, scorer_actors=pool, devices=sorted(devices),
                          retried=len(earlier.retried), model=made.model, settings=made.settings,
                          scorers=sorted(scorers), skipped_entries=len(inputs.skipped))
+
+
+def _planning_parts(scorers: int, shards: int) -> int:
+    """Units of work per shard: enough for every scorer to have one, at most 8 (each reads the shard's headers)."""
+    return max(1, min(8, -(-scorers // max(shards, 1))))
 
 
 def _pool_size(todo: list[str], actors: int, s: ScoringSettings) -> int:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from gunsound import storage
+from gunsound import scoring, storage
 from gunsound.cli import main
 from gunsound.config import load_config
 from gunsound.features import FeatureParams
@@ -138,3 +138,10 @@ def test_many_short_files_each_committed_once_and_a_partial_run_resumed(ray_loca
     windows = pd.read_parquet(out / "windows")
     assert not windows.duplicated(["file", "start"]).any()
     assert set(windows["file"]) == set(durations) and lost_files
+
+
+@pytest.mark.parametrize(("scorers", "shards", "parts"), [(2, 1, 2), (8, 1, 8), (16, 1, 8), (8, 3, 3), (2, 10, 1),
+                                                          (64, 39_063, 1)])
+def test_a_shard_is_split_among_scorers_only_when_there_are_fewer_shards_than_scorers(scorers, shards, parts):
+    # Each part reads its shard's headers again: a large archive must read every header once.
+    assert scoring._planning_parts(scorers, shards) == parts
