@@ -47,7 +47,7 @@ CPU_FRONTEND_CLIPS = 8
 CPU_BLOCK_CLIPS = 32
 
 
-def log_mel(frontend: LogMelSpectrogram, waves: torch.Tensor, clips_per_call: int) -> np.ndarray:
+def features_in_slices(frontend: LogMelSpectrogram, waves: torch.Tensor, clips_per_call: int) -> np.ndarray:
     """Log-mel features (clips, mels, frames) of a batch of waveforms, computed `clips_per_call` clips at a
     time into one array, so the front end's intermediates stay those of a slice, not of the whole batch."""
     out = np.empty((len(waves), frontend.params.n_mels, frontend.params.num_frames(waves.shape[-1])),
@@ -68,7 +68,7 @@ class FeatureExtractor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         waves = torch.from_numpy(np.asarray(batch.pop("wave"), dtype=np.float32)).to(self.device)
         # A GPU takes the whole batch in one call; its memory is not the laptop's.
-        batch["features"] = log_mel(self.frontend, waves, len(waves) if self.device.type == "cuda"
+        batch["features"] = features_in_slices(self.frontend, waves, len(waves) if self.device.type == "cuda"
                                     else CPU_FRONTEND_CLIPS)
         return batch
 
@@ -83,7 +83,7 @@ def decode_and_featurize(batch: dict[str, np.ndarray], sample_rate: int, chunk_s
     """CPU-only clusters: both stages in one task, so waveforms never cross the object store and the
     task runs in Ray's pooled workers (no actor process to start per pipeline)."""
     batch = decode_clips(batch, sample_rate, chunk_samples, s3)
-    batch["features"] = log_mel(_cpu_frontend(params), torch.from_numpy(batch.pop("wave")), CPU_FRONTEND_CLIPS)
+    batch["features"] = features_in_slices(_cpu_frontend(params), torch.from_numpy(batch.pop("wave")), CPU_FRONTEND_CLIPS)
     return batch
 
 
