@@ -83,7 +83,8 @@ def decode_and_featurize(batch: dict[str, np.ndarray], sample_rate: int, chunk_s
     """CPU-only clusters: both stages in one task, so waveforms never cross the object store and the
     task runs in Ray's pooled workers (no actor process to start per pipeline)."""
     batch = decode_clips(batch, sample_rate, chunk_samples, s3)
-    batch["features"] = features_in_slices(_cpu_frontend(params), torch.from_numpy(batch.pop("wave")), CPU_FRONTEND_CLIPS)
+    waves = torch.from_numpy(batch.pop("wave"))
+    batch["features"] = features_in_slices(_cpu_frontend(params), waves, CPU_FRONTEND_CLIPS)
     return batch
 
 
