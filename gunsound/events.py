@@ -6,6 +6,8 @@ pandas).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import pandas as pd
 from scipy.ndimage import maximum_filter1d
@@ -22,9 +24,14 @@ def band_level_db(wave: np.ndarray, sr: int, frame: int) -> np.ndarray:
     reaches the microphone up to ~100 ms before the blast and, counted in a broadband energy, times a shot
     early or counts it twice."""
     frames = len(wave) // frame
-    low, high = BLAST_BAND_HZ[0], min(BLAST_BAND_HZ[1], 0.45 * sr)
-    band = sosfilt(butter(4, [low, high], btype="band", fs=sr, output="sos"), np.asarray(wave, dtype=np.float64))
+    band = sosfilt(_blast_filter(sr), np.asarray(wave, dtype=np.float64))
     return 20 * np.log10(np.sqrt(np.mean(band[: frames * frame].reshape(frames, frame) ** 2, axis=1)) + 1e-9)
+
+
+@lru_cache(maxsize=8)
+def _blast_filter(sr: int) -> np.ndarray:
+    """The blast band's filter at `sr`, designed once: designing it cost more than filtering a short clip."""
+    return butter(4, [BLAST_BAND_HZ[0], min(BLAST_BAND_HZ[1], 0.45 * sr)], btype="band", fs=sr, output="sos")
 
 
 def detect_onsets(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_db: float = 6.0,

@@ -377,6 +377,18 @@ def read_groups(batch: dict[str, np.ndarray], *, sample_rate: int, window_second
     return rows.batch()
 
 
+class GroupScorer:
+    """A CPU scorer actor that reads what it scores: each call reads one read group (`read_groups`) and scores
+    its windows (`inference.WindowScorer`), returning the rows without their waveforms."""
+
+    def __init__(self, *, read: dict, model: ScoringModel, mixed_precision: bool, batch_size: int):
+        self.read = read
+        self.scorer = WindowScorer(model, mixed_precision=mixed_precision, batch_size=batch_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.scorer(read_groups(batch, **self.read))
+
+
 def score(model_location: str, input_location: str, output: str, cfg: Config, *,
           overwrite: bool = False, allow_outside: bool = False) -> ScoreSummary:
     """Score every audio file under INPUT with the model and write windows/, files/, events/ to OUTPUT.
@@ -445,23 +457,28 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
         units = [{"shard": k, "part": j, "parts": parts, "paths": paths} for k, paths in enumerate(shards)
                  for j in range(parts)]
         ds = ray.data.from_items(units, override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
-        # Planning, reading and (without GPUs) scoring fuse into one task per unit: nothing waits for a CPU
-        # that the scorer actors hold.
+        # Planning fuses into the next stage: one task (or actor call) per unit.
         ds = ds.map_batches(plan_shards, batch_size=1, batch_format="numpy", num_cpus=1,
                             fn_kwargs={"window_seconds": s.window_seconds, "hop_seconds": s.hop_seconds,
                                        "read_seconds": s.read_seconds, "batch_windows": s.batch_size, "s3": s3})
-        ds = ds.map_batches(read_groups, batch_size=1, batch_format="numpy", num_cpus=1,
-                            fn_kwargs={"sample_rate": model.features.sample_rate,
-                                       "window_seconds": s.window_seconds, "onset_detection": s.onset_detection,
-                                       "onset_threshold_db": s.onset_threshold_db, "s3": s3})
-        # A read call yields one read group: about a model batch of windows, from as many short files as it takes.
-        ds = ds.map_batches(WindowScorer, batch_size=s.batch_size if gpus else None, batch_format="numpy",
-                            fn_constructor_kwargs={"model": model, "mixed_precision": s.mixed_precision,
-                                                   "batch_size": s.batch_size},
-                            num_gpus=gpus_per_actor, num_cpus=1,
-                            # GPU scorers: a pool that grows with the backlog, its requests bring GPU nodes up.
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool) if gpus else
-                            ray.data.ActorPoolStrategy(size=pool))
+        read = {"sample_rate": model.features.sample_rate, "window_seconds": s.window_seconds,
+                "onset_detection": s.onset_detection, "onset_threshold_db": s.onset_threshold_db, "s3": s3}
+        scorer = {"model": model, "mixed_precision": s.mixed_precision, "batch_size": s.batch_size}
+        if gpus:
+            # Read tasks on the CPUs feed GPU scorers model batches; the pool grows with the backlog, and its
+            # requests bring GPU nodes up.
+            ds = ds.map_batches(read_groups, batch_size=1, batch_format="numpy", num_cpus=1, fn_kwargs=read)
+            ds = ds.map_batches(WindowScorer, batch_size=s.batch_size, batch_format="numpy",
+                                fn_constructor_kwargs=scorer, num_gpus=gpus_per_actor, num_cpus=1,
+                                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool))
+        else:
+            # On CPUs each scorer reads its groups itself, one per call: no read task waits for a CPU that the
+            # actors hold, and a group's waveforms never leave the call that scores them. A unit is handed to
+            # an actor only when it is free: queued behind a busy one, a long file's half would wait while
+            # another actor idles.
+            ds = ds.map_batches(GroupScorer, batch_size=1, batch_format="numpy",
+                                fn_constructor_kwargs={"read": read, **scorer}, num_cpus=1,
+                                compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=1))
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             model_seconds += float(batch.pop("model_seconds").sum())
             devices.update(batch.pop("device"))
