@@ -96,11 +96,11 @@ def main() -> None:
                                 (long_name, long_path.parent, [])):
         out = work / f"scored-{folder.name}-{int(time.time() * 1000)}"
         run_cfg = scoring.scoring_config(str(run), [*SLIDING, "prediction.probability_threshold=0.0", *extra])
-        with PeakMemory() as mem:
+        with PeakMemory(pss=False) as mem:
             summary = scoring.score(str(run), str(folder), str(out), run_cfg)
         results[name] = (summary, mem.peak, out)
 
-    with PeakMemory() as mem:
+    with PeakMemory(pss=False) as mem:
         start = time.perf_counter()
         naive_windows = naive_loop(model, str(naive_path), s)
         naive_s = time.perf_counter() - start

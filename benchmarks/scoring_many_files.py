@@ -104,7 +104,7 @@ def run_job(run: Path, manifest: Path, out: Path, pythonpath: str | None) -> dic
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     first_shard, driver_peak, stop = [None], [0], threading.Event()
-    with PeakMemory() as tree:
+    with PeakMemory(pss=False) as tree:  # a timed run: RSS only, page-table walks would take a core
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.score", str(run), str(manifest), str(out),
                                  "--allow-outside"], env=env, cwd=pythonpath or ROOT,
@@ -164,7 +164,7 @@ def main() -> None:
                             for p in paths[:200] for c in s.plan(str(p), sf.info(p).duration)])
     bound = model_bound(model, waves, batches=12)
     print(f"model-bound (WindowScorer, batches of 64, this process): {bound:.1f} windows/s")
-    with PeakMemory() as mem:
+    with PeakMemory(pss=False) as mem:
         loop_s, loop_windows = plain_loop(model, paths[:args.loop_files], s)
     print(f"plain loop, {args.loop_files} files: {args.loop_files / loop_s:.1f} files/s, {loop_windows / loop_s:.1f} "
           f"windows/s ({loop_windows / loop_s / bound:.0%} of model-bound), peak RSS {mem.peak / 2**20:.0f} MiB")

@@ -106,6 +106,7 @@ class ShardCommitter:
                 continue
             take = np.flatnonzero(shard_ids == k)
             state = self.open.setdefault(k, _OpenShard(int(rows["shard_rows"][take[0]])))
+            self.peak_open = max(self.peak_open, len(self.open))
             fresh = []
             for i in take:
                 key = (rows["path"][i], int(rows["index"][i]))
@@ -118,7 +119,6 @@ class ShardCommitter:
                 state.parts.append(part)
             if len(state.seen) >= state.expected:
                 self._commit(k, self.open.pop(k))
-        self.peak_open = max(self.peak_open, len(self.open))
 
     def finish(self) -> None:
         """A shard still open (or never seen) at the end lost rows on the way: it is not reported as done."""

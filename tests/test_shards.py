@@ -66,6 +66,11 @@ def test_shards_commit_when_complete_in_any_order_and_count_each_window_once(tmp
                         _rows("c.wav", chunks["c.wav"][1], [2], 1, 4)))  # late repeat: ignored
     committer.finish()
     assert committed_files() == ["a.wav", "b.wav", "bad.wav", "c.wav"] and committer.open == {}
+    assert committer.peak_open == 2
+
+    one_batch = _committer(str(tmp_path / "out2"), 1)  # a shard whose rows all come in one batch is held too
+    one_batch.add(_rows("b.wav", chunks["b.wav"][0], [0], 0, 1))
+    assert one_batch.committed == {0} and one_batch.peak_open == 1
     windows = pd.read_parquet(tmp_path / "out" / "windows")
     assert windows.groupby("file").size().to_dict() == {"a.wav": 5, "b.wav": 1, "c.wav": 3}
     assert not windows.duplicated(["file", "start"]).any()
