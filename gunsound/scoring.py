@@ -5,7 +5,8 @@ planned into chunks of windows (`windows`) inside the pipeline, a shard at a tim
 first shard is scored while later headers are unread. Chunks are packed into read groups of about a model
 batch of windows, from as many short files as it takes; decoding and onset detection (`events`) read a group
 per call (`read_groups`), and the model (`inference.WindowScorer`) scores it in an actor pool (a GPU each and
-autocast where GPUs are used, `resources.scorer_actors`), one pool for the whole run. Every row names its
+autocast where GPUs are used, `resources.scorer_actors`; on CPUs each actor reads what it scores,
+`GroupScorer`), one pool for the whole run. Every row names its
 shard and the shard's row count, so the driver holds only the shards in flight; a shard's results are
 committed to OUTPUT as soon as its last row is scored (`shards`), so a killed job started again with
 the same OUTPUT skips the files it finished, scores again those whose rows are errors, and ends with each
@@ -52,7 +53,7 @@ from gunsound.windows import cut_windows, pack_chunks, plan_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InputManifestError", "Inputs", "ScoringSettings", "list_inputs", "plan_shards", "predict_file",
+__all__ = ["GroupScorer", "InputManifestError", "Inputs", "ScoringSettings", "list_inputs", "plan_shards", "predict_file",
            "read_chunks", "read_groups", "score", "scoring_config"]
 
 # What scoring writes into its OUTPUT: all that --overwrite removes there.
