@@ -68,8 +68,8 @@ class FeatureExtractor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         waves = torch.from_numpy(np.asarray(batch.pop("wave"), dtype=np.float32)).to(self.device)
         # A GPU takes the whole batch in one call; its memory is not the laptop's.
-        batch["features"] = features_in_slices(self.frontend, waves, len(waves) if self.device.type == "cuda"
-                                    else CPU_FRONTEND_CLIPS)
+        clips_per_call = len(waves) if self.device.type == "cuda" else CPU_FRONTEND_CLIPS
+        batch["features"] = features_in_slices(self.frontend, waves, clips_per_call)
         return batch
 
 

@@ -6,10 +6,9 @@ first shard is scored while later headers are unread. Chunks are packed into rea
 batch of windows, from as many short files as it takes; decoding and onset detection (`events`) read a group
 per call (`read_groups`), and the model (`inference.WindowScorer`) scores it in an actor pool (a GPU each and
 autocast where GPUs are used, `resources.scorer_actors`; on CPUs each actor reads what it scores,
-`GroupScorer`), one pool for the whole run. Every row names its
-shard and the shard's row count, so the driver holds only the shards in flight; a shard's results are
-committed to OUTPUT as soon as its last row is scored (`shards`), so a killed job started again with
-the same OUTPUT skips the files it finished, scores again those whose rows are errors, and ends with each
+`GroupScorer`), one pool for the whole run. Every row names its shard and the shard's row count, so the
+driver holds only the shards in flight; a shard's results are committed to OUTPUT as soon as its last row
+is scored (`shards`), so a killed job started again with the same OUTPUT skips the files it finished, scores again those whose rows are errors, and ends with each
 file exactly once. It resumes only with the same model and settings (`fingerprint`), and one job at a time
 writes an OUTPUT (`lease`).
 
@@ -53,8 +52,8 @@ from gunsound.windows import cut_windows, pack_chunks, plan_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GroupScorer", "InputManifestError", "Inputs", "ScoringSettings", "list_inputs", "plan_shards", "predict_file",
-           "read_chunks", "read_groups", "score", "scoring_config"]
+__all__ = ["GroupScorer", "InputManifestError", "Inputs", "ScoringSettings", "list_inputs", "plan_shards",
+           "predict_file", "read_chunks", "read_groups", "score", "scoring_config"]
 
 # What scoring writes into its OUTPUT: all that --overwrite removes there.
 SCORING_OUTPUTS = ("files", "windows", "events", "summary.json")
