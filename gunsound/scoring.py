@@ -6,11 +6,11 @@ first shard is scored while later headers are unread. Chunks are packed into rea
 batch of windows, from as many short files as it takes; decoding and onset detection (`events`) read a group
 per call (`read_groups`), and the model (`inference.WindowScorer`) scores it in an actor pool (a GPU each and
 autocast where GPUs are used, `resources.scorer_actors`; on CPUs each actor reads what it scores,
-`GroupScorer`), one pool for the whole run. Every row names its shard and the shard's row count, so the
-driver holds only the shards in flight; a shard's results are committed to OUTPUT as soon as its last row
-is scored (`shards`), so a killed job started again with the same OUTPUT skips the files it finished, scores again those whose rows are errors, and ends with each
-file exactly once. It resumes only with the same model and settings (`fingerprint`), and one job at a time
-writes an OUTPUT (`lease`).
+`GroupScorer`), one pool for the whole run. Every row names its shard and the shard's row count, so the driver
+holds only the shards in flight; a shard's results are committed to OUTPUT as soon as its last row is scored
+(`shards`), so a killed job started again with the same OUTPUT skips the files it finished, scores again those
+whose rows are errors, and ends with each file exactly once. It resumes only with the same model and settings
+(`fingerprint`), and one job at a time writes an OUTPUT (`lease`).
 
 Outputs (Parquet datasets under OUTPUT): windows/ (file, start, end, prob_<class>), files/ (one row per
 input file: status, duration, top class, per-class max and mean, shots), events/ (one row per detected shot:
