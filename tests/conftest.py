@@ -34,6 +34,35 @@ def synth_dir(tmp_path_factory) -> Path:
     return out
 
 
+def train_args(data, output, *extra: str) -> list[str]:
+    """`gunsound train` with the laptop config and FAST on `data`, into `output`, then `extra` arguments."""
+    return ["train", str(LAPTOP_CONFIG), "--data", str(data), "--output", str(output),
+            *[arg for kv in FAST for arg in ("--set", kv)], *extra]
+
+
+# The shared small run: two folds of FAST (2 epochs), half of the clips held out for validation in each.
+TRAINED_RUN_EXTRA = ("--set", "dataset.validation_size=0.5", "--set", "dataset.folds=[0, 1]")
+
+
+@pytest.fixture(scope="session")
+def trained_run_cli(ray_local, synth_dir, tmp_path_factory) -> tuple[Path, int]:
+    """One small run trained once per session through the CLI (`main(["train", ...])`): its folder and the
+    command's exit status. Tests that only read a finished run share it; a test that changes a run copies it."""
+    from gunsound.cli import main
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    code = main(train_args(synth_dir, out, *TRAINED_RUN_EXTRA))
+    return out, code
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_run_cli) -> Path:
+    """The shared run's folder (see trained_run_cli), once its command succeeded. Read it, never write to it."""
+    out, code = trained_run_cli
+    assert code == 0, "the shared training run failed"
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

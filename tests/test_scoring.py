@@ -8,14 +8,13 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from gunsound import audio, scoring, storage, training
+from gunsound import audio, scoring, storage
 from gunsound.cli import main
 from gunsound.config import ConfigError, load_config
 from gunsound.inference import WindowScorer, load_scoring_model
-from gunsound.plan import prepare
 from gunsound.synthesis import generate_archive
 from gunsound.windows import plan_chunks, window_starts
-from tests.conftest import FAST, LAPTOP_CONFIG
+from tests.conftest import LAPTOP_CONFIG
 
 
 @pytest.mark.parametrize(("audio_parameters", "window"), [("Auto", 2.0), ("Manual", 60.0)])
@@ -49,13 +48,7 @@ def test_scoring_settings_are_checked_with_the_key_named(bad):
         load_config(LAPTOP_CONFIG, [bad])
 
 
-@pytest.fixture(scope="module")
-def trained_run(ray_local, synth_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("scoring-run")
-    cfg = load_config(LAPTOP_CONFIG, [*FAST, "training.epochs=1", "dataset.validation_size=0.5",
-                                      "dataset.folds=[0, 1]"])
-    training.run(prepare(cfg, str(synth_dir), str(out)))
-    return out
+# trained_run: the session's shared small run (two folds of FAST, tests/conftest.py); read here, never changed.
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import yaml
 
 from gunsound.cli import main
 from gunsound.model import ModelArtifact
-from tests.conftest import FAST, LAPTOP_CONFIG, SEED_CONFIG, SMALL_DATA_CONFIG
+from tests.conftest import SEED_CONFIG, SMALL_DATA_CONFIG
 
 
 def test_dry_run_validates_and_prints_the_plan(synth_dir, capsys):
@@ -29,11 +29,9 @@ def test_cli_errors_are_clear_and_nonzero(synth_dir, tmp_path, capsys):
 
 
 @pytest.mark.ray
-def test_two_folds_end_to_end_with_cv_metrics_and_report(ray_local, synth_dir, tmp_path):
-    out = tmp_path / "run"
-    code = main(["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out),
-                 *[arg for kv in FAST for arg in ("--set", kv)],
-                 "--set", "dataset.validation_size=0.5", "--set", "dataset.folds=[0, 1]"])
+def test_two_folds_end_to_end_with_cv_metrics_and_report(trained_run_cli, tmp_path):
+    # The session's shared run: `main(["train", LAPTOP_CONFIG, *FAST, validation_size=0.5, folds=[0, 1]])`.
+    out, code = trained_run_cli
     assert code == 0
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["audio"]["training_chunk_seconds"] == 2.0 and resolved["audio"]["sample_rate"] == 48000
