@@ -21,7 +21,7 @@ from gunsound.config import ArchitectureConfig
 from gunsound.features import FeatureParams
 from gunsound.lease import LEASE_FILE, LeaseHeld, LeaseLost, OutputLease
 from gunsound.model import ModelArtifact, build_model
-from tests.conftest import FAST, LAPTOP_CONFIG
+from tests.conftest import TRAINED_RUN_EXTRA, train_args
 
 # ------------------------------------------------------------------------------------------------ the lease
 
@@ -256,17 +256,17 @@ def test_rescoring_into_one_output_resumes_retries_errors_and_refuses_other_sett
 
 
 @pytest.mark.ray
-def test_training_into_one_output_resumes_only_the_same_run(ray_local, synth_dir, tmp_path, monkeypatch, capsys):
+def test_training_into_one_output_resumes_only_the_same_run(trained_run, synth_dir, tmp_path, monkeypatch, capsys):
+    # A copy of the session's finished run (made by `main(train_args(synth_dir, ..., *TRAINED_RUN_EXTRA))`):
+    # this test changes it. Its command again, with `seed: -1`, must resume it with the seed it stored.
     out = tmp_path / "run"
-    fast = [a for kv in FAST for a in ("--set", kv)]
-    args = ["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out), *fast,
-            "--set", "training.epochs=1", "--set", "environment.seed=-1"]
-    assert main(args) == 0
+    shutil.copytree(trained_run, out)
+    args = train_args(synth_dir, out, *TRAINED_RUN_EXTRA, "--set", "environment.seed=-1")
     seed = json.loads((out / "fingerprint.json").read_text())["settings"]["environment.seed"]
     folds = pd.read_parquet(out / "manifest.parquet")[["path", "fold"]]
     model = (out / "fold_0" / "model.pt").stat().st_mtime_ns
 
-    # The same command resumes: the drawn seed is kept, so the split and the finished fold are the same.
+    # The same command resumes: the stored seed is kept, so the split and the finished folds are the same.
     assert main(args) == 0
     assert (out / "fold_0" / "model.pt").stat().st_mtime_ns == model
     pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet")[["path", "fold"]], folds)
@@ -284,7 +284,7 @@ def test_training_into_one_output_resumes_only_the_same_run(ray_local, synth_dir
     table.iloc[:-5].to_parquet(other_data / "train.pq")
     kept = (out / "config.yaml").read_text(), (out / "manifest.parquet").read_bytes()
     capsys.readouterr()
-    for change, named in [(["--set", "training.epochs=2"], "training.epochs 1 -> 2"),
+    for change, named in [(["--set", "training.epochs=3"], "training.epochs 2 -> 3"),
                           (["--set", "training.learning_rate=0.01"], "training.learning_rate 0.003 -> 0.01"),
                           (["--data", str(other_data)], "data (95 clips")]:
         assert main([*args, *change]) == 4
@@ -292,8 +292,8 @@ def test_training_into_one_output_resumes_only_the_same_run(ray_local, synth_dir
     assert ((out / "config.yaml").read_text(), (out / "manifest.parquet").read_bytes()) == kept
     monkeypatch.undo()
 
-    # --overwrite starts afresh: the fold trains again, on the new data.
-    assert main([*args, "--data", str(other_data), "--overwrite"]) == 0
+    # --overwrite starts afresh: the fold trains again, on the new data (one fold of the two is enough).
+    assert main([*args, "--data", str(other_data), "--overwrite", "--set", "dataset.folds=[0]"]) == 0
     assert (out / "fold_0" / "model.pt").stat().st_mtime_ns != model
     assert len(pd.read_parquet(out / "manifest.parquet")) == len(table) - 5
     assert not (out / LEASE_FILE).exists()

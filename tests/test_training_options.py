@@ -147,3 +147,5 @@ def test_a_run_with_every_option_on(ray_local, synth_dir, tmp_path):
     assert ModelArtifact.load(str(out / "fold_0" / "model.pt")).best_epoch == 2
     seed = yaml.safe_load((out / "config.yaml").read_text())["environment"]["seed"]
     assert seed >= 0  # -1 drew a seed, and the resolved config records it
+    # ... and so does the fingerprint, which a rerun with `seed: -1` resumes with (test_reused_output.py)
+    assert json.loads((out / "fingerprint.json").read_text())["settings"]["environment.seed"] == seed
