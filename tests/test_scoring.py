@@ -74,13 +74,23 @@ def test_inputs_inside_a_zip_are_listed_and_read_in_place(archive, tmp_path):
     assert audio.info(inputs[-1]).duration == pytest.approx(120.0)
 
 
+SLIDING = ["--set", "prediction.inference_chunk_method=Sliding", "--set", "scoring.hop_seconds=1.0",
+           "--set", "scoring.read_seconds=20", "--set", "prediction.probability_threshold=0.0"]
+
+
+@pytest.fixture(scope="module")
+def scored_archive(trained_run, archive, tmp_path_factory):
+    """The archive scored once by the job with SLIDING settings: its output folder and the exit status. Read by
+    the tests below, never changed."""
+    root, _ = archive
+    out = tmp_path_factory.mktemp("scored-archive") / "scored"
+    return out, main(["score", str(trained_run), str(root), str(out), *SLIDING])
+
+
 @pytest.mark.ray
-def test_every_file_once_with_status_windows_and_events(trained_run, archive, tmp_path):
+def test_every_file_once_with_status_windows_and_events(scored_archive, archive):
     root, truth = archive
-    out = tmp_path / "scored"
-    code = main(["score", str(trained_run), str(root), str(out), "--set", "prediction.inference_chunk_method=Sliding",
-                 "--set", "scoring.hop_seconds=1.0", "--set", "scoring.read_seconds=20",
-                 "--set", "prediction.probability_threshold=0.0"])
+    out, code = scored_archive
     assert code == 0  # every input accounted for; the unreadable ones as error rows
     files = pd.read_parquet(out / "files")
     assert sorted(files["file"]) == sorted(str(p) for p in root.rglob("*") if p.is_file())
@@ -167,14 +177,13 @@ def test_predict_prints_classes_and_events_and_draws_a_timeline(trained_run, arc
 
 
 @pytest.mark.ray
-def test_exported_pipeline_matches_the_ray_job_without_ray_or_the_repo(trained_run, archive, tmp_path):
+def test_exported_pipeline_matches_the_ray_job_without_ray_or_the_repo(trained_run, archive, scored_archive,
+                                                                       tmp_path):
     import subprocess
     import sys
 
     root, _ = archive
-    sliding = ["--set", "prediction.inference_chunk_method=Sliding", "--set", "scoring.hop_seconds=1.0",
-               "--set", "scoring.read_seconds=20", "--set", "prediction.probability_threshold=0.0"]
-    assert main(["export", str(trained_run), str(tmp_path / "pipeline"), *sliding]) == 0
+    assert main(["export", str(trained_run), str(tmp_path / "pipeline"), *SLIDING]) == 0
     files = [root / "street" / "long.wav", root / "clip.mp3", root / "short.flac", root / "corrupt.wav"]
     guard = Path(__file__).parent / "guard"  # its sitecustomize.py blocks imports of ray and gunsound
     result = subprocess.run([sys.executable, "score.py", *map(str, files), "--out", str(tmp_path / "exported")],
@@ -185,8 +194,7 @@ def test_exported_pipeline_matches_the_ray_job_without_ray_or_the_repo(trained_r
     assert "shots" in result.stdout
     exported = {t: pd.read_csv(tmp_path / "exported" / f"{t}.csv", keep_default_na=t != "files")
                 for t in ("windows", "files", "events")}
-    job_out = tmp_path / "job"
-    main(["score", str(trained_run), str(root), str(job_out), *sliding])
+    job_out, _ = scored_archive  # the job's output with the same settings: `main(["score", run, root, ...])`
     job = {t: pd.read_parquet(job_out / t) for t in ("windows", "files", "events")}
     job = {t: f[f["file"].isin(map(str, files))] for t, f in job.items()}
 
