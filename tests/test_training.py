@@ -1,15 +1,35 @@
 """One fold trained end to end on a local Ray, through the CLI."""
 
+import io
 import json
+import logging
 import shutil
+import sys
 
 import pandas as pd
 import pytest
 import yaml
 
-from gunsound.cli import main
+from gunsound.cli import main, setup_logging
 from gunsound.model import ModelArtifact
 from tests.conftest import SEED_CONFIG, SMALL_DATA_CONFIG
+
+
+def test_cli_logs_to_the_stderr_of_the_moment(monkeypatch):
+    """A process that runs main() more than once (a notebook, a test) may swap and close its stderr between
+    runs; the log goes to the stderr of the moment, not to a closed one."""
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # as in a fresh process: setup_logging installs its handler
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging()
+    logging.getLogger("gunsound").info("first run")
+    assert "INFO gunsound: first run" in first.getvalue()
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("gunsound").info("second run")
+    assert "INFO gunsound: second run" in second.getvalue() and "Logging error" not in second.getvalue()
 
 
 def test_dry_run_validates_and_prints_the_plan(synth_dir, capsys):
