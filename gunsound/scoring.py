@@ -328,16 +328,20 @@ def read_chunks(batch: dict[str, np.ndarray], *, sample_rate: int, window_second
 
 def plan_shards(batch: dict[str, np.ndarray], *, window_seconds: float, hop_seconds: float, read_seconds: float,
                 batch_windows: int, s3: storage.S3Settings) -> dict[str, np.ndarray]:
-    """The pipeline's first stage: read the headers of a shard's files (threads), plan their chunks and pack them
-    into read groups of about `batch_windows` windows (`windows.pack_chunks`). A shard is planned by `parts`
+    """The pipeline's first stage: read the headers of a shard's files (threads; or take them from the unit's
+    `headers`, JSON, where the driver read them), plan their chunks and pack them into read groups of about
+    `batch_windows` windows (`windows.pack_chunks`). A shard is planned by `parts`
     units of work, each keeping every `parts`-th group from its `part` on, so a long file's chunks are shared
     out among as many scorers. One row per group, with its shard and the rows the whole shard yields (a window
     each, one for a file that cannot be scored): the driver tracks shards, not files."""
     storage.configure_s3(s3.endpoint_url, s3.region)
     out: dict[str, list] = {"shard": [], "shard_rows": [], "chunks": []}
-    for shard, part, parts, paths in zip(batch["shard"], batch["part"], batch["parts"], batch["paths"], strict=True):
+    known = batch["headers"] if "headers" in batch else [""] * len(batch["shard"])
+    for shard, part, parts, paths, read in zip(batch["shard"], batch["part"], batch["parts"], batch["paths"], known,
+                                               strict=True):
         paths = [str(p) for p in paths]
-        headers = read_headers(paths)
+        # A unit may carry the headers the driver read already (a run of fewer files than scorers).
+        headers = {p: (float(d), str(e)) for p, (d, e) in json.loads(read).items()} if read else read_headers(paths)
         chunks: list[dict] = []
         for path in paths:
             duration, error = headers[path]
@@ -448,14 +452,16 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
                                method=s.method, threshold=s.threshold)
     model_seconds, pool, devices, scorers = 0.0, 0, set(), set()
     if shards:
-        pool = _pool_size(todo, actors, s)
+        pool, known = _pool_size(todo, actors, s)
         s3 = storage.current_settings()
         # A run of fewer shards than scorers (a few long files) plans each shard in several units (at most 8),
-        # each reading the shard's headers and keeping its share of the read groups, so a long file is scored
-        # by every actor; a larger archive keeps its scorers busy with whole shards and reads each header once.
+        # each keeping its share of the read groups, so a long file is scored by every actor; a larger archive
+        # keeps its scorers busy with whole shards. Either way each header is read once: by the driver where
+        # it sized the pool from the files' chunks (fewer files than scorers), else by the shard's planner.
         parts = _planning_parts(pool, len(shards))
-        units = [{"shard": k, "part": j, "parts": parts, "paths": paths} for k, paths in enumerate(shards)
-                 for j in range(parts)]
+        units = [{"shard": k, "part": j, "parts": parts, "paths": paths,
+                  "headers": json.dumps({p: known[p] for p in paths}) if known else ""}
+                 for k, paths in enumerate(shards) for j in range(parts)]
         ds = ray.data.from_items(units, override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
         # Planning fuses into the next stage: one task (or actor call) per unit.
         ds = ds.map_batches(plan_shards, batch_size=1, batch_format="numpy", num_cpus=1,
@@ -498,14 +504,15 @@ def _planning_parts(scorers: int, shards: int) -> int:
     return max(1, min(8, -(-scorers // max(shards, 1))))
 
 
-def _pool_size(todo: list[str], actors: int, s: ScoringSettings) -> int:
+def _pool_size(todo: list[str], actors: int, s: ScoringSettings) -> tuple[int, dict[str, tuple[float, str]]]:
     """Scorer actors for this run: `actors`, or as many as there are read groups when a run has fewer files
-    than that (one long file still gets every actor; a few short files do not start idle ones)."""
+    than that (one long file still gets every actor; a few short files do not start idle ones); with the
+    headers read to size it (none when the run has as many files as actors)."""
     if len(todo) >= actors:
-        return actors
+        return actors, {}
     headers = read_headers(todo)
     chunks = [c for f in todo if not headers[f][1] for c in s.plan(f, headers[f][0])]
-    return max(1, min(actors, len(pack_chunks(chunks, s.batch_size))))
+    return max(1, min(actors, len(pack_chunks(chunks, s.batch_size)))), headers
 
 
 def _commit_skipped(output: str, run_id: str, skipped: dict[str, str], classes: list[str],

@@ -93,6 +93,25 @@ def test_a_read_group_mixes_files_and_keeps_each_files_windows_its_own(model_fil
         np.testing.assert_allclose(rows["probs"][mine], np.stack(alone["probs"]), atol=1e-5)
 
 
+@pytest.mark.parametrize("given", [True, False])
+def test_planning_reads_headers_only_where_the_unit_does_not_carry_them(tmp_path, given):
+    """A run of fewer files than scorers reads their headers in the driver (to size the pool) and hands them to
+    the planners, which must not read them again (on S3, a GET per planning part)."""
+    path = str(tmp_path / "elsewhere.wav")  # no such file: only a header from the unit lets it be planned
+    unit = {"shard": np.array([0]), "part": np.array([0]), "parts": np.array([1]),
+            "paths": np.array([np.array([path], dtype=object)], dtype=object)}
+    if given:
+        unit["headers"] = np.array([json.dumps({path: [3.0, ""]})], dtype=object)
+    planned = plan_shards(unit, window_seconds=1.0, hop_seconds=0.5, read_seconds=60.0, batch_windows=32,
+                          s3=storage.current_settings())
+    (group,) = [json.loads(g) for g in planned["chunks"]]
+    if given:
+        assert group[0]["starts"] == list(window_starts(3.0, 1.0, 0.5)) and "error" not in group[0]
+        assert planned["shard_rows"][0] == len(window_starts(3.0, 1.0, 0.5))
+    else:
+        assert group[0]["starts"] == [] and group[0]["error"] and planned["shard_rows"][0] == 1
+
+
 @pytest.mark.ray
 def test_many_short_files_each_committed_once_and_a_partial_run_resumed(ray_local, model_file, clips, tmp_path):
     root, durations, errors = clips
