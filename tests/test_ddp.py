@@ -14,17 +14,16 @@ import torch.multiprocessing as mp
 
 from gunsound.cli import main
 from gunsound.ddp import RanksDiverged, check_ranks
-from tests.conftest import FAST, LAPTOP_CONFIG
+from tests.conftest import train_args
 
 
 @pytest.mark.ray
 def test_one_fold_on_two_workers_keeps_ranks_in_step_on_disjoint_shards(ray_local, synth_dir, tmp_path):
     out = tmp_path / "run"
     # Two half-CPU workers: on a 2-CPU machine the fold's driver task needs a little CPU beside them.
-    code = main(["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out),
-                 *[arg for kv in FAST for arg in ("--set", kv)], "--set", "environment.workers_per_fold=2",
-                 "--set", "environment.cpus_per_worker=0.5", "--set", "dataset.folds=[0]",
-                 "--set", "training.epochs=3"])
+    code = main(train_args(synth_dir, out, "--set", "environment.workers_per_fold=2",
+                           "--set", "environment.cpus_per_worker=0.5", "--set", "dataset.folds=[0]",
+                           "--set", "training.epochs=3"))
     assert code == 0
     epochs = json.loads((out / "fold_0" / "metrics.json").read_text())
     manifest = pd.read_parquet(out / "manifest.parquet")

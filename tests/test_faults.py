@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gunsound.cli import main
-from tests.conftest import FAST, LAPTOP_CONFIG, run_then_kill
+from tests.conftest import FAST, LAPTOP_CONFIG, run_then_kill, train_args
 
 pytestmark = pytest.mark.ray
 
@@ -42,8 +42,7 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, synth_dir, t
 
     killer = threading.Thread(target=kill_after_first_epoch, daemon=True)
     killer.start()
-    code = main(["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out),
-                 *[arg for kv in FAST for arg in ("--set", kv)], "--set", "training.epochs=3"])
+    code = main(train_args(synth_dir, out, "--set", "training.epochs=3"))
     killer.join(timeout=5)
     assert killed, "no Train worker was killed"
     assert code == 0

@@ -8,7 +8,7 @@ import pytest
 
 from gunsound import storage
 from gunsound.cli import main
-from tests.conftest import FAST, LAPTOP_CONFIG
+from tests.conftest import train_args
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +74,8 @@ def test_pretrained_weights_from_s3_leave_no_local_copy(s3_server, bucket, tmp_p
 
 @pytest.mark.ray
 def test_train_from_s3_writes_outputs_to_s3(ray_local, s3_server, bucket, capsys):
-    code = main(["train", str(LAPTOP_CONFIG), "--data", "s3://gunsound-test/datasets/synth",
-                 "--output", "s3://gunsound-test/runs/laptop", "--set", f"storage.endpoint_url={s3_server}",
-                 *[arg for kv in FAST for arg in ("--set", kv)], "--set", "training.epochs=1"])
+    code = main(train_args("s3://gunsound-test/datasets/synth", "s3://gunsound-test/runs/laptop",
+                           "--set", f"storage.endpoint_url={s3_server}", "--set", "training.epochs=1"))
     assert code == 0, capsys.readouterr().err
     keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="gunsound-test", Prefix="runs/laptop/")["Contents"]}
     for name in ("config.yaml", "metrics.json", "manifest.parquet", "fold_0/model.pt", "fold_0/metrics.json"):

@@ -15,7 +15,7 @@ from gunsound.model import ModelArtifact, build_model
 from gunsound.optim import lr_lambda, make_optimizer
 from gunsound.train_loop import LoopSettings, loss_fn
 from gunsound.worker_data import load_shard, shuffled_batches
-from tests.conftest import FAST, LAPTOP_CONFIG, SEED_CONFIG
+from tests.conftest import LAPTOP_CONFIG, SEED_CONFIG, train_args
 
 
 def cfg_with(*overrides):
@@ -136,8 +136,7 @@ def test_a_run_with_every_option_on(ray_local, synth_dir, tmp_path):
                "augmentation.time_mask_frames=8", "augmentation.frequency_mask_bins=4", "environment.seed=-1",
                "environment.mixed_precision_training=true",
                "environment.shard_cache_mb=0"]  # stream the shard every epoch (the other runs hold it in memory)
-    code = main(["train", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out),
-                 *[arg for kv in FAST + options for arg in ("--set", kv)]])
+    code = main(train_args(synth_dir, out, *[arg for kv in options for arg in ("--set", kv)]))
     assert code == 0
     epochs = json.loads((out / "metrics.json").read_text())["folds"]["0"]["epochs"]
     assert "valid_roc_auc" not in epochs[0] and "valid_roc_auc" in epochs[1]  # evaluation_epochs=2
