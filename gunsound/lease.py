@@ -3,8 +3,8 @@
 The lease names its holder (command, host, pid, start time) and carries a heartbeat that a thread refreshes
 while the job runs. Taking it is atomic: locally the file is created with O_CREAT|O_EXCL (its mtime is the
 heartbeat); on S3 with a conditional PUT (`If-None-Match: *`), the heartbeat rewriting it conditional on the
-ETag of the holder's last write. pyarrow's S3 filesystem cannot make conditional writes, so the lease alone
-goes through boto3, with the endpoint and region `storage` uses and the standard AWS credential chain.
+ETag of the holder's last write. pyarrow's S3 filesystem cannot make conditional writes, so the lease
+goes through boto3 (`storage.s3_client`: the endpoint and region `storage` uses, the standard AWS credential chain).
 
 A lease whose holder is gone is stale and is taken over: on the holder's own host when its process no longer
 exists (pid and process start time), anywhere when its heartbeat is older than `stale_after`. Taking over is
@@ -137,12 +137,9 @@ class _LocalLease:
 
 class _S3Lease:
     def __init__(self, folder: str):
-        import boto3
-
         parsed = urlparse(storage.join(folder, LEASE_FILE))
         self.bucket, self.key = parsed.netloc, parsed.path.lstrip("/")
-        settings = storage.current_settings()
-        self.client = boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region)
+        self.client = storage.s3_client()
 
     @staticmethod
     def _precondition_failed(exc: Exception) -> bool:

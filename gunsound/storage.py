@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -156,7 +156,9 @@ _TRANSIENT = re.compile(
     r"\b(SLOW_DOWN|THROTTLING|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|REQUEST_TIMEOUT|NETWORK_CONNECTION)\b"
     r"|HTTP status 5\d\d|SlowDown|Throttl|Service Unavailable|InternalError|RequestTimeout|reduce your request rate"
     r"|timed out|Connection reset|Connection refused|Connection aborted|Broken pipe|curlCode"
-    r"|ended at byte")
+    r"|ended at byte"
+    # boto3's names for the same (its ClientError carries the S3 error code)
+    r"|ServiceUnavailable|Could not connect|Read timeout|Connect timeout|Connection was closed")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -165,7 +167,8 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
-    return isinstance(exc, OSError) and bool(_TRANSIENT.search(str(exc)))
+    from_aws_sdk = type(exc).__module__.startswith("botocore")
+    return isinstance(exc, OSError) | from_aws_sdk and bool(_TRANSIENT.search(str(exc)))
 
 
 def with_retries(call: Callable, what: str, policy: RetryPolicy | None = None):
@@ -297,6 +300,15 @@ def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def s3_client(settings: S3Settings | None = None):
+    """A boto3 S3 client for what Arrow has no call for (listing a page at a time, conditional writes), with
+    the same endpoint and region; credentials from the standard AWS chain."""
+    import boto3
+
+    settings = settings or _settings
+    return boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region)
+
+
 def _resolve_plain(uri: str, settings: S3Settings) -> tuple[pafs.FileSystem, str]:
     if is_s3(uri):
         parsed = urlparse(uri)
@@ -371,34 +383,87 @@ def file_infos(uris: list[str]) -> list[pafs.FileInfo]:
     return _stat(uris[0], fs, [resolve(u)[1] for u in uris])
 
 
+# S3's largest ListObjectsV2 page.
+LIST_PAGE_ENTRIES = 1000
+
+
+def entry_pages(uri: str, recursive: bool = True,
+                page_entries: int = LIST_PAGE_ENTRIES) -> Iterator[list[tuple[str, pafs.FileInfo]]]:
+    """Everything under a folder (files, folders, broken links) as (URI of the same kind as `uri`, info), a page
+    at a time, so that a listing of millions of entries is never held whole: on S3 a page is one ListObjectsV2
+    request (keys in S3's order, folders inferred from the keys as Arrow infers them); a local folder or a
+    zip is walked a folder at a time, each folder's entries sorted. Nothing under `uri`: no pages."""
+    if is_s3(uri):
+        yield from _s3_pages(uri, recursive, page_entries)
+        return
+    fs, root = resolve(uri)
+    page: list[tuple[str, pafs.FileInfo]] = []
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        infos = _stat(uri, fs, pafs.FileSelector(folder, recursive=False, allow_not_found=True))
+        if is_local(uri):
+            infos += _broken_links(folder, {info.path for info in infos})
+        below = []
+        for info in sorted(infos, key=lambda info: info.path):
+            rel = os.path.relpath(info.path, root) if is_local(uri) else info.path[len(root):].lstrip("/")
+            page.append((join(uri, rel), info))
+            if recursive and info.type == pafs.FileType.Directory:
+                below.append(info.path)
+            if len(page) >= page_entries:
+                yield page
+                page = []
+        folders.extend(reversed(below))  # depth first, in name order
+    if page:
+        yield page
+
+
+def _s3_pages(uri: str, recursive: bool, page_entries: int) -> Iterator[list[tuple[str, pafs.FileInfo]]]:
+    parsed = urlparse(uri)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    prefix = f"{prefix}/" if prefix else ""
+    client = s3_client()
+    request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_entries}
+    if not recursive:
+        request["Delimiter"] = "/"
+    folders: set[str] = set()  # inferred so far; a folder's keys may span pages
+    while True:
+        reply = with_retries(lambda: client.list_objects_v2(**request), f"listing {uri}")
+        page = []
+        names = [item["Key"][len(prefix):] for item in reply.get("Contents", [])]
+        names += [common["Prefix"][len(prefix):] for common in reply.get("CommonPrefixes", [])]
+        sizes = [item["Size"] for item in reply.get("Contents", [])]
+        for i, rel in enumerate(names):
+            parts = rel.split("/")
+            for depth in range(1, len(parts)):
+                folder = "/".join(parts[:depth])
+                if folder and folder not in folders:
+                    folders.add(folder)
+                    page.append((join(uri, folder), pafs.FileInfo(f"{bucket}/{prefix}{folder}",
+                                                                  pafs.FileType.Directory)))
+            if rel and not rel.endswith("/"):
+                page.append((join(uri, rel), pafs.FileInfo(f"{bucket}/{prefix}{rel}", pafs.FileType.File,
+                                                           size=sizes[i] if i < len(sizes) else None)))
+        if page:
+            yield page
+        if not reply.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = reply["NextContinuationToken"]
+
+
 def list_entries(uri: str, recursive: bool = True) -> list[tuple[str, pafs.FileInfo]]:
     """Everything under a folder (files, folders, broken links), as (URI of the same kind as `uri`, info),
-    sorted by URI."""
-    fs, path = resolve(uri)
-    infos = _stat(uri, fs, pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
-    if is_local(uri):
-        infos += _broken_links(path, recursive, {info.path for info in infos})
-    out = []
-    for info in infos:
-        if is_local(uri):
-            rel = os.path.relpath(info.path, path)
-        else:  # an S3 key or a zip member; a zip's root is the empty path
-            rel = info.path[len(path):].lstrip("/") if path else info.path
-        out.append((join(uri, rel), info))
-    return sorted(out, key=lambda entry: entry[0])
+    sorted by URI (`entry_pages`, gathered)."""
+    return sorted((entry for page in entry_pages(uri, recursive) for entry in page), key=lambda entry: entry[0])
 
 
-def _broken_links(folder: str, recursive: bool, listed: set[str]) -> list[pafs.FileInfo]:
-    """Links to nothing under a local folder, which Arrow's listing leaves out."""
-    out = []
-    for parent, dirs, names in os.walk(folder):
-        for name in names + dirs:
-            full = os.path.join(parent, name)
-            if full not in listed and os.path.islink(full) and not os.path.exists(full):
-                out.append(pafs.FileInfo(full, pafs.FileType.NotFound))
-        if not recursive:
-            break
-    return out
+def _broken_links(folder: str, listed: set[str]) -> list[pafs.FileInfo]:
+    """Links to nothing in a local folder, which Arrow's listing leaves out."""
+    if not os.path.isdir(folder):
+        return []
+    with os.scandir(folder) as entries:
+        return [pafs.FileInfo(entry.path, pafs.FileType.NotFound) for entry in entries
+                if entry.path not in listed and entry.is_symlink() and not os.path.exists(entry.path)]
 
 
 def list_files(uri: str, recursive: bool = True) -> list[str]:

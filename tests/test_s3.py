@@ -30,6 +30,44 @@ def test_storage_layer_lists_reads_and_writes_s3(s3_server, bucket):
     assert not storage.exists("s3://gunsound-test/scratch/b.txt")
 
 
+@pytest.mark.parametrize("recursive", [True, False])
+def test_an_s3_prefix_is_listed_a_page_at_a_time_as_arrow_lists_it_whole(s3_server, bucket, recursive):
+    import pyarrow.fs as pafs
+
+    storage.configure_s3(s3_server)
+    keys = ["listing/a.wav", "listing/b.ogg", "listing/notes.txt", "listing/sub/c.wav", "listing/sub/deeper/d.wav",
+            "listing/sub2/", "listing/z.wav"]
+    for key in keys:
+        bucket.put_object(Bucket="gunsound-test", Key=key, Body=b"" if key.endswith("/") else b"x" * len(key))
+    pages = list(storage.entry_pages("s3://gunsound-test/listing", recursive, page_entries=2))
+    assert len(pages) >= 3  # one ListObjectsV2 request a page, continued by token
+    fs, path = storage.resolve("s3://gunsound-test/listing")
+    whole = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    expected = sorted(("s3://" + info.path, info.type, info.size if info.type == pafs.FileType.File else None)
+                      for info in whole)
+    paged = sorted((uri, info.type, info.size if info.type == pafs.FileType.File else None)
+                   for page in pages for uri, info in page)
+    assert paged == expected
+    assert list(storage.entry_pages("s3://gunsound-test/nothing-here")) == []
+
+
+def test_a_local_folder_is_listed_a_folder_at_a_time_with_its_broken_links(tmp_path):
+    import os
+
+    for rel in ["a.wav", "sub/b.wav", "sub/deeper/c.wav", "sub2/d.wav", "z.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    os.symlink(tmp_path / "gone.wav", tmp_path / "sub" / "dangling.wav")
+    pages = list(storage.entry_pages(str(tmp_path), page_entries=3))
+    assert [len(page) for page in pages] == [3, 3, 3, 1]
+    listed = [uri for page in pages for uri, _ in page]
+    assert sorted(listed) == sorted(str(tmp_path / rel) for rel in [
+        "a.wav", "sub", "sub/b.wav", "sub/dangling.wav", "sub/deeper", "sub/deeper/c.wav", "sub2", "sub2/d.wav",
+        "z.txt"]) and len(listed) == 9
+    kinds = {uri.removeprefix(str(tmp_path) + "/"): info.type.name for page in pages for uri, info in page}
+    assert kinds["sub/dangling.wav"] == "NotFound" and kinds["sub/deeper"] == "Directory"
+
+
 def test_zip_on_s3_is_read_in_place(s3_server, bucket, synth_dir, tmp_path):
     from gunsound import audio
     from gunsound.config import load_config
