@@ -1,7 +1,8 @@
 """Offline scoring of audio archives on Ray: the job (`score`) and one file without Ray (`predict_file`).
 
-The driver lists the input and hands the pipeline shards of file names; headers are read and every file
-planned into chunks of windows (`windows`) inside the pipeline, a shard at a time (`plan_shards`), so the
+The driver lists the input a page at a time (`inputs`) and cuts it into shards of file names as it goes; all
+but the first few go into the object store as they are made, so the driver holds a reference per shard, not
+the archive's file names. Headers are read and every file planned into chunks of windows (`windows`) inside the pipeline, a shard at a time (`plan_shards`), so the
 first shard is scored while later headers are unread. Chunks are packed into read groups of about a model
 batch of windows, from as many short files as it takes; decoding and onset detection (`events`) read a group
 per call (`read_groups`), and the model (`inference.WindowScorer`) scores it in an actor pool (a GPU each and
@@ -20,27 +21,28 @@ and lease.json while a job runs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import os
-import posixpath
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
-import pyarrow.fs as pafs
 
 from gunsound import audio, fingerprint, storage
 from gunsound.config import Config, ConfigError
 from gunsound.events import chunk_onsets, summarize_file
 from gunsound.inference import ScoringModel, WindowScorer, load_scoring_model
+from gunsound.inputs import open_inputs
 from gunsound.lease import OutputLease
 from gunsound.shards import (
     SKIPPED,
     WINDOW_COLUMNS,
+    InputScope,
     ScoreSummary,
     ShardCommitter,
     all_onsets,
@@ -52,14 +54,15 @@ from gunsound.windows import cut_windows, pack_chunks, plan_chunks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GroupScorer", "InputManifestError", "Inputs", "ScoringSettings", "list_inputs", "plan_shards",
-           "predict_file", "read_chunks", "read_groups", "score", "scoring_config"]
+__all__ = ["GroupScorer", "ScoringSettings", "plan_shards", "predict_file", "read_chunks", "read_groups", "score",
+           "scoring_config"]
 
 # What scoring writes into its OUTPUT: all that --overwrite removes there.
 SCORING_OUTPUTS = ("files", "windows", "events", "summary.json")
-# Shards are the input blocks, one each up to this many; beyond it a block holds several shards, still planned
-# one at a time, and the driver does not track millions of tiny objects.
-MAX_INPUT_BLOCKS = 20_000
+# Shards are the input blocks, one each up to this many; beyond it a block holds UNITS_PER_BLOCK shards, still
+# planned one at a time, so the driver does not track millions of tiny objects.
+SMALL_BLOCKS = 512
+UNITS_PER_BLOCK = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,107 +123,6 @@ def scoring_config(model_location: str, overrides: list[str]) -> Config:
     if "chunk_seconds" in saved_scoring:  # a run resolved before the key was renamed scoring.read_seconds
         saved_scoring.setdefault("read_seconds", saved_scoring.pop("chunk_seconds"))
     return config_from_dict(apply_overrides(data, overrides), f"{model_location}/config.yaml")
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """What an input location holds: the audio files to score, and every other entry under it with the reason
-    it is not scored (another format, a folder named like audio, a broken link)."""
-
-    files: list[str]
-    skipped: dict[str, str] = field(default_factory=dict)
-
-
-class InputManifestError(ValueError):
-    """A scoring manifest with bad rows; the message names the manifest and every bad row."""
-
-
-def _is_audio_name(uri: str) -> bool:
-    """Named with an extension libsndfile reads, or with none (S3 keys often have none)."""
-    name = uri.rsplit("/", 1)[-1].lower()
-    return name.endswith(audio.AUDIO_EXTENSIONS) or "." not in name
-
-
-def _not_audio(uri: str) -> str:
-    return f"not an audio format libsndfile reads (.{uri.rsplit('/', 1)[-1].rsplit('.', 1)[-1]})"
-
-
-def _manifest_location(base: str, text: str) -> str:
-    """A manifest's path cell as a location: relative ones under the manifest's folder, others as they are."""
-    if "://" in text or text.startswith(("/", "\\")):
-        return text
-    rel = text.replace("\\", "/")
-    if storage.is_s3(base):
-        return "s3://" + posixpath.normpath(posixpath.join(base[len("s3://"):], rel))
-    if storage.is_local(base):
-        return os.path.normpath(os.path.join(base, rel))
-    return storage.join(base, posixpath.normpath(rel))
-
-
-def _manifest_inputs(location: str, allow_outside: bool) -> Inputs:
-    with storage.open_input(location) as f:
-        if location.lower().endswith(".csv"):  # as text (NA and 0012 are names), a blank line an empty row
-            frame = pd.read_csv(f, dtype=str, keep_default_na=False, skip_blank_lines=False)
-        else:
-            frame = pd.read_parquet(f)
-    if "path" not in frame.columns:
-        raise InputManifestError(f"{location}: a scoring manifest needs a 'path' column; its columns are "
-                                 f"{list(frame.columns)}")
-    base = location.rsplit("/", 1)[0] if "/" in location else "."
-    files, seen, problems = [], {}, []
-    for row, cell in enumerate(frame["path"]):
-        text = cell.strip() if isinstance(cell, str) else "" if pd.api.types.is_scalar(cell) and pd.isna(cell) \
-            else str(cell).strip()
-        if not text:
-            problems.append(f"row {row}: empty path")
-            continue
-        if storage.escapes_folder(text) and not allow_outside:
-            problems.append(f"row {row}: {text!r} is outside the manifest's folder (absolute, a URI or ../); "
-                            "allow locations outside it to score it (--allow-outside)")
-            continue
-        path = _manifest_location(base, text)
-        if path in seen:
-            problems.append(f"row {row}: {text!r} is listed again (first in row {seen[path]})")
-            continue
-        seen[path] = row
-        files.append(path)
-    if problems:
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise InputManifestError(f"{location}: {len(problems)} bad row(s) (rows count from 0):\n  "
-                                 + "\n  ".join(problems[:50]) + more)
-    return Inputs(files)
-
-
-def list_inputs(location: str, *, allow_outside: bool = False) -> Inputs:
-    """Audio files under a folder or prefix, inside a zip, in a manifest's `path` column, or one file; with
-    everything else under a folder as skipped, with the reason.
-
-    A manifest's (CSV or Parquet) paths are relative to its folder, as training's are; absolute paths, URIs
-    and ../ are refused unless `allow_outside`.
-    """
-    lower = location.lower()
-    if lower.endswith(".zip"):
-        location, lower = storage.zip_location(location), ""
-    if lower.endswith((".csv", ".pq", ".parquet")):
-        return _manifest_inputs(location, allow_outside)
-    entry = storage.file_info(location)
-    if entry.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"input {location} does not exist")
-    if entry.type == pafs.FileType.File:
-        return Inputs([location]) if _is_audio_name(location) else Inputs([], {location: _not_audio(location)})
-    files, skipped = [], {}
-    for uri, info in storage.list_entries(location):
-        if info.type == pafs.FileType.File:
-            if _is_audio_name(uri):
-                files.append(uri)
-            else:
-                skipped[uri] = _not_audio(uri)
-        elif info.type == pafs.FileType.Directory:
-            if uri.lower().endswith(audio.AUDIO_EXTENSIONS):
-                skipped[uri] = "a folder named like an audio file (the files in it are listed on their own)"
-        else:
-            skipped[uri] = "not a readable file (a broken link?)"
-    return Inputs(files, skipped)
 
 
 def read_headers(paths: list[str]) -> dict[str, tuple[float, str]]:
@@ -417,24 +319,26 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     input_location = storage.absolute(input_location)
     model = load_scoring_model(model_location)
     s = ScoringSettings.from_config(cfg, model_chunk_seconds=model.chunk_seconds)
-    inputs = list_inputs(input_location, allow_outside=allow_outside)
-    files = inputs.files
-    if not files:
+    listing = open_inputs(input_location, allow_outside=allow_outside)
+    # Read ahead to the first audio file before OUTPUT is claimed, so that an input without any is refused
+    # untouched; the rest of the listing is read as the shards are made.
+    head: list[list[tuple[str, str]]] = []
+    for page in listing.pages:
+        head.append(page)
+        if any(not reason for _, reason in page):
+            break
+    else:
+        skipped = sum(len(page) for page in head)
         raise FileNotFoundError(f"input {input_location}: no audio files found"
-                                + (f" ({len(inputs.skipped)} other entries skipped)" if inputs.skipped else ""))
-    if len(set(files)) != len(files):
-        raise ValueError(f"input {input_location}: a file is listed twice")
+                                + (f" ({skipped} other entries skipped)" if skipped else ""))
+    scope = InputScope(folder=listing.folder) if listing.folder is not None else \
+        InputScope(files=frozenset(uri for page in head for uri, reason in page if not reason))
     made = fingerprint.scoring_fingerprint(asdict(s), model_location, model.sources)
     fingerprint.claim(output, made, overwrite=overwrite, owned=SCORING_OUTPUTS)
     init_ray(cfg.environment.ray_address, feature_tasks=False)
     ray.data.DataContext.get_current().enable_progress_bars = True
-    earlier = resume(output, files)
-    todo = [f for f in files if f not in earlier.done]
+    earlier = resume(output, scope)
     run_id = uuid.uuid4().hex[:8]
-    _commit_skipped(output, run_id, {p: r for p, r in inputs.skipped.items() if p not in earlier.done},
-                    model.classes, s)
-    log.info("scoring %d file(s) (%d already finished) with %d model(s); %s windows of %gs, hop %gs",
-             len(todo), len(files) - len(todo), len(model.artifacts), s.method, s.window_seconds, s.hop_seconds)
     # Sized against what the cluster may hold (its autoscaler's node types), so a cluster whose GPU workers
     # scale from zero still gets GPU scorers. Without GPUs the read stage fuses into the scorer actors (both
     # take one CPU): one actor per CPU keeps every core scoring and leaves no read task waiting.
@@ -443,26 +347,36 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     gpus = gpus_per_actor > 0
     log.info("scoring asks for up to %d scorer actor(s) of %s (environment.device %s; cluster %s)", actors,
              f"{gpus_per_actor:g} GPU" if gpus else "1 CPU", cfg.environment.device, capacity.describe())
-    # One dataset for the whole run, so the scorer actors load the model (and start CUDA) once. It starts from
-    # shards of file names: headers are read and chunks planned inside the pipeline, a shard at a time, so the
-    # first windows are scored while later headers are still unread. Each row carries its shard and the
-    # shard's row count; the driver holds the shards in flight and commits each as its last row comes out.
-    shards = [todo[i:i + s.shard_files] for i in range(0, len(todo), s.shard_files)]
-    committer = ShardCommitter(output, run_id, model.classes, shards=len(shards), window_seconds=s.window_seconds,
+    # The input is cut into shards of file names as it is listed, a page at a time. The first shards stay here
+    # until the pool is sized (a run of fewer files than scorers reads their headers to size it); every later
+    # one goes into the object store as it is made, so the driver holds a reference per shard, not the files.
+    listed = _list_shards(itertools.chain(head, listing.pages), done=earlier.done, shard_files=s.shard_files,
+                          hold=actors, skipped=lambda entries, page: _commit_skipped(
+                              output, f"{run_id}-skipped-{page:06d}", entries, model.classes, s))
+    del head
+    log.info("scoring %d file(s) (%d already finished) with %d model(s); %s windows of %gs, hop %gs",
+             listed.files - listed.finished, listed.finished, len(model.artifacts), s.method, s.window_seconds,
+             s.hop_seconds)
+    # One dataset for the whole run, so the scorer actors load the model (and start CUDA) once. Headers are
+    # read and chunks planned inside the pipeline, a shard at a time, so the first windows are scored while
+    # later headers are still unread. Each row carries its shard and the shard's row count; the driver holds
+    # the shards in flight and commits each as its last row comes out.
+    committer = ShardCommitter(output, run_id, model.classes, shards=listed.shards, window_seconds=s.window_seconds,
                                method=s.method, threshold=s.threshold)
     model_seconds, pool, devices, scorers = 0.0, 0, set(), set()
-    if shards:
-        pool, known = _pool_size(todo, actors, s)
+    if listed.shards:
+        held = [p for paths in listed.held for p in paths]
+        pool, known = _pool_size(held, actors, s) if not listed.blocks else (actors, {})
         s3 = storage.current_settings()
         # A run of fewer shards than scorers (a few long files) plans each shard in several units (at most 8),
         # each keeping its share of the read groups, so a long file is scored by every actor; a larger archive
         # keeps its scorers busy with whole shards. Either way each header is read once: by the driver where
         # it sized the pool from the files' chunks (fewer files than scorers), else by the shard's planner.
-        parts = _planning_parts(pool, len(shards))
-        units = [{"shard": k, "part": j, "parts": parts, "paths": paths,
-                  "headers": json.dumps({p: known[p] for p in paths}) if known else ""}
-                 for k, paths in enumerate(shards) for j in range(parts)]
-        ds = ray.data.from_items(units, override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
+        parts = _planning_parts(pool, listed.shards)
+        held_units = [_unit_block([(k, j, parts, paths, json.dumps({p: known[p] for p in paths}) if known else "")])
+                      for k, paths in enumerate(listed.held) for j in range(parts)]
+        ds = ray.data.from_arrow_refs(held_units + listed.blocks)
+        del held, held_units
         # Planning fuses into the next stage: one task (or actor call) per unit.
         ds = ds.map_batches(plan_shards, batch_size=1, batch_format="numpy", num_cpus=1,
                             fn_kwargs={"window_seconds": s.window_seconds, "hop_seconds": s.hop_seconds,
@@ -493,10 +407,77 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     committer.finish()
     log.info("%d shard(s) committed; the driver held at most %d at once", len(committer.committed),
              committer.peak_open)
-    return write_summary(output, files, skipped=len(files) - len(todo), started=started,
-                         model_seconds=model_seconds, scorer_actors=pool, devices=sorted(devices),
-                         retried=len(earlier.retried), model=made.model, settings=made.settings,
-                         scorers=sorted(scorers), skipped_entries=len(inputs.skipped))
+    return write_summary(output, scope, skipped=listed.finished, started=started, model_seconds=model_seconds,
+                         scorer_actors=pool, devices=sorted(devices), retried=len(earlier.retried),
+                         model=made.model, settings=made.settings, scorers=sorted(scorers),
+                         skipped_entries=listed.skipped)
+
+
+@dataclass
+class _Listed:
+    """An input cut into shards as it was listed."""
+
+    held: list[list[str]] = field(default_factory=list)  # the first shards' files (at most `hold` shards)
+    blocks: list = field(default_factory=list)  # the later shards' units, in the object store
+    shards: int = 0
+    files: int = 0  # audio files listed
+    finished: int = 0  # of them, committed by earlier runs
+    skipped: int = 0  # other entries (not audio)
+
+
+def _unit_block(units: list[tuple[int, int, int, list[str], str]]):
+    """Planning units (shard, part, parts, paths, headers JSON) as one Arrow block in the object store."""
+    import pyarrow as pa
+    import ray
+
+    shard, part, parts, paths, headers = zip(*units, strict=True)
+    return ray.put(pa.table({"shard": pa.array(shard, pa.int64()), "part": pa.array(part, pa.int64()),
+                             "parts": pa.array(parts, pa.int64()), "paths": pa.array(paths, pa.list_(pa.string())),
+                             "headers": pa.array(headers, pa.string())}))
+
+
+def _list_shards(pages: Iterable[list[tuple[str, str]]], *, done: set[str], shard_files: int, hold: int,
+                 skipped: Callable[[dict[str, str], int], None]) -> _Listed:
+    """Cut listed entries (`inputs.open_inputs`) into shards of `shard_files` audio files not in `done`, page
+    by page. The first `hold` shards are kept; each later one goes into the object store at once, as one
+    planning unit per block (several per block past SMALL_BLOCKS, so a huge archive is not millions of tiny
+    objects). A page's entries that are not audio are handed to `skipped` (with the page's number)."""
+    listed = _Listed()
+    pending: list[tuple[int, int, int, list[str], str]] = []
+    files: list[str] = []
+
+    def close(paths: list[str]) -> None:
+        if len(listed.held) < hold:
+            listed.held.append(paths)
+        else:
+            pending.append((listed.shards, 0, 1, paths, ""))
+            if len(pending) >= (1 if len(listed.blocks) < SMALL_BLOCKS else UNITS_PER_BLOCK):
+                listed.blocks.append(_unit_block(pending))
+                pending.clear()
+        listed.shards += 1
+
+    for number, page in enumerate(pages):
+        others: dict[str, str] = {}
+        for uri, reason in page:
+            if reason:
+                listed.skipped += 1
+                if uri not in done:
+                    others[uri] = reason
+                continue
+            listed.files += 1
+            if uri in done:
+                listed.finished += 1
+                continue
+            files.append(uri)
+            if len(files) == shard_files:
+                close(files)
+                files = []
+        skipped(others, number)
+    if files:
+        close(files)
+    if pending:
+        listed.blocks.append(_unit_block(pending))
+    return listed
 
 
 def _planning_parts(scorers: int, shards: int) -> int:
@@ -515,13 +496,14 @@ def _pool_size(todo: list[str], actors: int, s: ScoringSettings) -> tuple[int, d
     return max(1, min(actors, len(pack_chunks(chunks, s.batch_size)))), headers
 
 
-def _commit_skipped(output: str, run_id: str, skipped: dict[str, str], classes: list[str],
+def _commit_skipped(output: str, name: str, skipped: dict[str, str], classes: list[str],
                     s: ScoringSettings) -> None:
-    """One files/ row per entry that is not scored (status "skipped", the reason in `error`), committed at once."""
+    """One files/ row per entry that is not scored (status "skipped", the reason in `error`), committed at once
+    as the part `part-NAME.parquet`."""
     if not skipped:
         return
     log.info("%d entries under the input are not audio this reader takes: skipped (see files/)", len(skipped))
-    commit_shard(output, f"part-{run_id}-skipped.parquet", list(skipped),
+    commit_shard(output, f"part-{name}.parquet", list(skipped),
                  {p: (float("nan"), f"{SKIPPED}{why}") for p, why in skipped.items()},
                  pd.DataFrame(columns=WINDOW_COLUMNS), classes, window_seconds=s.window_seconds, method=s.method,
                  threshold=s.threshold)

@@ -49,26 +49,43 @@ def _remove(uri: str) -> None:
 
 
 @dataclass(frozen=True)
+class InputScope:
+    """Which committed rows are this input's: its files (a manifest, one file), or every file under its folder
+    (a folder, prefix or zip, listed a page at a time and never held whole). Under a folder, a file committed
+    by an earlier run and deleted since still counts as this input's."""
+
+    files: frozenset[str] | None = None
+    folder: str | None = None
+
+    def contains(self, column: pa.Array | pa.ChunkedArray) -> pa.Array:
+        """A boolean mask over a column of file URIs."""
+        if self.folder is not None:
+            return pc.starts_with(column, self.folder + "/")
+        return pc.is_in(column, value_set=pa.array(sorted(self.files or ()), pa.string()))
+
+
+@dataclass(frozen=True)
 class Resume:
     done: set[str]  # files committed by earlier runs, kept
     retried: set[str]  # files of this input whose committed row was an error: taken out, to be scored again
 
 
-def resume(output: str, files: list[str]) -> Resume:
+def resume(output: str, scope: InputScope | list[str]) -> Resume:
     """What earlier runs committed into OUTPUT (a shard's files/ part is written last, as its commit). Parts
-    of shards that never committed are removed, and the error rows of `files` are taken out of their parts
-    so that this run scores those files again."""
+    of shards that never committed are removed, and the error rows of this input (`scope`, or a list of its
+    files) are taken out of their parts so that this run scores those files again."""
+    if not isinstance(scope, InputScope):
+        scope = InputScope(files=frozenset(scope))
     committed = {u.rsplit("/", 1)[-1] for u in _parts(output, "files")}
     for table in ("windows", "events"):
         for uri in _parts(output, table):
             if uri.rsplit("/", 1)[-1] not in committed:
                 _remove(uri)
-    wanted = pa.array(sorted(set(files)), pa.string())
     done: set[str] = set()
     retried: set[str] = set()
     for uri in _parts(output, "files"):
         part = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-        retry = pc.and_(pc.equal(part["status"], "error"), pc.is_in(part["file"], value_set=wanted))
+        retry = pc.and_(pc.equal(part["status"], "error"), scope.contains(part["file"]))
         if pc.any(retry).as_py():
             retried.update(part.filter(retry)["file"].to_pylist())
             part = part.filter(pc.invert(retry))
@@ -246,15 +263,19 @@ class ScoreSummary:
                 f"{self.audio_seconds_per_second:.0f} audio-s/s -> {self.output}")
 
 
-def write_summary(output: str, files: list[str], *, skipped: int, started: float, model_seconds: float,
+def write_summary(output: str, scope: InputScope, *, skipped: int, started: float, model_seconds: float,
                   scorer_actors: int, devices: list[str], retried: int = 0, model: dict | None = None,
                   settings: dict | None = None, scorers: list[str] | None = None,
                   skipped_entries: int = 0) -> ScoreSummary:
-    """summary.json over the committed files of this input (`started`: the job's time.perf_counter()), with
-    the model and the settings that made them."""
+    """summary.json over the committed files of this input (`scope`; entries skipped as not audio are not
+    files) (`started`: the job's time.perf_counter()), with the model and the settings that made them."""
     done = _read_parts(_parts(output, "files"))
     events = _read_parts(_parts(output, "events"))
-    done = done[done["file"].isin(files)]
+    if len(done):
+        ours = scope.contains(pa.array(done["file"].astype(str), pa.string())).to_numpy(zero_copy_only=False)
+        done = done[ours & (done["status"] != "skipped").to_numpy()]
+    else:
+        done = pd.DataFrame({"file": [], "status": [], "duration": []})
     wall = time.perf_counter() - started
     audio_s = float(done.loc[done["status"] == "ok", "duration"].sum())
     summary = ScoreSummary(len(done), int((done["status"] == "ok").sum()), int((done["status"] != "ok").sum()),

@@ -388,11 +388,12 @@ LIST_PAGE_ENTRIES = 1000
 
 
 def entry_pages(uri: str, recursive: bool = True,
-                page_entries: int = LIST_PAGE_ENTRIES) -> Iterator[list[tuple[str, pafs.FileInfo]]]:
+                page_entries: int | None = None) -> Iterator[list[tuple[str, pafs.FileInfo]]]:
     """Everything under a folder (files, folders, broken links) as (URI of the same kind as `uri`, info), a page
     at a time, so that a listing of millions of entries is never held whole: on S3 a page is one ListObjectsV2
     request (keys in S3's order, folders inferred from the keys as Arrow infers them); a local folder or a
     zip is walked a folder at a time, each folder's entries sorted. Nothing under `uri`: no pages."""
+    page_entries = page_entries or LIST_PAGE_ENTRIES
     if is_s3(uri):
         yield from _s3_pages(uri, recursive, page_entries)
         return

@@ -20,6 +20,7 @@ from gunsound import scoring, storage
 from gunsound.cli import main
 from gunsound.config import load_config
 from gunsound.features import FeatureParams
+from gunsound.inputs import InputManifestError, list_inputs
 from gunsound.model import ModelArtifact, build_model
 from gunsound.shards import SKIPPED, WINDOW_COLUMNS, commit_shard, resume
 from tests.conftest import FAST, LAPTOP_CONFIG
@@ -147,7 +148,7 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 def account(location: str) -> dict[str, str]:
     """Each entry's status as the scoring job gives it: listing, headers, then every chunk read."""
-    inputs = scoring.list_inputs(location)
+    inputs = list_inputs(location)
     assert len(set(inputs.files)) == len(inputs.files) and not set(inputs.files) & set(inputs.skipped)
     status = {path: f"{SKIPPED}{why}" for path, why in inputs.skipped.items()}
     headers = scoring.read_headers(inputs.files)
@@ -215,7 +216,7 @@ def test_a_zip_of_the_corpus_lists_the_same_files(corpus, tmp_path):
 
 def test_skipped_entries_are_committed_as_skipped_rows_and_not_retried(corpus, tmp_path):
     root, _ = corpus
-    inputs = scoring.list_inputs(str(root))
+    inputs = list_inputs(str(root))
     out = str(tmp_path / "out")
     skipped = {p: (float("nan"), f"{SKIPPED}{why}") for p, why in inputs.skipped.items()}
     commit_shard(out, "part-test-skipped.parquet", list(skipped), skipped, pd.DataFrame(columns=WINDOW_COLUMNS),
@@ -274,22 +275,22 @@ def clips(tmp_path) -> Path:
 
 def test_manifest_paths_are_read_as_text(clips):
     # read_csv's defaults made NA a missing value and 0012 the number 12.
-    listed = scoring.list_inputs(write_manifest(clips, ["NA", "0012", "sub/a.wav", "null"])).files
+    listed = list_inputs(write_manifest(clips, ["NA", "0012", "sub/a.wav", "null"])).files
     assert listed == [str(clips / n) for n in ("NA", "0012", "sub/a.wav", "null")]
 
 
 def test_a_manifest_without_a_path_column_is_an_error_naming_it_and_its_columns(clips):
     location = write_manifest(clips, ["sub/a.wav"], column="file")
-    with pytest.raises(scoring.InputManifestError, match=r"inputs\.csv: .*'path' column.*\['file'\]"):
-        scoring.list_inputs(location)
+    with pytest.raises(InputManifestError, match=r"inputs\.csv: .*'path' column.*\['file'\]"):
+        list_inputs(location)
 
 
 @pytest.mark.parametrize("name", ["inputs.csv", "inputs.parquet"])
 def test_empty_cells_and_duplicates_are_errors_naming_their_rows(clips, name):
     rows = ["sub/a.wav", "", None, "sub/a.wav", "./sub/a.wav"] if name.endswith(".parquet") else \
         ["sub/a.wav", "", "  ", "sub/a.wav", "./sub/a.wav"]
-    with pytest.raises(scoring.InputManifestError) as caught:
-        scoring.list_inputs(write_manifest(clips, rows, name))
+    with pytest.raises(InputManifestError) as caught:
+        list_inputs(write_manifest(clips, rows, name))
     message = str(caught.value)
     assert "4 bad row(s)" in message
     assert "row 1: empty path" in message and "row 2: empty path" in message
@@ -301,20 +302,20 @@ def test_locations_outside_the_manifests_folder_need_allow_outside(clips, tmp_pa
     sf.write(outside, tone(8000, 0.2), 8000)
     rows = [str(outside), "../other.wav", "s3://another-bucket/x.wav", "sub/../sub/a.wav"]
     location = write_manifest(clips, rows)
-    with pytest.raises(scoring.InputManifestError) as caught:
-        scoring.list_inputs(location)
+    with pytest.raises(InputManifestError) as caught:
+        list_inputs(location)
     message = str(caught.value)
     assert "3 bad row(s)" in message and "outside the manifest's folder" in message and "--allow-outside" in message
-    assert scoring.list_inputs(location, allow_outside=True).files == [
+    assert list_inputs(location, allow_outside=True).files == [
         str(outside), str(tmp_path / "other.wav"), "s3://another-bucket/x.wav", str(clips / "sub" / "a.wav")]
 
 
 def test_one_file_named_as_another_format_is_skipped_and_a_missing_input_is_an_error(tmp_path):
     (tmp_path / "talk.m4a").write_bytes(b"\x00" * 100)
-    inputs = scoring.list_inputs(str(tmp_path / "talk.m4a"))
+    inputs = list_inputs(str(tmp_path / "talk.m4a"))
     assert inputs.files == [] and "m4a" in inputs.skipped[str(tmp_path / "talk.m4a")]
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        scoring.list_inputs(str(tmp_path / "missing"))
+        list_inputs(str(tmp_path / "missing"))
 
 
 def test_training_reports_bad_clips_in_the_words_scoring_uses(tmp_path):

@@ -159,6 +159,65 @@ def test_many_short_files_each_committed_once_and_a_partial_run_resumed(ray_loca
     assert set(windows["file"]) == set(durations) and lost_files
 
 
+@pytest.mark.ray
+def test_the_listing_is_cut_into_shards_page_by_page_and_only_the_first_stay_in_the_driver(ray_local,
+                                                                                          monkeypatch):
+    import ray
+
+    monkeypatch.setattr(scoring, "SMALL_BLOCKS", 2)  # past two blocks of one shard, blocks of eight
+    names = [f"s3://b/p/f{i:03d}.wav" for i in range(60)]
+    pages = [[(n, "") for n in names[i:i + 7]] + ([(f"s3://b/p/n{i}.txt", "not audio")] if i % 14 == 0 else [])
+             for i in range(0, 60, 7)]
+    consumed, committed = [], {}
+
+    def listed_pages():
+        for page in pages:
+            consumed.append(len(page))
+            yield page
+
+    done = {names[4], names[5], "s3://b/p/n0.txt"}
+    listed = scoring._list_shards(listed_pages(), done=done, shard_files=3, hold=2,
+                                  skipped=lambda entries, page: committed.update(entries))
+    todo = [n for n in names if n not in done]
+    shards = [todo[i:i + 3] for i in range(0, len(todo), 3)]
+    assert listed.held == shards[:2] and (listed.shards, listed.files, listed.finished) == (len(shards), 60, 2)
+    assert listed.skipped == 5 and set(committed) == {f"s3://b/p/n{i}.txt" for i in (14, 28, 42, 56)}
+    tables = [ray.get(ref) for ref in listed.blocks]
+    assert [t.num_rows for t in tables] == [1, 1, 8, 8] and len(consumed) == len(pages)
+    rows = [row for t in tables for row in t.to_pylist()]
+    assert [r["shard"] for r in rows] == list(range(2, len(shards)))
+    assert [r["paths"] for r in rows] == shards[2:] and {(r["part"], r["parts"], r["headers"]) for r in rows} == {
+        (0, 1, "")}
+
+
+@pytest.mark.ray
+def test_an_s3_prefix_listed_over_several_pages_is_scored_once_per_file_and_resumed(ray_local, s3_server, model_file,
+                                                                                   clips, tmp_path, monkeypatch):
+    import boto3
+
+    root, durations, errors = clips
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket="gunsound-many")
+    names = sorted(durations)[:21] + sorted(errors) + [str(root / "clip200x_notes.txt")]
+    for name in names:
+        client.upload_file(name, "gunsound-many", "archive/" + name.rsplit("/", 1)[-1])
+    monkeypatch.setattr(storage, "LIST_PAGE_ENTRIES", 5)  # 24 keys: five ListObjectsV2 pages
+    args = ["score", str(model_file), "s3://gunsound-many/archive", str(tmp_path / "out"), *ARGS, "--set",
+            "scoring.shard_files=4", "--set", f"storage.endpoint_url={s3_server}"]
+    assert main(args) == 0
+    files = pd.read_parquet(tmp_path / "out" / "files")
+    expected = {"s3://gunsound-many/archive/" + n.rsplit("/", 1)[-1] for n in names}
+    assert files["file"].is_unique and set(files["file"]) == expected
+    status = files.set_index("file")["status"]
+    assert (status == "skipped").sum() == 1 and (status == "error").sum() == 2 and (status == "ok").sum() == 21
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["files"], summary["files_ok"], summary["skipped_entries"]) == (23, 21, 1)
+    assert main(args) == 0  # again: every file finished, the two errors tried again
+    again = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (again["files"], again["skipped_as_finished"], again["retried_errors"]) == (23, 21, 2)
+    assert pd.read_parquet(tmp_path / "out" / "files")["file"].is_unique
+
+
 @pytest.mark.parametrize(("scorers", "shards", "parts"), [(2, 1, 2), (8, 1, 8), (16, 1, 8), (8, 3, 3), (2, 10, 1),
                                                           (64, 39_063, 1)])
 def test_a_shard_is_split_among_scorers_only_when_there_are_fewer_shards_than_scorers(scorers, shards, parts):

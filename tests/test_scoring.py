@@ -12,6 +12,7 @@ from gunsound import audio, scoring, storage
 from gunsound.cli import main
 from gunsound.config import ConfigError, load_config
 from gunsound.inference import WindowScorer, load_scoring_model
+from gunsound.inputs import list_inputs
 from gunsound.synthesis import generate_archive
 from gunsound.windows import plan_chunks, window_starts
 from tests.conftest import LAPTOP_CONFIG
@@ -68,7 +69,7 @@ def test_inputs_inside_a_zip_are_listed_and_read_in_place(archive, tmp_path):
 
     root, _ = archive
     zipped = zip_folder(root, tmp_path / "recordings.zip", prefix="")
-    inputs = scoring.list_inputs(str(zipped)).files
+    inputs = list_inputs(str(zipped)).files
     assert [u.rsplit("!/", 1)[1] for u in inputs] == ["clip.mp3", "corrupt.wav", "empty.wav", "short.flac",
                                                       "street/long.wav"]
     assert audio.info(inputs[-1]).duration == pytest.approx(120.0)

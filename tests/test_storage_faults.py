@@ -20,6 +20,7 @@ import pytest
 import soundfile as sf
 
 from gunsound import audio, scoring, storage
+from gunsound.inputs import list_inputs
 from gunsound.windows import plan_chunks
 
 BUCKET = "gunsound-faults"
@@ -278,7 +279,7 @@ def test_a_zip_on_s3_is_read_through_short_reads_and_retries(faulty, objects, sl
         zf.writestr("clips/tone.flac", _encoded("flac"))
     boto3.client("s3", endpoint_url=s3_server).upload_file(str(archive), BUCKET, "zips/clips.zip")
     faulty(Faults(max_bytes=4096, raise_on={2, 7}))
-    (member,) = scoring.list_inputs(f"s3://{BUCKET}/zips/clips.zip").files
+    (member,) = list_inputs(f"s3://{BUCKET}/zips/clips.zip").files
     np.testing.assert_array_equal(audio.read(member)[0], objects["flac"])
     assert len(sleeps) == 2
 
@@ -292,7 +293,7 @@ def throttling(s3_server, objects, monkeypatch):
     """An HTTP proxy in front of moto that answers the next `budget["left"]` GETs of a clip with S3's 503
     SlowDown, as S3 does under load: the real S3 client of pyarrow gets the throttling responses."""
     target = urlsplit(s3_server)
-    budget = {"left": 0, "throttled": 0}
+    budget = {"left": 0, "throttled": 0, "lists_left": 0}
 
     class Proxy(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -303,8 +304,10 @@ def throttling(s3_server, objects, monkeypatch):
         def forward(self):
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
-            if self.command == "GET" and "/clips/" in self.path and budget["left"] > 0:
-                budget["left"] -= 1
+            listing = "list-type=2" in self.path
+            if self.command == "GET" and budget["lists_left" if listing else "left"] > 0 and (
+                    listing or "/clips/" in self.path):
+                budget["lists_left" if listing else "left"] -= 1
                 budget["throttled"] += 1
                 self.send_response(503)
                 self.send_header("Content-Type", "application/xml")
@@ -354,3 +357,19 @@ def test_persistent_throttling_is_an_error_naming_the_file(throttling, objects, 
     with pytest.raises(audio.AudioError, match=r"s3://gunsound-faults/clips/tone\.wav.*gave up after 2 attempts"):
         audio.read(uri("wav"))
     assert len(sleeps) == 1
+
+
+def test_a_throttled_listing_is_retried_and_listed_whole(throttling, objects, sleeps):
+    # boto3 tries a request a few times itself (three in its standard mode); six SlowDowns in a row reach
+    # storage's retries.
+    throttling["lists_left"] = 6
+    pages = list(storage.entry_pages(f"s3://{BUCKET}/clips", page_entries=2))
+    assert sorted(listed for page in pages for listed, _ in page) == sorted(uri(ext) for ext in FORMATS)
+    assert throttling["throttled"] == 6 and len(sleeps) >= 1
+
+
+def test_persistent_throttling_of_a_listing_is_an_error_naming_the_prefix(throttling, objects, sleeps):
+    throttling["lists_left"] = 1000
+    with pytest.raises(OSError, match=rf"listing s3://{BUCKET}/clips: .*SlowDown.*gave up after 4 attempts"):
+        list(storage.entry_pages(f"s3://{BUCKET}/clips"))
+    assert len(sleeps) == 3
