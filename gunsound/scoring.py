@@ -48,6 +48,7 @@ from gunsound.shards import (
     all_onsets,
     commit_shard,
     resume,
+    take_out_errors,
     write_summary,
 )
 from gunsound.windows import cut_windows, pack_chunks, plan_chunks
@@ -61,8 +62,10 @@ __all__ = ["GroupScorer", "ScoringSettings", "plan_shards", "predict_file", "rea
 SCORING_OUTPUTS = ("files", "windows", "events", "summary.json")
 # Shards are the input blocks, one each up to this many; beyond it a block holds UNITS_PER_BLOCK shards, still
 # planned one at a time, so the driver does not track millions of tiny objects.
-SMALL_BLOCKS = 512
+SMALL_BLOCKS = 2048
 UNITS_PER_BLOCK = 8
+# Entries under the input that are not audio are committed (status "skipped") in parts of up to this many.
+SKIPPED_PART_ENTRIES = 50_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -350,10 +353,11 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     # The input is cut into shards of file names as it is listed, a page at a time. The first shards stay here
     # until the pool is sized (a run of fewer files than scorers reads their headers to size it); every later
     # one goes into the object store as it is made, so the driver holds a reference per shard, not the files.
-    listed = _list_shards(itertools.chain(head, listing.pages), done=earlier.done, shard_files=s.shard_files,
-                          hold=actors, skipped=lambda entries, page: _commit_skipped(
-                              output, f"{run_id}-skipped-{page:06d}", entries, model.classes, s))
+    listed = _list_shards(itertools.chain(head, listing.pages), done=earlier.done, retry=earlier.retried,
+                          shard_files=s.shard_files, hold=actors, skipped=lambda entries, part: _commit_skipped(
+                              output, f"{run_id}-skipped-{part:05d}", entries, model.classes, s))
     del head
+    take_out_errors(output, listed.retried)
     log.info("scoring %d file(s) (%d already finished) with %d model(s); %s windows of %gs, hop %gs",
              listed.files - listed.finished, listed.finished, len(model.artifacts), s.method, s.window_seconds,
              s.hop_seconds)
@@ -408,7 +412,7 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     log.info("%d shard(s) committed; the driver held at most %d at once", len(committer.committed),
              committer.peak_open)
     return write_summary(output, scope, skipped=listed.finished, started=started, model_seconds=model_seconds,
-                         scorer_actors=pool, devices=sorted(devices), retried=len(earlier.retried),
+                         scorer_actors=pool, devices=sorted(devices), retried=len(listed.retried),
                          model=made.model, settings=made.settings, scorers=sorted(scorers),
                          skipped_entries=listed.skipped)
 
@@ -422,6 +426,7 @@ class _Listed:
     shards: int = 0
     files: int = 0  # audio files listed
     finished: int = 0  # of them, committed by earlier runs
+    retried: set[str] = field(default_factory=set)  # of them, with an error row from an earlier run: again
     skipped: int = 0  # other entries (not audio)
 
 
@@ -436,15 +441,18 @@ def _unit_block(units: list[tuple[int, int, int, list[str], str]]):
                              "headers": pa.array(headers, pa.string())}))
 
 
-def _list_shards(pages: Iterable[list[tuple[str, str]]], *, done: set[str], shard_files: int, hold: int,
-                 skipped: Callable[[dict[str, str], int], None]) -> _Listed:
+def _list_shards(pages: Iterable[list[tuple[str, str]]], *, done: set[str], retry: set[str], shard_files: int,
+                 hold: int, skipped: Callable[[dict[str, str], int], None]) -> _Listed:
     """Cut listed entries (`inputs.open_inputs`) into shards of `shard_files` audio files not in `done`, page
     by page. The first `hold` shards are kept; each later one goes into the object store at once, as one
     planning unit per block (several per block past SMALL_BLOCKS, so a huge archive is not millions of tiny
-    objects). A page's entries that are not audio are handed to `skipped` (with the page's number)."""
+    objects). Listed files in `retry` are noted. Entries that are not audio and not in `done` are handed to
+    `skipped` with a part number, SKIPPED_PART_ENTRIES at a time and the rest at the end."""
     listed = _Listed()
     pending: list[tuple[int, int, int, list[str], str]] = []
     files: list[str] = []
+    others: dict[str, str] = {}
+    parts = 0
 
     def close(paths: list[str]) -> None:
         if len(listed.held) < hold:
@@ -456,8 +464,7 @@ def _list_shards(pages: Iterable[list[tuple[str, str]]], *, done: set[str], shar
                 pending.clear()
         listed.shards += 1
 
-    for number, page in enumerate(pages):
-        others: dict[str, str] = {}
+    for page in pages:
         for uri, reason in page:
             if reason:
                 listed.skipped += 1
@@ -468,15 +475,21 @@ def _list_shards(pages: Iterable[list[tuple[str, str]]], *, done: set[str], shar
             if uri in done:
                 listed.finished += 1
                 continue
+            if uri in retry:
+                listed.retried.add(uri)
             files.append(uri)
             if len(files) == shard_files:
                 close(files)
                 files = []
-        skipped(others, number)
+        if len(others) >= SKIPPED_PART_ENTRIES:
+            skipped(others, parts)
+            others, parts = {}, parts + 1
     if files:
         close(files)
     if pending:
         listed.blocks.append(_unit_block(pending))
+    if others:
+        skipped(others, parts)
     return listed
 
 

@@ -67,13 +67,14 @@ class InputScope:
 @dataclass(frozen=True)
 class Resume:
     done: set[str]  # files committed by earlier runs, kept
-    retried: set[str]  # files of this input whose committed row was an error: taken out, to be scored again
+    retried: set[str]  # files of this input whose committed row is an error: to be scored again
 
 
 def resume(output: str, scope: InputScope | list[str]) -> Resume:
     """What earlier runs committed into OUTPUT (a shard's files/ part is written last, as its commit). Parts
-    of shards that never committed are removed, and the error rows of this input (`scope`, or a list of its
-    files) are taken out of their parts so that this run scores those files again."""
+    of shards that never committed are removed. The error rows of this input (`scope`, or a list of its files)
+    are not counted as done: a run that lists such a file again takes its row out (`take_out_errors`) and
+    scores it again; the row of a file no longer listed stays."""
     if not isinstance(scope, InputScope):
         scope = InputScope(files=frozenset(scope))
     committed = {u.rsplit("/", 1)[-1] for u in _parts(output, "files")}
@@ -84,16 +85,26 @@ def resume(output: str, scope: InputScope | list[str]) -> Resume:
     done: set[str] = set()
     retried: set[str] = set()
     for uri in _parts(output, "files"):
-        part = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        part = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["file", "status"])
         retry = pc.and_(pc.equal(part["status"], "error"), scope.contains(part["file"]))
-        if pc.any(retry).as_py():
-            retried.update(part.filter(retry)["file"].to_pylist())
-            part = part.filter(pc.invert(retry))
-            buffer = io.BytesIO()
-            pq.write_table(part, buffer)  # the part's own schema, so the dataset's parts still agree
-            storage.write_bytes(uri, buffer.getvalue())
-        done.update(part["file"].to_pylist())
+        retried.update(part.filter(retry)["file"].to_pylist())
+        done.update(part.filter(pc.invert(retry))["file"].to_pylist())
     return Resume(done, retried)
+
+
+def take_out_errors(output: str, files: set[str]) -> None:
+    """Take the error rows of `files` out of their files/ parts, each part rewritten whole (an atomic replace),
+    before they are scored again: at any point where a run may crash each file is in the tables at most once."""
+    if not files:
+        return
+    wanted = pa.array(sorted(files), pa.string())
+    for uri in _parts(output, "files"):
+        part = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        retry = pc.and_(pc.equal(part["status"], "error"), pc.is_in(part["file"], value_set=wanted))
+        if pc.any(retry).as_py():
+            buffer = io.BytesIO()
+            pq.write_table(part.filter(pc.invert(retry)), buffer)  # the part's own schema: the parts still agree
+            storage.write_bytes(uri, buffer.getvalue())
 
 
 class ShardCommitter:

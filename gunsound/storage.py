@@ -391,30 +391,35 @@ def entry_pages(uri: str, recursive: bool = True,
                 page_entries: int | None = None) -> Iterator[list[tuple[str, pafs.FileInfo]]]:
     """Everything under a folder (files, folders, broken links) as (URI of the same kind as `uri`, info), a page
     at a time, so that a listing of millions of entries is never held whole: on S3 a page is one ListObjectsV2
-    request (keys in S3's order, folders inferred from the keys as Arrow infers them); a local folder or a
-    zip is walked a folder at a time, each folder's entries sorted. Nothing under `uri`: no pages."""
+    request (keys in S3's order, folders inferred from the keys as Arrow infers them); a local folder is walked
+    a folder at a time, each folder's entries sorted; a zip's directory, read whole anyway, is paged. Nothing
+    under `uri`: no pages."""
     page_entries = page_entries or LIST_PAGE_ENTRIES
     if is_s3(uri):
         yield from _s3_pages(uri, recursive, page_entries)
         return
     fs, root = resolve(uri)
+    if is_zip(uri):  # the archive's directory is in memory, and each folder's listing would scan all of it
+        infos = sorted(fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True)),
+                       key=lambda info: info.path)
+        entries = [(join(uri, info.path[len(root):].lstrip("/") if root else info.path), info) for info in infos]
+        yield from (entries[i:i + page_entries] for i in range(0, len(entries), page_entries))
+        return
     page: list[tuple[str, pafs.FileInfo]] = []
     folders = [root]
     while folders:
         folder = folders.pop()
-        infos = _stat(uri, fs, pafs.FileSelector(folder, recursive=False, allow_not_found=True))
-        if is_local(uri):
-            infos += _broken_links(folder, {info.path for info in infos})
+        infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))
+        infos += _broken_links(folder, {info.path for info in infos})
         below = []
         for info in sorted(infos, key=lambda info: info.path):
-            rel = os.path.relpath(info.path, root) if is_local(uri) else info.path[len(root):].lstrip("/")
-            page.append((join(uri, rel), info))
+            page.append((join(uri, os.path.relpath(info.path, root)), info))
             if recursive and info.type == pafs.FileType.Directory:
                 below.append(info.path)
             if len(page) >= page_entries:
                 yield page
                 page = []
-        folders.extend(reversed(below))  # depth first, in name order
+        folders.extend(reversed(below))  # a folder's entries, then its subfolders', in name order
     if page:
         yield page
 
@@ -429,7 +434,10 @@ def _s3_pages(uri: str, recursive: bool, page_entries: int) -> Iterator[list[tup
         request["Delimiter"] = "/"
     folders: set[str] = set()  # inferred so far; a folder's keys may span pages
     while True:
-        reply = with_retries(lambda: client.list_objects_v2(**request), f"listing {uri}")
+        try:
+            reply = with_retries(lambda: client.list_objects_v2(**request), f"listing {uri}")
+        except Exception as exc:
+            raise _s3_error(f"listing {uri}", exc) from exc
         page = []
         names = [item["Key"][len(prefix):] for item in reply.get("Contents", [])]
         names += [common["Prefix"][len(prefix):] for common in reply.get("CommonPrefixes", [])]
@@ -440,16 +448,29 @@ def _s3_pages(uri: str, recursive: bool, page_entries: int) -> Iterator[list[tup
                 folder = "/".join(parts[:depth])
                 if folder and folder not in folders:
                     folders.add(folder)
-                    page.append((join(uri, folder), pafs.FileInfo(f"{bucket}/{prefix}{folder}",
-                                                                  pafs.FileType.Directory)))
-            if rel and not rel.endswith("/"):
-                page.append((join(uri, rel), pafs.FileInfo(f"{bucket}/{prefix}{rel}", pafs.FileType.File,
-                                                           size=sizes[i] if i < len(sizes) else None)))
+                    page.append((f"s3://{bucket}/{prefix}{folder}",
+                                 pafs.FileInfo(f"{bucket}/{prefix}{folder}", pafs.FileType.Directory)))
+            if rel and not rel.endswith("/"):  # the URI from the key itself: a key may hold "//"
+                page.append((f"s3://{bucket}/{prefix}{rel}", pafs.FileInfo(
+                    f"{bucket}/{prefix}{rel}", pafs.FileType.File, size=sizes[i] if i < len(sizes) else None)))
         if page:
             yield page
         if not reply.get("IsTruncated"):
             return
         request["ContinuationToken"] = reply["NextContinuationToken"]
+
+
+def _s3_error(what: str, exc: Exception) -> Exception:
+    """An AWS SDK error as the OSError it means, naming what failed (the SDK's own errors are not OSErrors)."""
+    if not type(exc).__module__.startswith("botocore"):
+        return exc
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+    if code in ("NoSuchBucket", "NoSuchKey", "404"):
+        return FileNotFoundError(f"{what}: {exc}")
+    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AllAccessDisabled") \
+            or type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return PermissionError(f"{what}: {exc} (S3 credentials come from the standard AWS chain)")
+    return OSError(f"{what}: {exc}")
 
 
 def list_entries(uri: str, recursive: bool = True) -> list[tuple[str, pafs.FileInfo]]:

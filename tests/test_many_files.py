@@ -176,12 +176,13 @@ def test_the_listing_is_cut_into_shards_page_by_page_and_only_the_first_stay_in_
             yield page
 
     done = {names[4], names[5], "s3://b/p/n0.txt"}
-    listed = scoring._list_shards(listed_pages(), done=done, shard_files=3, hold=2,
-                                  skipped=lambda entries, page: committed.update(entries))
+    listed = scoring._list_shards(listed_pages(), done=done, retry={names[7], "s3://b/p/gone.wav"}, shard_files=3,
+                                  hold=2, skipped=lambda entries, part: committed.update({part: entries}))
     todo = [n for n in names if n not in done]
     shards = [todo[i:i + 3] for i in range(0, len(todo), 3)]
     assert listed.held == shards[:2] and (listed.shards, listed.files, listed.finished) == (len(shards), 60, 2)
-    assert listed.skipped == 5 and set(committed) == {f"s3://b/p/n{i}.txt" for i in (14, 28, 42, 56)}
+    assert listed.skipped == 5 and set(committed[0]) == {f"s3://b/p/n{i}.txt" for i in (14, 28, 42, 56)}
+    assert list(committed) == [0] and listed.retried == {names[7]}  # a file listed again; one no longer listed
     tables = [ray.get(ref) for ref in listed.blocks]
     assert [t.num_rows for t in tables] == [1, 1, 8, 8] and len(consumed) == len(pages)
     rows = [row for t in tables for row in t.to_pylist()]

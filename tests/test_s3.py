@@ -49,6 +49,8 @@ def test_an_s3_prefix_is_listed_a_page_at_a_time_as_arrow_lists_it_whole(s3_serv
                    for page in pages for uri, info in page)
     assert paged == expected
     assert list(storage.entry_pages("s3://gunsound-test/nothing-here")) == []
+    with pytest.raises(FileNotFoundError, match=r"listing s3://no-such-bucket/x: .*NoSuchBucket"):
+        list(storage.entry_pages("s3://no-such-bucket/x"))
 
 
 def test_a_local_folder_is_listed_a_folder_at_a_time_with_its_broken_links(tmp_path):

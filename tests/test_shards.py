@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gunsound.shards import Resume, ShardCommitter, resume
+from gunsound.shards import Resume, ShardCommitter, resume, take_out_errors
 from gunsound.windows import plan_chunks
 
 
@@ -117,6 +117,8 @@ def test_a_rerun_takes_the_error_rows_of_its_input_out_to_score_them_again(tmp_p
     # other.wav belongs to another input scored into the same OUTPUT: its row stays.
     earlier = resume(out, ["a.wav", "bad.wav"])
     assert earlier.done == {"a.wav", "other.wav"} and earlier.retried == {"bad.wav"}
+    assert len(pd.read_parquet(tmp_path / "files")) == 3  # taken out only once the run lists it again
+    take_out_errors(out, earlier.retried)
     after = pd.read_parquet(tmp_path / "files")
     assert sorted(after["file"]) == ["a.wav", "other.wav"]  # bad.wav is out until its new row is committed
     assert after.dtypes.to_dict() == before.dtypes.to_dict()
