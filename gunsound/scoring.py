@@ -353,7 +353,11 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     # The input is cut into shards of file names as it is listed, a page at a time. The first shards stay here
     # until the pool is sized (a run of fewer files than scorers reads their headers to size it); every later
     # one goes into the object store as it is made, so the driver holds a reference per shard, not the files.
-    listed = _list_shards(itertools.chain(head, listing.pages), done=earlier.done, retry=earlier.retried,
+    pages = itertools.chain(head, listing.pages)
+    if listing.folder is not None and output.startswith(listing.folder + "/"):
+        # OUTPUT inside the input folder: its own parts are not inputs (nor skipped entries).
+        pages = ([entry for entry in page if not entry[0].startswith(output + "/")] for page in pages)
+    listed = _list_shards(pages, done=earlier.done, retry=earlier.retried,
                           shard_files=s.shard_files, hold=actors, skipped=lambda entries, part: _commit_skipped(
                               output, f"{run_id}-skipped-{part:05d}", entries, model.classes, s))
     del head

@@ -219,6 +219,22 @@ def test_an_s3_prefix_listed_over_several_pages_is_scored_once_per_file_and_resu
     assert pd.read_parquet(tmp_path / "out" / "files")["file"].is_unique
 
 
+@pytest.mark.ray
+def test_an_output_inside_the_input_folder_is_not_listed_as_input(ray_local, model_file, clips, tmp_path):
+    import shutil
+
+    root, durations, _ = clips
+    for path in sorted(durations)[:3]:
+        shutil.copy(path, tmp_path)
+    out = tmp_path / "scores"
+    for _ in range(2):  # the second run lists the first run's parts under the input
+        assert main(["score", str(model_file), str(tmp_path), str(out), *ARGS]) == 0
+    files = pd.read_parquet(out / "files")
+    assert sorted(files["file"]) == sorted(str(tmp_path / p.rsplit("/", 1)[-1]) for p in sorted(durations)[:3])
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["files"], summary["skipped_as_finished"], summary["skipped_entries"]) == (3, 3, 0)
+
+
 @pytest.mark.parametrize(("scorers", "shards", "parts"), [(2, 1, 2), (8, 1, 8), (16, 1, 8), (8, 3, 3), (2, 10, 1),
                                                           (64, 39_063, 1)])
 def test_a_shard_is_split_among_scorers_only_when_there_are_fewer_shards_than_scorers(scorers, shards, parts):
