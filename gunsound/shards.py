@@ -97,10 +97,10 @@ def take_out_errors(output: str, files: set[str]) -> None:
     before they are scored again: at any point where a run may crash each file is in the tables at most once."""
     if not files:
         return
-    wanted = pa.array(sorted(files), pa.string())
+    scope = InputScope(files=frozenset(files))
     for uri in _parts(output, "files"):
         part = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-        retry = pc.and_(pc.equal(part["status"], "error"), pc.is_in(part["file"], value_set=wanted))
+        retry = pc.and_(pc.equal(part["status"], "error"), scope.contains(part["file"]))
         if pc.any(retry).as_py():
             buffer = io.BytesIO()
             pq.write_table(part.filter(pc.invert(retry)), buffer)  # the part's own schema: the parts still agree

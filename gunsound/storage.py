@@ -167,8 +167,12 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, ConnectionError | TimeoutError):
         return True
-    from_aws_sdk = type(exc).__module__.startswith("botocore")
-    return isinstance(exc, OSError) | from_aws_sdk and bool(_TRANSIENT.search(str(exc)))
+    return (isinstance(exc, OSError) or _from_aws_sdk(exc)) and bool(_TRANSIENT.search(str(exc)))
+
+
+def _from_aws_sdk(exc: BaseException) -> bool:
+    """Raised by boto3's botocore, whose errors are not OSErrors."""
+    return type(exc).__module__.startswith("botocore")
 
 
 def with_retries(call: Callable, what: str, policy: RetryPolicy | None = None):
@@ -437,7 +441,9 @@ def _s3_pages(uri: str, recursive: bool, page_entries: int) -> Iterator[list[tup
         try:
             reply = with_retries(lambda: client.list_objects_v2(**request), f"listing {uri}")
         except Exception as exc:
-            raise _s3_error(f"listing {uri}", exc) from exc
+            if _from_aws_sdk(exc):
+                raise _s3_error(f"listing {uri}", exc) from exc
+            raise
         page = []
         names = [item["Key"][len(prefix):] for item in reply.get("Contents", [])]
         names += [common["Prefix"][len(prefix):] for common in reply.get("CommonPrefixes", [])]
@@ -461,9 +467,7 @@ def _s3_pages(uri: str, recursive: bool, page_entries: int) -> Iterator[list[tup
 
 
 def _s3_error(what: str, exc: Exception) -> Exception:
-    """An AWS SDK error as the OSError it means, naming what failed (the SDK's own errors are not OSErrors)."""
-    if not type(exc).__module__.startswith("botocore"):
-        return exc
+    """An AWS SDK error as the OSError it means, naming what failed."""
     code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
     if code in ("NoSuchBucket", "NoSuchKey", "404"):
         return FileNotFoundError(f"{what}: {exc}")
