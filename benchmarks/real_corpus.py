@@ -6,8 +6,11 @@ The manifest (benchmarks/real_corpus_manifest.csv, committed) lists one clip per
 the version it was chosen from, the path inside the package, the label, the licence (from the package's
 debian/copyright), and for gunshots the number of rounds and their onset times where they were established.
 A path of the form `archive.pk3!member.ogg` names a member of a zip archive the package ships (Nexuiz's
-data.pk3, Warzone 2100's base.wz) or of an OpenClonk group file (`Sound.ocg!Objects.ocg/.../GunShoot1.ogg`,
-read by the small C4Group reader below); the member is copied as shipped.
+data.pk3, Warzone 2100's base.wz), of an OpenClonk group file (`Sound.ocg!Objects.ocg/.../GunShoot1.ogg`,
+read by the small C4Group reader below), of an Advanced Strategic Command container (`main.ascdat!gateling.ogg`)
+or of a Triplane Classic DKS data file (`fokker.dks!Guns1.wav`: DKS names its members without an extension, so
+a member that is a RIFF WAVE file is listed with `.wav` added); the member is copied as shipped (an ASC member
+that ASC stored bzip2-packed is unpacked).
 
 The script downloads each package with `apt-get download` into a cache folder (reused when the .deb is
 there), unpacks it with `dpkg-deb -x`, and writes
@@ -23,6 +26,7 @@ Train with folds grouped by package (`--set dataset.group_fold_column=package`).
 from __future__ import annotations
 
 import argparse
+import bz2
 import functools
 import gzip
 import shutil
@@ -199,8 +203,65 @@ def read_c4group(path: Path) -> dict[str, bytes]:
     return _c4_entries(gzip.decompress(bytes(raw)))
 
 
+ASC_SUFFIX, _ASC_MAGIC, _ASC_PACKED = ".ascdat", b"NCBM", b"MBZLB2X!"
+
+
+@functools.lru_cache(maxsize=2)
+def read_ascdat(path: Path) -> dict[str, bytes]:
+    """Members of an Advanced Strategic Command container: "NCBM", the index's offset; at the index a count,
+    then per member a flag, its first and last byte (int32 each) and its NUL-ended name. A member may be
+    bzip2-packed the ASC way (signature, then the bzip2 stream with every byte XOR 'M'); it is unpacked."""
+    data = path.read_bytes()
+    if data[:4] != _ASC_MAGIC:
+        raise CorpusError(f"{path}: not an ASC container ({data[:4]!r})")
+    pos = struct.unpack_from("<i", data, 4)[0]
+    count = struct.unpack_from("<i", data, pos)[0]
+    pos += 4
+    out: dict[str, bytes] = {}
+    for _ in range(count):
+        _flag, first, last = struct.unpack_from("<3i", data, pos)
+        end = data.index(b"\0", pos + 12)
+        name = data[pos + 12:end].decode("latin-1")
+        pos = end + 1
+        blob = data[first:last + 1]
+        if blob.startswith(_ASC_PACKED):
+            unmasked = bytes(b ^ ord("M") for b in blob[len(_ASC_PACKED):])
+            blob = bz2.decompress(unmasked[unmasked.index(b"BZh"):])
+        out[name] = blob
+    return out
+
+
+DKS_SUFFIX, _DKS_HEADER, _DKS_ENTRIES, _DKS_ENTRY = ".dks", 20, 8192, 23
+
+
+@functools.lru_cache(maxsize=2)
+def read_dks(path: Path) -> dict[str, bytes]:
+    """Members of a Triplane Classic DKS data file: a 20-byte header, then 8192 directory entries of a
+    7-byte NUL-padded name and a 64-bit offset and size. A member that is a RIFF WAVE file gets `.wav`."""
+    data = path.read_bytes()
+    if not data.startswith(b"DKS Datafile"):
+        raise CorpusError(f"{path}: not a DKS data file ({data[:12]!r})")
+    out: dict[str, bytes] = {}
+    for k in range(_DKS_ENTRIES):
+        at = _DKS_HEADER + _DKS_ENTRY * k
+        name = data[at:at + 7].split(b"\0")[0].decode("latin-1")
+        if not name:
+            continue
+        offset, size = struct.unpack_from("<QQ", data, at + 7)
+        blob = data[offset:offset + size]
+        is_wave = blob[:4] == b"RIFF" and blob[8:12] == b"WAVE"
+        out[f"{name}.wav" if is_wave else name] = blob
+    return out
+
+
 def _archive_members(archive: Path) -> dict[str, bytes] | zipfile.ZipFile:
-    return read_c4group(archive) if archive.suffix in C4GROUP_SUFFIXES else zipfile.ZipFile(archive)
+    if archive.suffix in C4GROUP_SUFFIXES:
+        return read_c4group(archive)
+    if archive.suffix == ASC_SUFFIX:
+        return read_ascdat(archive)
+    if archive.suffix == DKS_SUFFIX:
+        return read_dks(archive)
+    return zipfile.ZipFile(archive)
 
 
 def _copy_member(root: Path, path: str, dest: Path) -> None:
@@ -268,7 +329,8 @@ def build(out: Path, manifest: pd.DataFrame, cache: Path) -> pd.DataFrame:
                     "rounds": rounds,
                     "onsets": row["onsets"],
                 })
-        read_c4group.cache_clear()
+        for reader in (read_c4group, read_ascdat, read_dks):
+            reader.cache_clear()
     frame = pd.DataFrame(rows)
     frame["rounds"] = frame["rounds"].astype("Int64")
     frame.to_parquet(out / "train.pq", index=False)
