@@ -203,7 +203,8 @@ def read_c4group(path: Path) -> dict[str, bytes]:
     return _c4_entries(gzip.decompress(bytes(raw)))
 
 
-ASC_SUFFIX, _ASC_MAGIC, _ASC_PACKED = ".ascdat", b"NCBM", b"MBZLB2X!"
+_ASC_MAGIC, _ASC_PACKED = b"NCBM", b"MBZLB2X!"
+_UNMASK_M = bytes(b ^ ord("M") for b in range(256))  # a translate table: every byte XOR 'M'
 
 
 @functools.lru_cache(maxsize=2)
@@ -225,13 +226,13 @@ def read_ascdat(path: Path) -> dict[str, bytes]:
         pos = end + 1
         blob = data[first:last + 1]
         if blob.startswith(_ASC_PACKED):
-            unmasked = bytes(b ^ ord("M") for b in blob[len(_ASC_PACKED):])
+            unmasked = blob[len(_ASC_PACKED):].translate(_UNMASK_M)
             blob = bz2.decompress(unmasked[unmasked.index(b"BZh"):])
         out[name] = blob
     return out
 
 
-DKS_SUFFIX, _DKS_HEADER, _DKS_ENTRIES, _DKS_ENTRY = ".dks", 20, 8192, 23
+_DKS_HEADER, _DKS_ENTRIES, _DKS_ENTRY = 20, 8192, 23
 
 
 @functools.lru_cache(maxsize=2)
@@ -254,14 +255,13 @@ def read_dks(path: Path) -> dict[str, bytes]:
     return out
 
 
+# The games' own containers by suffix (read whole, cached per build); any other archive is a zip.
+CONTAINER_READERS = {**dict.fromkeys(C4GROUP_SUFFIXES, read_c4group), ".ascdat": read_ascdat, ".dks": read_dks}
+
+
 def _archive_members(archive: Path) -> dict[str, bytes] | zipfile.ZipFile:
-    if archive.suffix in C4GROUP_SUFFIXES:
-        return read_c4group(archive)
-    if archive.suffix == ASC_SUFFIX:
-        return read_ascdat(archive)
-    if archive.suffix == DKS_SUFFIX:
-        return read_dks(archive)
-    return zipfile.ZipFile(archive)
+    reader = CONTAINER_READERS.get(archive.suffix)
+    return reader(archive) if reader else zipfile.ZipFile(archive)
 
 
 def _copy_member(root: Path, path: str, dest: Path) -> None:
@@ -329,7 +329,7 @@ def build(out: Path, manifest: pd.DataFrame, cache: Path) -> pd.DataFrame:
                     "rounds": rounds,
                     "onsets": row["onsets"],
                 })
-        for reader in (read_c4group, read_ascdat, read_dks):
+        for reader in set(CONTAINER_READERS.values()):
             reader.cache_clear()
     frame = pd.DataFrame(rows)
     frame["rounds"] = frame["rounds"].astype("Int64")
