@@ -63,6 +63,23 @@ def trained_run(trained_run_cli) -> Path:
     return out
 
 
+# The shared DDP run: one fold of FAST on two half-CPU Train workers (on a 2-CPU machine the fold's driver task
+# needs a little CPU beside them), its epochs tracked with MLflow (rank 0 logs them).
+DDP_RUN_EXTRA = ("--set", "environment.workers_per_fold=2", "--set", "environment.cpus_per_worker=0.5",
+                 "--set", "dataset.folds=[0]", "--set", "logging.logger=MLflow")
+
+
+@pytest.fixture(scope="session")
+def ddp_run_cli(ray_local, synth_dir, tmp_path_factory) -> tuple[Path, int]:
+    """One fold trained on two workers with MLflow tracking, once per session through the CLI: its folder and
+    the command's exit status. test_ddp reads its fold's files; test_tracking reads its MLflow store and then
+    reopens and closes the command's run (tracking.json, mlflow.db), which test_ddp does not read."""
+    from gunsound.cli import main
+
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    return out, main(train_args(synth_dir, out, *DDP_RUN_EXTRA))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

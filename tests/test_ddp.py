@@ -12,23 +12,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gunsound.cli import main
 from gunsound.ddp import RanksDiverged, check_ranks
-from tests.conftest import train_args
 
 
 @pytest.mark.ray
-def test_one_fold_on_two_workers_keeps_ranks_in_step_on_disjoint_shards(ray_local, synth_dir, tmp_path):
-    out = tmp_path / "run"
-    # Two half-CPU workers: on a 2-CPU machine the fold's driver task needs a little CPU beside them.
-    code = main(train_args(synth_dir, out, "--set", "environment.workers_per_fold=2",
-                           "--set", "environment.cpus_per_worker=0.5", "--set", "dataset.folds=[0]",
-                           "--set", "training.epochs=3"))
+def test_one_fold_on_two_workers_keeps_ranks_in_step_on_disjoint_shards(ddp_run_cli):
+    # The session's DDP run (tests/conftest.py): `main(train_args(synth_dir, out, *DDP_RUN_EXTRA))`, one fold of
+    # FAST (2 epochs: the ranks stay in step past the first) on two half-CPU workers; test_tracking reads its
+    # MLflow store.
+    out, code = ddp_run_cli
     assert code == 0
     epochs = json.loads((out / "fold_0" / "metrics.json").read_text())
     manifest = pd.read_parquet(out / "manifest.parquet")
     train_rows, valid_rows = (manifest["fold"] != 0).sum(), (manifest["fold"] == 0).sum()
-    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert [e["epoch"] for e in epochs] == [1, 2]
     for e in epochs:
         assert e["ranks"] == 2 and e["ranks_in_sync"] is True
         assert [w["rank"] for w in e["workers"]] == [0, 1] and all(w["device"] == "cpu" for w in e["workers"])
@@ -40,31 +37,32 @@ def test_one_fold_on_two_workers_keeps_ranks_in_step_on_disjoint_shards(ray_loca
     assert len(valid) == valid_rows and valid["row"].is_unique  # scored once, whole
 
 
-def _rank(rank: int, port: int, drift: bool, results) -> None:
+def _rank(rank: int, port: int, results) -> None:
+    """Both checks in one process group: the ranks in step, then rank 1's bias moved by 1e-6."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
-    if drift and rank == 1:
-        with torch.no_grad():
-            model.bias[0] += 1e-6
     try:
-        report = check_ranks(model, np.arange(rank * 10, rank * 10 + 10), {"node": "here", "device": "cpu"})
-        results[rank] = ("ok", report["ranks"], report["rows_trained_on_several_ranks"])
-    except RanksDiverged as exc:
-        results[rank] = ("diverged", str(exc))
+        for drift in (False, True):
+            if drift and rank == 1:
+                with torch.no_grad():
+                    model.bias[0] += 1e-6
+            try:
+                report = check_ranks(model, np.arange(rank * 10, rank * 10 + 10), {"node": "here", "device": "cpu"})
+                results[(drift, rank)] = ("ok", report["ranks"], report["rows_trained_on_several_ranks"])
+            except RanksDiverged as exc:
+                results[(drift, rank)] = ("diverged", str(exc))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("drift", [False, True])
-def test_ranks_that_drift_apart_are_caught(drift):
+def test_ranks_that_drift_apart_are_caught():
+    # One pair of processes for both cases: each start imports torch, the most of this test's time.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_rank, args=(port, drift, results), nprocs=2, join=True)
-    if drift:
-        assert results[0][0] == results[1][0] == "diverged" and "rank(s) [1]" in results[0][1]
-    else:
-        assert results[0] == results[1] == ("ok", 2, 0)
+    mp.spawn(_rank, args=(port, results), nprocs=2, join=True)
+    assert results[(False, 0)] == results[(False, 1)] == ("ok", 2, 0)
+    assert results[(True, 0)][0] == results[(True, 1)][0] == "diverged" and "rank(s) [1]" in results[(True, 0)][1]

@@ -9,22 +9,23 @@ import pytest
 from gunsound import storage, tracking
 from gunsound.config import ConfigError, load_config
 from gunsound.tracking import FoldTracker, TrackingSettings
-from tests.conftest import FAST, LAPTOP_CONFIG
+from tests.conftest import LAPTOP_CONFIG
 
 
 @pytest.mark.ray
-def test_a_training_with_mlflow_writes_runs_that_mlflow_reads_back(ray_local, synth_dir, tmp_path):
+def test_a_training_with_mlflow_writes_runs_that_mlflow_reads_back(ddp_run_cli):
     from mlflow import MlflowClient
 
-    from gunsound import training
-    from gunsound.plan import prepare
+    # The session's DDP run (tests/conftest.py): `main(train_args(synth_dir, out, *DDP_RUN_EXTRA))`, one fold of
+    # FAST on two Train workers with `logging.logger=MLflow`; rank 0 logs the epochs.
+    out, code = ddp_run_cli
+    assert code == 0
+    cfg = load_config(out / "config.yaml")  # the command's resolved config
+    assert cfg.logging.logger == "MLflow"
+    settings = TrackingSettings.from_config(cfg, str(out))
+    results = json.loads((out / "metrics.json").read_text())
 
-    cfg = load_config(LAPTOP_CONFIG, [*FAST, "logging.logger=MLflow"])
-    plan = prepare(cfg, str(synth_dir), str(tmp_path / "run"))
-    settings = TrackingSettings.from_config(plan.cfg, plan.output)
-    results = training.run(plan)  # opens the command's run, a run per fold, and closes them
-
-    assert settings.tracking_uri == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    assert settings.tracking_uri == f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=settings.tracking_uri)
     experiment = client.get_experiment_by_name("laptop")
     runs = client.search_runs([experiment.experiment_id])
@@ -32,25 +33,25 @@ def test_a_training_with_mlflow_writes_runs_that_mlflow_reads_back(ray_local, sy
     child = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
     assert len(runs) == 2 and child.info.run_name == "fold_0" and child.info.status == "FINISHED"
     # Every epoch of the fold, as its metrics.json has it.
-    epochs = json.loads((tmp_path / "run" / "fold_0" / "metrics.json").read_text())
+    epochs = json.loads((out / "fold_0" / "metrics.json").read_text())
     for key in ("train_loss", "valid_loss", "valid_roc_auc", "lr"):
         history = client.get_metric_history(child.info.run_id, key)
         assert [(m.step, m.value) for m in history] == [(e["epoch"], pytest.approx(e[key])) for e in epochs]
     # The command's run: the resolved config, the cross-validated metrics and the report.
     assert parent.info.status == "FINISHED"
     assert parent.data.params["training.epochs"] == "2" and parent.data.params["architecture.backbone"] == "resnet10t"
-    assert parent.data.params["environment.seed"] == str(plan.cfg.environment.seed)  # the drawn seed
+    assert parent.data.params["environment.seed"] == str(cfg.environment.seed)  # the resolved seed
     assert parent.data.metrics["cv.mean_over_folds.roc_auc.mean"] == pytest.approx(
         results["cv"]["mean_over_folds"]["roc_auc"]["mean"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.json", "metrics.json", "report"} <= artifacts
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/report.html" in report and any(p.endswith(".png") for p in report)
-    assert list((tmp_path / "run" / "mlruns").rglob("report.html"))  # artifacts stay beside the outputs
+    assert list((out / "mlruns").rglob("report.html"))  # artifacts stay beside the outputs
 
     # A rerun of the same command into the same OUTPUT continues the same run.
-    tracking.start_run(settings, plan.cfg.to_dict())
-    assert json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"] == parent.info.run_id
+    tracking.start_run(settings, cfg.to_dict())
+    assert json.loads((out / "tracking.json").read_text())["run_id"] == parent.info.run_id
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"
     tracking.finish_run(settings, None, failed=True)
     assert client.get_run(parent.info.run_id).info.status == "FAILED"

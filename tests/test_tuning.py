@@ -32,7 +32,9 @@ def test_config_search_space_adds_keys_and_is_validated():
 def test_asha_sweep_writes_results_and_a_ready_best_config(ray_local, synth_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     code = main(["tune", str(LAPTOP_CONFIG), "--data", str(synth_dir), "--output", str(out), "--num-samples", "2",
-                 *[arg for kv in FAST for arg in ("--set", kv)], "--set", "training.epochs=1"])
+                 *[arg for kv in FAST for arg in ("--set", kv)], "--set", "training.epochs=1",
+                 # Half-CPU Train workers: on a 2-CPU machine both trials run side by side, not one after another.
+                 "--set", "environment.cpus_per_worker=0.5"])
     assert code == 0, capsys.readouterr().err
     table = pd.read_csv(out / "tune" / "results.csv")
     assert len(table) == 2 and table["valid_roc_auc"].notna().all()
