@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import torch
-from memory import PeakMemory, scratch_dir
+from memory import PeakMemory, describe_roles, private_by_role, scratch_dir
 
 from gunsound import audio
 from gunsound.config import load_config
@@ -87,6 +88,7 @@ def main() -> None:
         assert out.count() == len(paths)
 
     ray_runs = [timed(ray_pass, pss=True)]
+    roles = private_by_role(PeakMemory.processes(), os.getpid())  # the workers stay, holding what the pass left
     for _ in range(args.repeats - 1):  # interleaved, so drift in the machine's speed hits both paths alike
         loop_runs.append(timed(loop_pass))
         ray_runs.append(timed(ray_pass))
@@ -109,6 +111,7 @@ def main() -> None:
     pages = f"distinct pages {ray_pages / loop_pages:.2f} (target <= 2.0), " if loop_pages and ray_pages else ""
     print(f"peak memory Ray/loop (Ray {'with' if args.dashboard else 'without'} its dashboard): {pages}"
           f"PSS {ray_pss / loop_pss:.2f}, RSS {ray_rss / loop_rss:.2f}")
+    print(f"private memory after the first Ray pass (USS): {describe_roles(roles)}")
 
 
 def timed(work, pss: bool = False) -> tuple[float, int, int, int | None]:

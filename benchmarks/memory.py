@@ -37,7 +37,9 @@ class PeakMemory:
     process's page tables (PSS about 1 ms per process here, the pages some 10 ms), so they are read every
     `pss_interval` seconds, and not at all with `pss=False` (for timed runs whose speed should not pay)."""
 
-    def __init__(self, interval: float = 0.05, pss_interval: float = 0.5, pss: bool = True):
+    def __init__(self, interval: float = 0.05, pss_interval: float = 0.5, pss: bool = True,
+                 root: psutil.Process | None = None):
+        self.root = root  # whose tree to measure: this process by default, or a job started as a subprocess
         self.peak = 0
         self.peak_pss = 0
         self.peak_unique: int | None = 0 if pss else None
@@ -49,11 +51,15 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def processes(ray_session: bool = True) -> list[psutil.Process]:
-        """This process, its descendants and, with `ray_session`, any process of its Ray session that is not
-        one of them (a local Ray started by ray.init runs as descendants; a Ray started otherwise does not)."""
-        me = psutil.Process()
-        procs = {p.pid: p for p in [me, *me.children(recursive=True)]}
+    def processes(ray_session: bool = True, root: psutil.Process | None = None) -> list[psutil.Process]:
+        """`root` (default: this process), its descendants and, with `ray_session`, any process of this
+        process's Ray session that is not one of them (a local Ray started by ray.init runs as descendants of
+        the process that started it; a Ray started otherwise does not)."""
+        me = root or psutil.Process()
+        try:
+            procs = {p.pid: p for p in [me, *me.children(recursive=True)]}
+        except psutil.Error:  # the root exited
+            return []
         session = _ray_session_name() if ray_session else None
         if session:
             for p in psutil.process_iter():
@@ -96,12 +102,12 @@ class PeakMemory:
     def _sample(self, with_pss: bool) -> None:
         # Listing every process of the machine costs more than an RSS sample: the session's processes outside
         # this tree are looked up with each PSS sample (or every second without PSS) and reused in between.
-        tree = self.processes(ray_session=False)
+        tree = self.processes(ray_session=False, root=self.root)
         now = time.monotonic()
         if with_pss or now - self._scanned >= 1.0:
             self._scanned = now
             mine = {p.pid for p in tree}
-            self._outside = [p for p in self.processes() if p.pid not in mine]
+            self._outside = [p for p in self.processes(root=self.root) if p.pid not in mine]
         procs = [*tree, *self._outside]
         self.peak = max(self.peak, self.total(procs))
         if with_pss:
@@ -128,6 +134,33 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self._sample(self._pss_interval is not None)
+
+
+# Processes that a local Ray runs whatever the work: its services, agents and monitors, and Ray Data's helper
+# actors. Everything else named "ray::" is a worker of the job.
+RAY_OWN = ("gcs_server", "raylet", "dashboard.py", "monitor.py", "log_monitor.py", "ray::DashboardAgent",
+           "ray::RuntimeEnvAgent", "ray::_StatsActor", "ray::_AutoscalingCoordinatorActor",
+           "ray::ActorLocationTracker")
+
+
+def private_by_role(procs: list[psutil.Process], driver_pid: int) -> dict[str, list[int]]:
+    """Each process's private bytes (USS: pages no other process maps), grouped as "driver", "Ray's own" and
+    "workers": where a Ray path's memory goes beyond the pages its processes share (torch's libraries)."""
+    roles: dict[str, list[int]] = {"driver": [], "Ray's own": [], "workers": []}
+    for p in procs:
+        try:
+            line = " ".join(p.cmdline())
+            uss = p.memory_full_info().uss
+        except psutil.Error:
+            continue
+        role = "driver" if p.pid == driver_pid else "Ray's own" if any(n in line for n in RAY_OWN) else "workers"
+        roles[role].append(uss)
+    return roles
+
+
+def describe_roles(roles: dict[str, list[int]]) -> str:
+    return "; ".join(f"{name} {sum(sizes) / 2**20:.0f} MiB" + (f" ({len(sizes)} processes)" if len(sizes) > 1 else "")
+                     for name, sizes in roles.items() if sizes)
 
 
 def _summed(procs: list[psutil.Process], measure) -> int:
