@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import torch
-from memory import PeakMemory, describe_roles, private_by_role, scratch_dir
+from memory import PeakMemory, describe_roles, mib, private_by_role, scratch_dir
 
 from gunsound import audio
 from gunsound.config import load_config
@@ -126,10 +126,6 @@ def timed(work, pss: bool = False) -> tuple[float, int, int, int | None]:
 
 def median_run(runs: list) -> tuple:
     return sorted(runs)[len(runs) // 2]
-
-
-def mib(value: int | None) -> str:
-    return "n/a" if not value else f"{value / 2**20:.0f}"
 
 
 if __name__ == "__main__":

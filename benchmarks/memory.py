@@ -158,6 +158,11 @@ def private_by_role(procs: list[psutil.Process], driver_pid: int) -> dict[str, l
     return roles
 
 
+def mib(value: int | None) -> str:
+    """Bytes as whole MiB for the benchmarks' tables; "n/a" for a figure that could not be read."""
+    return "n/a" if not value else f"{value / 2**20:.0f}"
+
+
 def describe_roles(roles: dict[str, list[int]]) -> str:
     return "; ".join(f"{name} {sum(sizes) / 2**20:.0f} MiB" + (f" ({len(sizes)} processes)" if len(sizes) > 1 else "")
                      for name, sizes in roles.items() if sizes)

@@ -31,7 +31,7 @@ import psutil
 import pyarrow.parquet as pq
 import soundfile as sf
 import torch
-from memory import PeakMemory, describe_roles, private_by_role, scratch_dir
+from memory import PeakMemory, describe_roles, mib, private_by_role, scratch_dir
 
 from gunsound import scoring, storage, training
 from gunsound.config import load_config
@@ -207,10 +207,6 @@ def main() -> None:
               f"(target <= 1.2); first shard {large['first_shard']:.1f} s vs {small['first_shard']:.1f} s; "
               f"windows/s at {max(mine)} files {large['windows'] / large['summary']['wall_seconds'] / bound:.0%} of "
               "model-bound (target >= 50%)")
-
-
-def mib(value: int | None) -> str:
-    return "n/a" if not value else f"{value / 2**20:.0f}"
 
 
 def ratio(value: int | None, base: int | None) -> str:
