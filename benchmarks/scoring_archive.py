@@ -114,12 +114,13 @@ def main() -> None:
     print(f"model: {len(model.artifacts)}-fold ensemble of resnet18, {flops_per_window / 1e9:.2f} GFLOP per "
           f"{s.window_seconds:g} s window, hop {s.hop_seconds:g} s; machine matmul rate {peak_rate / 1e9:.0f} GFLOP/s")
     # The model stage's rate: FLOPs over the time its actors spent in the model, as they run side by side.
-    print(f"{'path':<34}{'audio s/s':>11}{'peak RSS MiB':>14}{'actors':>8}{'model GFLOP/s':>15}{'of matmul':>11}")
+    print(f"{'path':<34}{'audio s/s':>11}{'peak RSS MiB':>14}{'scorers':>8}{'model GFLOP/s':>15}{'of matmul':>11}")
     for name, (summary, peak, _) in results.items():
         windows = len(pd.read_parquet(summary.output + "/windows"))
-        rate = windows * flops_per_window / max(summary.model_seconds / max(summary.scorer_actors, 1), 1e-9)
+        scorers = summary.scorer_actors * summary.calls_per_actor  # scoring calls side by side
+        rate = windows * flops_per_window / max(summary.model_seconds / max(scorers, 1), 1e-9)
         print(f"{'job, ' + name:<34}{summary.audio_seconds_per_second:>11.1f}{peak / 2**20:>14.0f}"
-              f"{summary.scorer_actors:>8}{rate / 1e9:>15.1f}{rate / peak_rate:>11.0%}")
+              f"{scorers:>8}{rate / 1e9:>15.1f}{rate / peak_rate:>11.0%}")
     naive_audio = args.naive_minutes * 60
     naive_rate = naive_windows * flops_per_window / naive_s
     print(f"{'naive loop, ' + format(args.naive_minutes, 'g') + ' min':<34}{naive_audio / naive_s:>11.1f}"

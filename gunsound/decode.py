@@ -3,7 +3,8 @@ count, to mono float32 at a target rate; every frame asked for, or an AudioError
 
 A path or an open binary file goes in; where it comes from (local disk, S3, a zip) is `audio.py`'s business.
 This module imports no gunsound module and no Ray, so the exported scorer ships it as it is and reads audio
-with the same code as the scoring job. Needs numpy, soundfile and torch; torchaudio and scipy to resample.
+with the same code as the scoring job. Needs numpy and soundfile; torch, torchaudio and scipy to resample
+(imported then, so that reading headers and audio at the model's rate costs no torch import).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from math import gcd
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import soundfile as sf
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # Headers outside these bounds are corrupt (or not worth a cluster's time) and the file becomes an error:
 # below 1 kHz a header turns 4,000 samples into an hour of windows; 768 kHz is the fastest audio interfaces
@@ -287,6 +290,8 @@ def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
         return wave
     if max(orig_sr, target_sr) // gcd(orig_sr, target_sr) > MAX_RESAMPLE_FACTOR:
         return polyphase_resample(wave, orig_sr, target_sr)
+    import torch
+
     with torch.inference_mode():
         return _resampler(orig_sr, target_sr)(torch.from_numpy(wave)).numpy()
 

@@ -3,7 +3,6 @@ turns waveform windows into per-class probabilities (the Ray job's actor, and `p
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -13,6 +12,7 @@ import torch
 from gunsound import storage
 from gunsound.features import FeatureParams, LogMelSpectrogram
 from gunsound.model import ModelArtifact
+from gunsound.model_files import ModelDescription, model_files
 
 
 class Ensemble(torch.nn.Module):
@@ -66,40 +66,23 @@ class ScoringModel:
     def loss_function(self) -> str:
         return self.artifacts[0].loss_function
 
+    def describe(self) -> ModelDescription:
+        return ModelDescription(classes=list(self.classes), sample_rate=self.features.sample_rate,
+                                chunk_seconds=self.chunk_seconds, files=list(self.sources))
+
     def build(self) -> Ensemble:
         models = [a.build() for a in self.artifacts]
         return Ensemble(LogMelSpectrogram(self.features), models, self.loss_function).eval()
 
 
-def ensemble_members(run: str) -> list[str]:
-    """The model files a run's ensemble.json lists, as paths relative to the run: each must stay inside the
-    run folder, so an edited or planted ensemble.json cannot point scoring at a model elsewhere."""
-    where = storage.join(run, "ensemble.json")
-    try:
-        members = json.loads(storage.read_text(where))["models"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{where}: not an ensemble file ({exc})") from exc
-    if not isinstance(members, list) or not members:
-        raise ValueError(f"{where}: 'models' must be a non-empty list of model files in the run")
-    for member in members:
-        parts = member.split("/") if isinstance(member, str) else []
-        if not parts or member.startswith("/") or "\\" in member or ":" in member or any(
-                p in ("", ".", "..") for p in parts) or not member.endswith(".pt"):
-            raise ValueError(f"{where}: model {member!r} is not a .pt file inside the run folder")
-    return members
-
-
 def load_scoring_model(location: str) -> ScoringModel:
     """A training run (its fold ensemble, from ensemble.json), a fold folder, or a model.pt file."""
-    if location.endswith(".pt"):
-        uris = [location]
-    elif storage.exists(storage.join(location, "ensemble.json")):
-        uris = [storage.join(location, *m.split("/")) for m in ensemble_members(location)]
-    elif storage.exists(storage.join(location, "model.pt")):
-        uris = [storage.join(location, "model.pt")]
-    else:
-        raise FileNotFoundError(f"{location}: not a training run (ensemble.json), a fold folder or a model.pt file")
-    return ScoringModel([ModelArtifact.load(u) for u in uris], uris)
+    return load_model_files(model_files(location))
+
+
+def load_model_files(files: list[str]) -> ScoringModel:
+    """The ensemble of these model files (`model_files.model_files`)."""
+    return ScoringModel([ModelArtifact.load(u) for u in files], list(files))
 
 
 def _where(device: torch.device) -> str:
@@ -116,10 +99,16 @@ def _where(device: torch.device) -> str:
 class WindowScorer:
     """Scores waveform windows (a batch's `wave` column) in model batches of `batch_size`, however many a call
     brings (from one file or many: each row stays its own), with autocast on a GPU; rows with an `error` are
-    left unscored; loads the ensemble once (a Ray actor in the job). Adds `probs`, and per
-    row the model time, the device and where the scorer ran, for throughput figures and the summary."""
+    left unscored; loads the ensemble once (a Ray actor in the job: given the model's files, it reads them itself,
+    from S3 with `s3`'s settings). Adds `probs`, and per row the model time, the device and where the scorer ran,
+    for throughput figures and the summary."""
 
-    def __init__(self, model: ScoringModel, *, mixed_precision: bool = True, batch_size: int = 64):
+    def __init__(self, model: ScoringModel | list[str], *, mixed_precision: bool = True, batch_size: int = 64,
+                 s3: storage.S3Settings | None = None):
+        if not isinstance(model, ScoringModel):
+            if s3 is not None:
+                storage.configure_s3(s3.endpoint_url, s3.region)
+            model = load_model_files(model)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.where = _where(self.device)
         self.model = model.build().to(self.device)

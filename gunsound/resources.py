@@ -43,6 +43,7 @@ class ClusterCapacity:
 
     live: dict[str, float]
     node_types: tuple[NodeType, ...] = ()
+    live_nodes: int = 1
 
     def most(self, resource: str) -> float:
         """The most of a resource the cluster can ever hold at once: live, or every node type at its maximum."""
@@ -120,7 +121,8 @@ def cluster_capacity() -> ClusterCapacity:
     import ray
 
     live = {k: float(v) for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
-    return ClusterCapacity(live, _gcs_node_types() or launcher_node_types())
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return ClusterCapacity(live, _gcs_node_types() or launcher_node_types(), live_nodes=nodes)
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,13 @@ def scorer_actors(*, device: str, actors: int | None, capacity: ClusterCapacity)
     if actors and actors > cpus:
         log.warning("scoring.actors=%d but this cluster can hold %d CPUs and no GPU: using %d", actors, cpus, cpus)
     return max(1, min(actors or cpus, cpus)), 0.0
+
+
+def calls_per_cpu_scorer(scorers: int, capacity: ClusterCapacity) -> int:
+    """Scoring calls each CPU scorer actor runs side by side (one CPU each), for `scorers` calls in all. On one
+    machine (one node alive, none to launch) a single actor holds them all, so torch and the model are in
+    memory once for every core; across nodes each actor takes one CPU, which fits on any node."""
+    return max(1, scorers) if capacity.live_nodes <= 1 and not capacity.node_types else 1
 
 
 def placement(device: str) -> dict[str, Any]:

@@ -7,7 +7,9 @@ first shard is scored while later headers are unread. Chunks are packed into rea
 batch of windows, from as many short files as it takes; decoding and onset detection (`events`) read a group
 per call (`read_groups`), and the model (`inference.WindowScorer`) scores it in an actor pool (a GPU each and
 autocast where GPUs are used, `resources.scorer_actors`; on CPUs each actor reads what it scores,
-`GroupScorer`), one pool for the whole run. Every row names its shard and the shard's row count, so the driver
+`GroupScorer`, and on one machine a single actor scores in a thread per CPU), one pool for the whole run. The
+scorers load the model from its files; the driver learns its classes in a short-lived process
+(`describe_model`) and never imports torch. Every row names its shard and the shard's row count, so the driver
 holds only the shards in flight; a shard's results are committed to OUTPUT as soon as its last row is scored
 (`shards`), so a killed job started again with the same OUTPUT skips the files it finished, scores again those
 whose rows are errors, and ends with each file exactly once. It resumes only with the same model and settings
@@ -29,6 +31,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -36,9 +39,9 @@ import pandas as pd
 from gunsound import audio, fingerprint, storage
 from gunsound.config import Config, ConfigError
 from gunsound.events import chunk_onsets, summarize_file
-from gunsound.inference import ScoringModel, WindowScorer, load_scoring_model
 from gunsound.inputs import open_inputs
 from gunsound.lease import OutputLease
+from gunsound.model_files import ModelDescription, model_files
 from gunsound.shards import (
     SKIPPED,
     WINDOW_COLUMNS,
@@ -52,6 +55,9 @@ from gunsound.shards import (
     write_summary,
 )
 from gunsound.windows import cut_windows, pack_chunks, plan_chunks
+
+if TYPE_CHECKING:
+    from gunsound.inference import ScoringModel
 
 log = logging.getLogger(__name__)
 
@@ -288,11 +294,18 @@ def read_groups(batch: dict[str, np.ndarray], *, sample_rate: int, window_second
 
 class GroupScorer:
     """A CPU scorer actor that reads what it scores: each call reads one read group (`read_groups`) and scores
-    its windows (`inference.WindowScorer`), returning the rows without their waveforms."""
+    its windows (`inference.WindowScorer`), returning the rows without their waveforms. Calls may run side by
+    side in threads, one core each: one model and one torch in memory for all of a machine's cores."""
 
-    def __init__(self, *, read: dict, model: ScoringModel, mixed_precision: bool, batch_size: int):
+    def __init__(self, *, read: dict, model_files: list[str], mixed_precision: bool, batch_size: int):
+        import torch
+
+        from gunsound.inference import WindowScorer
+
+        torch.set_num_threads(1)
         self.read = read
-        self.scorer = WindowScorer(model, mixed_precision=mixed_precision, batch_size=batch_size)
+        self.scorer = WindowScorer(model_files, mixed_precision=mixed_precision, batch_size=batch_size,
+                                   s3=read["s3"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.scorer(read_groups(batch, **self.read))
@@ -316,12 +329,11 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     import ray
 
     from gunsound.ray_runtime import init_ray
-    from gunsound.resources import cluster_capacity, scorer_actors
+    from gunsound.resources import calls_per_cpu_scorer, cluster_capacity, scorer_actors
 
     started = time.perf_counter()
     input_location = storage.absolute(input_location)
-    model = load_scoring_model(model_location)
-    s = ScoringSettings.from_config(cfg, model_chunk_seconds=model.chunk_seconds)
+    files = model_files(model_location)
     listing = open_inputs(input_location, allow_outside=allow_outside)
     # Read ahead to the first audio file before OUTPUT is claimed, so that an input without any is refused
     # untouched; the rest of the listing is read as the shards are made.
@@ -336,19 +348,21 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
                                 + (f" ({skipped} other entries skipped)" if skipped else ""))
     scope = InputScope(folder=listing.folder) if listing.folder is not None else \
         InputScope(files=frozenset(uri for page in head for uri, reason in page if not reason))
-    made = fingerprint.scoring_fingerprint(asdict(s), model_location, model.sources)
+    model = describe_model(files)
+    s = ScoringSettings.from_config(cfg, model_chunk_seconds=model.chunk_seconds)
+    made = fingerprint.scoring_fingerprint(asdict(s), model_location, model.files)
     fingerprint.claim(output, made, overwrite=overwrite, owned=SCORING_OUTPUTS)
     init_ray(cfg.environment.ray_address, feature_tasks=False)
     ray.data.DataContext.get_current().enable_progress_bars = True
     earlier = resume(output, scope)
     run_id = uuid.uuid4().hex[:8]
     # Sized against what the cluster may hold (its autoscaler's node types), so a cluster whose GPU workers
-    # scale from zero still gets GPU scorers. Without GPUs the read stage fuses into the scorer actors (both
-    # take one CPU): one actor per CPU keeps every core scoring and leaves no read task waiting.
+    # scale from zero still gets GPU scorers. Without GPUs planning fuses into the scorer actors (both take the
+    # same CPUs): a scoring call per CPU keeps every core scoring and leaves no task waiting for a CPU.
     capacity = cluster_capacity()
     actors, gpus_per_actor = scorer_actors(device=cfg.environment.device, actors=s.actors, capacity=capacity)
     gpus = gpus_per_actor > 0
-    log.info("scoring asks for up to %d scorer actor(s) of %s (environment.device %s; cluster %s)", actors,
+    log.info("scoring asks for up to %d scorer(s) of %s (environment.device %s; cluster %s)", actors,
              f"{gpus_per_actor:g} GPU" if gpus else "1 CPU", cfg.environment.device, capacity.describe())
     # The input is cut into shards of file names as it is listed, a page at a time. The first shards stay here
     # until the pool is sized (a run of fewer files than scorers reads their headers to size it); every later
@@ -363,7 +377,7 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     del head
     take_out_errors(output, listed.retried)
     log.info("scoring %d file(s) (%d already finished) with %d model(s); %s windows of %gs, hop %gs",
-             listed.files - listed.finished, listed.finished, len(model.artifacts), s.method, s.window_seconds,
+             listed.files - listed.finished, listed.finished, len(model.files), s.method, s.window_seconds,
              s.hop_seconds)
     # One dataset for the whole run, so the scorer actors load the model (and start CUDA) once. Headers are
     # read and chunks planned inside the pipeline, a shard at a time, so the first windows are scored while
@@ -371,7 +385,7 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     # the shards in flight and commits each as its last row comes out.
     committer = ShardCommitter(output, run_id, model.classes, shards=listed.shards, window_seconds=s.window_seconds,
                                method=s.method, threshold=s.threshold)
-    model_seconds, pool, devices, scorers = 0.0, 0, set(), set()
+    model_seconds, pool, calls, devices, scorers = 0.0, 0, 1, set(), set()
     if listed.shards:
         held = [p for paths in listed.held for p in paths]
         pool, known = _pool_size(held, actors, s) if not listed.blocks else (actors, {})
@@ -385,28 +399,37 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
                       for k, paths in enumerate(listed.held) for j in range(parts)]
         ds = ray.data.from_arrow_refs(held_units + listed.blocks)
         del held, held_units
-        # Planning fuses into the next stage: one task (or actor call) per unit.
-        ds = ds.map_batches(plan_shards, batch_size=1, batch_format="numpy", num_cpus=1,
+        # On one machine without GPUs, one scorer actor takes every CPU and scores in as many threads.
+        calls = 1 if gpus else calls_per_cpu_scorer(pool, capacity)
+        # Planning fuses into the next stage: one task (or actor call) per unit, on the same CPUs.
+        ds = ds.map_batches(plan_shards, batch_size=1, batch_format="numpy", num_cpus=calls,
                             fn_kwargs={"window_seconds": s.window_seconds, "hop_seconds": s.hop_seconds,
                                        "read_seconds": s.read_seconds, "batch_windows": s.batch_size, "s3": s3})
-        read = {"sample_rate": model.features.sample_rate, "window_seconds": s.window_seconds,
+        read = {"sample_rate": model.sample_rate, "window_seconds": s.window_seconds,
                 "onset_detection": s.onset_detection, "onset_threshold_db": s.onset_threshold_db, "s3": s3}
-        scorer = {"model": model, "mixed_precision": s.mixed_precision, "batch_size": s.batch_size}
+        scorer = {"mixed_precision": s.mixed_precision, "batch_size": s.batch_size}
         if gpus:
+            from gunsound.inference import WindowScorer
+
             # Read tasks on the CPUs feed GPU scorers model batches; the pool grows with the backlog, and its
-            # requests bring GPU nodes up.
+            # requests bring GPU nodes up. Each actor loads the model from its files.
             ds = ds.map_batches(read_groups, batch_size=1, batch_format="numpy", num_cpus=1, fn_kwargs=read)
             ds = ds.map_batches(WindowScorer, batch_size=s.batch_size, batch_format="numpy",
-                                fn_constructor_kwargs=scorer, num_gpus=gpus_per_actor, num_cpus=1,
+                                fn_constructor_kwargs={"model": model.files, "s3": s3, **scorer},
+                                num_gpus=gpus_per_actor, num_cpus=1,
                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool))
         else:
             # On CPUs each scorer reads its groups itself, one per call: no read task waits for a CPU that the
             # actors hold, and a group's waveforms never leave the call that scores them. A unit is handed to
-            # an actor only when it is free: queued behind a busy one, a long file's half would wait while
-            # another actor idles.
+            # a scoring call only when one is free: queued behind a busy one, a long file's half would wait
+            # while another call idles.
             ds = ds.map_batches(GroupScorer, batch_size=1, batch_format="numpy",
-                                fn_constructor_kwargs={"read": read, **scorer}, num_cpus=1,
-                                compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=1))
+                                fn_constructor_kwargs={"read": read, "model_files": model.files, **scorer},
+                                num_cpus=calls,
+                                compute=ray.data.ActorPoolStrategy(size=pool // calls,
+                                                                   max_tasks_in_flight_per_actor=calls,
+                                                                   max_concurrent_calls_per_actor=calls,
+                                                                   enable_true_multi_threading=calls > 1))
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             model_seconds += float(batch.pop("model_seconds").sum())
             devices.update(batch.pop("device"))
@@ -416,9 +439,28 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     log.info("%d shard(s) committed; the driver held at most %d at once", len(committer.committed),
              committer.peak_open)
     return write_summary(output, scope, skipped=listed.finished, started=started, model_seconds=model_seconds,
-                         scorer_actors=pool, devices=sorted(devices), retried=len(listed.retried),
+                         scorer_actors=pool // calls, calls_per_actor=calls, devices=sorted(devices), retried=len(listed.retried),
                          model=made.model, settings=made.settings, scorers=sorted(scorers),
                          skipped_entries=listed.skipped)
+
+
+def _describe_model_files(files: list[str], s3: storage.S3Settings) -> ModelDescription:
+    storage.configure_s3(s3.endpoint_url, s3.region)
+    from gunsound.inference import load_model_files
+
+    return load_model_files(files).describe()
+
+
+def describe_model(files: list[str]) -> ModelDescription:
+    """The model's classes and input, read from its files in a process of its own, which exits afterwards: the
+    driver never imports torch nor holds the weights (the scorers load them), and a refusal (settings that do
+    not match OUTPUT) still comes before Ray starts. Its errors are raised here as they are (a file that is
+    not a gunsound model is a ValueError naming it)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as reader:
+        return reader.submit(_describe_model_files, files, storage.current_settings()).result()
 
 
 @dataclass
@@ -528,6 +570,8 @@ def _commit_skipped(output: str, name: str, skipped: dict[str, str], classes: li
 
 def predict_file(model: ScoringModel, path: str, cfg: Config) -> tuple[dict, list[dict], pd.DataFrame]:
     """Score one file in this process (no Ray): the same chunk plan, reader, scorer and summary as the job."""
+    from gunsound.inference import WindowScorer
+
     s = ScoringSettings.from_config(cfg, model_chunk_seconds=model.chunk_seconds)
     info = audio.info(path)
     scorer = WindowScorer(model, mixed_precision=s.mixed_precision, batch_size=s.batch_size)

@@ -264,6 +264,7 @@ class ScoreSummary:
     settings: dict = field(default_factory=dict)  # the scoring settings the rows were made with
     scorers: list[str] = field(default_factory=list)  # where the scorer actors ran: device, node, node type, GPU
     skipped_entries: int = 0  # entries under the input that are not audio gunsound reads (rows "skipped")
+    calls_per_actor: int = 1  # scoring calls each scorer actor ran side by side (threads, one CPU each)
 
     def describe(self) -> str:
         return (f"scored {self.files} files ({self.files_ok} ok, {self.errors} errors, "
@@ -277,7 +278,7 @@ class ScoreSummary:
 def write_summary(output: str, scope: InputScope, *, skipped: int, started: float, model_seconds: float,
                   scorer_actors: int, devices: list[str], retried: int = 0, model: dict | None = None,
                   settings: dict | None = None, scorers: list[str] | None = None,
-                  skipped_entries: int = 0) -> ScoreSummary:
+                  skipped_entries: int = 0, calls_per_actor: int = 1) -> ScoreSummary:
     """summary.json over the committed files of this input (`scope`; entries skipped as not audio are not
     files) (`started`: the job's time.perf_counter()), with the model and the settings that made them."""
     done = _read_parts(_parts(output, "files"))
@@ -292,6 +293,6 @@ def write_summary(output: str, scope: InputScope, *, skipped: int, started: floa
     summary = ScoreSummary(len(done), int((done["status"] == "ok").sum()), int((done["status"] != "ok").sum()),
                            audio_s / 3600, len(events), wall, audio_s / max(wall, 1e-9), skipped, output,
                            model_seconds, scorer_actors, devices, retried, model or {}, settings or {},
-                           scorers or [], skipped_entries)
+                           scorers or [], skipped_entries, calls_per_actor)
     storage.write_text(storage.join(output, "summary.json"), json.dumps(asdict(summary), indent=1))
     return summary

@@ -40,3 +40,31 @@ def test_a_broken_ensemble_file_is_named(tmp_path):
     (tmp_path / "ensemble.json").write_text("{not json")
     with pytest.raises(ValueError, match="ensemble.json: not an ensemble file"):
         load_scoring_model(str(tmp_path))
+
+
+def test_the_scoring_driver_learns_the_model_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    _run_with_models(run, ["fold_0/model.pt", "fold_1/model.pt"])
+    (run / "ensemble.json").write_text(json.dumps({"models": ["fold_0/model.pt", "fold_1/model.pt"]}))
+    (tmp_path / "planted.pt").write_bytes(b"not a model")
+    # What `gunsound score`'s driver imports and does before its scorers start, in a fresh interpreter.
+    code = f"""
+import sys
+from gunsound import cli, scoring
+from gunsound.model_files import model_files
+described = scoring.describe_model(model_files({str(run)!r}))
+assert described.classes == ["a", "b"] and described.sample_rate == 16000 and described.chunk_seconds == 1.0
+assert [f.rsplit("/", 2)[-2] for f in described.files] == ["fold_0", "fold_1"]
+try:
+    scoring.describe_model([{str(tmp_path / "planted.pt")!r}])
+except ValueError as exc:
+    assert "planted.pt: not a gunsound model file" in str(exc), exc
+else:
+    raise AssertionError("a file that is not a model was described")
+assert "torch" not in sys.modules, "the driver imported torch"
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -10,6 +10,7 @@ from gunsound.resources import (
     ClusterCapacity,
     NodeType,
     ResourceError,
+    calls_per_cpu_scorer,
     launcher_node_types,
     node_types_from_launcher_config,
     scorer_actors,
@@ -43,6 +44,15 @@ def test_cpu_runs_are_chosen_by_the_config_or_by_a_cluster_without_gpu_types():
     assert scorer_actors(device="cpu", actors=None, capacity=GPU_FROM_ZERO) == (192, 0.0)
     assert scorer_actors(device="auto", actors=None, capacity=LAPTOP) == (2, 0.0)
     assert scorer_actors(device="auto", actors=5, capacity=LAPTOP) == (2, 0.0)
+
+
+@pytest.mark.parametrize(("capacity", "calls"), [
+    (LAPTOP, 2),  # one machine: one actor, one call per CPU in threads
+    (ClusterCapacity({"CPU": 16}, live_nodes=2), 1),  # nodes of unknown sizes: one CPU per actor fits any
+    (CPU_ONLY, 1),  # nodes to launch: likewise
+])
+def test_cpu_scorers_share_one_actor_only_on_one_machine(capacity, calls):
+    assert calls_per_cpu_scorer(2, capacity) == calls
 
 
 @pytest.mark.parametrize(("capacity", "kw", "message"), [
