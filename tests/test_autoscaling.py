@@ -97,7 +97,7 @@ def test_training_and_scoring_jobs_ask_for_gpus_and_the_autoscaler_launches_the_
     job = subprocess.run([sys.executable, "-m", "ray_jobs.score", str(out), str(audio), str(tmp_path / "scores")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stderr[-3000:]
-    assert "scoring asks for up to 1 scorer actor(s) of 1 GPU" in job.stderr
+    assert "scoring asks for up to 1 scorer(s) of 1 GPU" in job.stderr
     summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
     assert summary["files_ok"] == 2 and summary["devices"] == ["cpu"]
     assert len(summary["scorers"]) == 1 and summary["scorers"][0].endswith("(gpu_worker), GPU 0")
