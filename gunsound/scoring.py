@@ -28,7 +28,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -293,22 +293,26 @@ def read_groups(batch: dict[str, np.ndarray], *, sample_rate: int, window_second
 
 
 class GroupScorer:
-    """A CPU scorer actor that reads what it scores: each call reads one read group (`read_groups`) and scores
-    its windows (`inference.WindowScorer`), returning the rows without their waveforms. Calls may run side by
-    side in threads, one core each: one model and one torch in memory for all of a machine's cores."""
+    """A CPU scorer actor that plans, reads and scores its own work: each call takes one unit of a shard,
+    plans it into read groups (`plan_shards`), then reads each group (`read_groups`) and scores its windows
+    (`inference.WindowScorer`), yielding the rows of a group at a time without their waveforms. Calls may run
+    side by side in threads, one core each: one model and one torch in memory for all of a machine's cores.
+    Planning inside the call, not as a stage of its own, means no task ever waits for CPUs the actor holds."""
 
-    def __init__(self, *, read: dict, model_files: list[str], mixed_precision: bool, batch_size: int):
+    def __init__(self, *, plan: dict, read: dict, model_files: list[str], mixed_precision: bool, batch_size: int):
         import torch
 
         from gunsound.inference import WindowScorer
 
         torch.set_num_threads(1)
-        self.read = read
+        self.plan, self.read = plan, read
         self.scorer = WindowScorer(model_files, mixed_precision=mixed_precision, batch_size=batch_size,
                                    s3=read["s3"])
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.scorer(read_groups(batch, **self.read))
+    def __call__(self, unit: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        groups = plan_shards(unit, **self.plan)
+        for i in range(len(groups["chunks"])):
+            yield self.scorer(read_groups({k: v[i : i + 1] for k, v in groups.items()}, **self.read))
 
 
 def score(model_location: str, input_location: str, output: str, cfg: Config, *,
@@ -385,7 +389,7 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     # the shards in flight and commits each as its last row comes out.
     committer = ShardCommitter(output, run_id, model.classes, shards=listed.shards, window_seconds=s.window_seconds,
                                method=s.method, threshold=s.threshold)
-    model_seconds, pool, calls, devices, scorers = 0.0, 0, 1, set(), set()
+    model_seconds, pool, calls, scorer_actors, devices, scorers = 0.0, 0, 1, 0, set(), set()
     if listed.shards:
         held = [p for paths in listed.held for p in paths]
         pool, known = _pool_size(held, actors, s) if not listed.blocks else (actors, {})
@@ -399,34 +403,35 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
                       for k, paths in enumerate(listed.held) for j in range(parts)]
         ds = ray.data.from_arrow_refs(held_units + listed.blocks)
         del held, held_units
-        # On one machine without GPUs, one scorer actor takes every CPU and scores in as many threads.
-        calls = 1 if gpus else calls_per_cpu_scorer(pool, capacity)
-        # Planning fuses into the next stage: one task (or actor call) per unit, on the same CPUs.
-        ds = ds.map_batches(plan_shards, batch_size=1, batch_format="numpy", num_cpus=calls,
-                            fn_kwargs={"window_seconds": s.window_seconds, "hop_seconds": s.hop_seconds,
-                                       "read_seconds": s.read_seconds, "batch_windows": s.batch_size, "s3": s3})
+        plan = {"window_seconds": s.window_seconds, "hop_seconds": s.hop_seconds, "read_seconds": s.read_seconds,
+                "batch_windows": s.batch_size, "s3": s3}
         read = {"sample_rate": model.sample_rate, "window_seconds": s.window_seconds,
                 "onset_detection": s.onset_detection, "onset_threshold_db": s.onset_threshold_db, "s3": s3}
         scorer = {"mixed_precision": s.mixed_precision, "batch_size": s.batch_size}
         if gpus:
             from gunsound.inference import WindowScorer
 
-            # Read tasks on the CPUs feed GPU scorers model batches; the pool grows with the backlog, and its
-            # requests bring GPU nodes up. Each actor loads the model from its files.
+            scorer_actors = pool
+            # Planning and read tasks on the CPUs feed GPU scorers model batches; the pool grows with the
+            # backlog, and its requests bring GPU nodes up. Each actor loads the model from its files.
+            ds = ds.map_batches(plan_shards, batch_size=1, batch_format="numpy", num_cpus=1, fn_kwargs=plan)
             ds = ds.map_batches(read_groups, batch_size=1, batch_format="numpy", num_cpus=1, fn_kwargs=read)
             ds = ds.map_batches(WindowScorer, batch_size=s.batch_size, batch_format="numpy",
                                 fn_constructor_kwargs={"model": model.files, "s3": s3, **scorer},
                                 num_gpus=gpus_per_actor, num_cpus=1,
                                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool))
         else:
-            # On CPUs each scorer reads its groups itself, one per call: no read task waits for a CPU that the
-            # actors hold, and a group's waveforms never leave the call that scores them. A unit is handed to
-            # a scoring call only when one is free: queued behind a busy one, a long file's half would wait
-            # while another call idles.
+            # On CPUs each scorer plans and reads its units itself, one per call: no task waits for a CPU that
+            # the actors hold, and a group's waveforms never leave the call that scores them. A unit is handed
+            # to a scoring call only when one is free: queued behind a busy one, a long file's half would wait
+            # while another call idles. On one machine, one actor takes every CPU and scores in as many threads.
+            calls = calls_per_cpu_scorer(pool, capacity)
+            scorer_actors = pool // calls
             ds = ds.map_batches(GroupScorer, batch_size=1, batch_format="numpy",
-                                fn_constructor_kwargs={"read": read, "model_files": model.files, **scorer},
+                                fn_constructor_kwargs={"plan": plan, "read": read, "model_files": model.files,
+                                                       **scorer},
                                 num_cpus=calls,
-                                compute=ray.data.ActorPoolStrategy(size=pool // calls,
+                                compute=ray.data.ActorPoolStrategy(size=scorer_actors,
                                                                    max_tasks_in_flight_per_actor=calls,
                                                                    max_concurrent_calls_per_actor=calls,
                                                                    enable_true_multi_threading=calls > 1))
@@ -439,7 +444,7 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     log.info("%d shard(s) committed; the driver held at most %d at once", len(committer.committed),
              committer.peak_open)
     return write_summary(output, scope, skipped=listed.finished, started=started, model_seconds=model_seconds,
-                         scorer_actors=pool // calls, calls_per_actor=calls, devices=sorted(devices), retried=len(listed.retried),
+                         scorer_actors=scorer_actors, calls_per_actor=calls, devices=sorted(devices), retried=len(listed.retried),
                          model=made.model, settings=made.settings, scorers=sorted(scorers),
                          skipped_entries=listed.skipped)
 
