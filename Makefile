@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml configs/cluster-lock.txt
 	touch $(STAMP)
 
 demo: setup
-	test -f $(DEMO_DATA)/train.pq || $(BIN)/gunsound synth $(DEMO_DATA) --clips-per-class 60 --background 20 --seed 0
+	test -f $(DEMO_DATA)/train.pq || $(BIN)/gunsound synth $(DEMO_DATA) --clips-per-class 60 --background 180 --seed 0
 	$(BIN)/python -m ray_jobs.train configs/laptop.yaml --data $(DEMO_DATA) --output $(DEMO_OUT)
 	@echo "demo outputs are in $(DEMO_OUT)/ (config.yaml, metrics.json, fold_0/model.pt)"
 

@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("corpus", help="the folder benchmarks/real_corpus.py built")
     parser.add_argument("--run", help="score this trained run instead of training one")
     parser.add_argument("--clips-per-class", type=int, default=60)
-    parser.add_argument("--background", type=int, default=20)
+    parser.add_argument("--background", type=int, default=180)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default=str(CONFIG))
     parser.add_argument("--set", dest="overrides", action="append", default=[])

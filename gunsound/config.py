@@ -41,7 +41,8 @@ class AudioConfig:
     mel_frequency_bins: int = 128
     minimum_frequency: int = 50
     sample_rate: int = 48000
-    spectrogram_normalization: Literal["No", "Yes"] = "No"
+    # gunsound: "Peak" measures each spectrogram from its loudest bin (see features.LogMelSpectrogram).
+    spectrogram_normalization: Literal["No", "Yes", "Peak"] = "No"
     stft_window_size: int = 2048
     training_chunk_seconds: float = 60.0
 

@@ -12,6 +12,8 @@ from torch import nn
 from gunsound.config import AudioConfig
 
 LOG_FLOOR = 1e-10
+# How far below its loudest bin a peak-relative spectrogram reaches: 80 dB, in natural log of power.
+PEAK_RANGE = 8 * math.log(10)
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class FeatureParams:
     f_min: float
     f_max: float
     normalize: bool
+    relative_to_peak: bool = False
 
     @classmethod
     def from_config(cls, audio: AudioConfig, sample_rate: int | None = None) -> FeatureParams:
@@ -38,6 +41,7 @@ class FeatureParams:
             # The configured maximum may lie above Nyquist for data at a lower rate.
             f_max=float(min(audio.maximum_frequency, sr / 2)),
             normalize=audio.spectrogram_normalization == "Yes",
+            relative_to_peak=audio.spectrogram_normalization == "Peak",
         )
 
     def num_frames(self, num_samples: int) -> int:
@@ -49,6 +53,10 @@ class LogMelSpectrogram(nn.Module):
 
     Power mel spectrogram from a centred, Hann-windowed STFT with an HTK mel filterbank (torchaudio's),
     then natural log. With `normalize`, each spectrogram is standardised to zero mean and unit variance.
+    With `relative_to_peak`, each is measured from its loudest bin, floored `PEAK_RANGE` below it and scaled to
+    [-1, 1]: recorder gain and distance drop out as with standardising, and a sound's picture does not depend
+    on how much of the window is silence or padding (a standardised 0.1 s click in a 4 s window is a far
+    brighter column than the same click in a 0.5 s one).
     The power is taken as re^2 + im^2 of the bins the filterbank uses, which is 2-3x faster on a CPU than
     |z|^2 of every bin and gives the same numbers.
     """
@@ -76,7 +84,10 @@ class LogMelSpectrogram(nn.Module):
             power = parts[..., 0].square() + parts[..., 1].square()  # (batch, bins, frames)
             mel = torch.matmul(self.filterbank, power)
             spec = torch.log(mel.clamp_min(LOG_FLOOR))
-            if p.normalize:
+            if p.relative_to_peak:
+                peak = spec.amax(dim=(-2, -1), keepdim=True)
+                spec = (spec - peak).clamp_min(-PEAK_RANGE) / (PEAK_RANGE / 2) + 1.0
+            elif p.normalize:
                 mean = spec.mean(dim=(-2, -1), keepdim=True)
                 std = spec.std(dim=(-2, -1), keepdim=True)
                 spec = (spec - mean) / (std + 1e-5)

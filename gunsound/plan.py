@@ -47,7 +47,7 @@ class TrainingPlan:
             f"audio           {self.audio.reason}",
             f"features        log-mel {self.features.n_mels} x {mel_frames(self.audio.chunk_seconds, self.features)}"
             f" (n_fft {self.features.n_fft}, hop {self.features.hop_length},"
-            f" {self.features.f_min:g}-{self.features.f_max:g} Hz, normalize {self.features.normalize})",
+            f" {self.features.f_min:g}-{self.features.f_max:g} Hz, normalization {self.cfg.audio.spectrogram_normalization})",
             f"model           {self.cfg.architecture.backbone} (pretrained {self.cfg.architecture.pretrained},"
             f" pool {self.cfg.architecture.pool}, dropout {self.cfg.architecture.dropout})",
             f"training        {self.cfg.training.epochs} epochs, batch {self.cfg.training.batch_size},"

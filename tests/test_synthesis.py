@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import soundfile as sf
@@ -48,3 +50,40 @@ def test_classes_are_separable_by_simple_features(tmp_path):
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5))
     accuracy = cross_val_score(model, np.array(feats), frame["class"], cv=4).mean()
     assert accuracy > 0.7, accuracy  # 9 classes: chance is 0.11
+
+
+def _frame_levels(wave: np.ndarray, sr: int) -> np.ndarray:
+    """Level of each 10 ms frame in dB below the clip's loudest frame (digital silence at -120)."""
+    hop = sr // 100
+    frames = wave[: len(wave) // hop * hop].reshape(-1, hop)
+    rms = np.sqrt((frames.astype(np.float64) ** 2).mean(axis=1))
+    return 20 * np.log10(np.maximum(rms / rms.max(), 1e-6))
+
+
+def test_the_floor_does_not_tell_a_shot_from_another_sound(tmp_path):
+    """Background clips hold impulsive non-gun sounds (doors, drums, strikes, explosions, clicks), recorded the
+    way shots are: the loudest moment stands well above the clip's floor in both, and the floors (street noise,
+    a quiet field, or a library's digital silence) are drawn alike, so that only the sound itself can tell."""
+    frame = generate_dataset(tmp_path, clips_per_class=5, background=45, seed=5)
+    impulsive, silent, floors = {}, {}, {}
+    for is_background, group in frame.groupby(frame["class"] == "background"):
+        levels = [_frame_levels(*audio.read(str(tmp_path / "Gun_Classifier" / rel))) for rel in group["image"]]
+        floor = np.array([np.percentile(x, 10) for x in levels])
+        impulsive[is_background] = np.mean([np.median(x) < -15 for x in levels])
+        silent[is_background] = np.mean(floor < -100)  # digital silence under a tenth of the clip
+        floors[is_background] = np.median(floor[floor >= -100])
+    assert impulsive[True] >= 0.6 and impulsive[False] >= 0.6, impulsive
+    assert abs(silent[True] - silent[False]) < 0.25, silent
+    assert abs(floors[True] - floors[False]) < 15, floors
+
+
+def test_shot_times_stay_on_the_shots_when_a_clip_is_cut_to_its_sound(tmp_path):
+    """Edited clips start at the sound or end in silence; the listed shot times still fall on the shots."""
+    frame = generate_dataset(tmp_path, clips_per_class=3, seed=9)
+    for rel, times in zip(frame["image"], frame["shot_times"], strict=True):
+        wave, sr = audio.read(str(tmp_path / "Gun_Classifier" / rel))
+        levels = _frame_levels(wave, sr)
+        for t in json.loads(times):
+            assert 0 <= t < len(wave) / sr, (rel, t)
+            near = levels[max(0, int(t * 100) - 10): int(t * 100) + 10]
+            assert near.max() > -30, (rel, t, near.max())  # a shot within 0.1 s of each listed time
