@@ -156,14 +156,18 @@ def _partials(length: int, sr: int, freqs: np.ndarray, decays: np.ndarray, rng: 
                for k, (f, d) in enumerate(zip(freqs, decays, strict=True)))
 
 
+def _falling_tone(length: int, sr: int, pitch: float, rise: float, settle: float) -> np.ndarray:
+    """A tone that starts `rise` times above `pitch` and falls to it in about `settle` seconds (a drum, a boom)."""
+    t = np.arange(length) / sr
+    return np.sin(2 * np.pi * np.cumsum(pitch * (1 + rise * np.exp(-t / settle))) / sr)
+
+
 def _body(sr: int, rng: np.random.Generator) -> np.ndarray:
     """A shot's low body: the blast's boom as a far microphone (and a game's sound designer) gives it, a
     falling low tone and a burst of dark noise. Real recordings carry most of a shot's energy under 500 Hz."""
     length = int(rng.uniform(0.25, 0.9) * sr)
-    t = np.arange(length) / sr
     f0 = rng.uniform(45, 140)
-    sweep = f0 * (1 + rng.uniform(0.3, 1.5) * np.exp(-t / 0.015))
-    tone = np.sin(2 * np.pi * np.cumsum(sweep) / sr) * _decay(length, sr, rng.uniform(0.1, 0.6))
+    tone = _falling_tone(length, sr, f0, rng.uniform(0.3, 1.5), 0.015) * _decay(length, sr, rng.uniform(0.1, 0.6))
     rumble = _lowpass(rng.standard_normal(length), rng.uniform(200, 900), sr) * _decay(length, sr, rng.uniform(0.1, 0.6))
     body = tone + rumble * 4 * rng.uniform(0.2, 1.0)
     return body / (np.max(np.abs(body)) + 1e-12)
@@ -189,7 +193,7 @@ def _drum(sr: int, rng: np.random.Generator) -> np.ndarray:
     noise = rng.standard_normal(length)
     if kind <= 1:  # kick (0) or tom (1): a tone falling to its pitch
         f0 = rng.uniform(45, 90) if kind == 0 else rng.uniform(90, 250)
-        tone = np.sin(2 * np.pi * np.cumsum(f0 * (1 + 1.5 * np.exp(-t / 0.02))) / sr)
+        tone = _falling_tone(length, sr, f0, 1.5, 0.02)
         return tone * _decay(length, sr, rng.uniform(0.15, 0.8)) + 0.3 * noise * _decay(length, sr, 0.01)
     if kind == 2:  # snare or clap: a band of noise (several bursts for a clap) over a drum tone
         bursts = sum(np.roll(_decay(length, sr, rng.uniform(0.08, 0.3)), int(i * rng.uniform(0.006, 0.012) * sr))
@@ -367,7 +371,7 @@ def render_clip(label: str, fmt: ClipFormat, rng: np.random.Generator) -> tuple[
         mix = signal + (0.0 if rng.random() < 0.3 else _background(n, sr, rng) * peak * 10 ** (-floor_db / 20))
         if rng.random() < 0.5:  # an edited clip: the sound, then digital silence
             end = min(n, int((last_sound + rng.uniform(0.2, 1.0)) * sr))
-            mix[end:] *= 0.0
+            mix[end:] = 0.0
     mix = _recorder(mix, sr, rng) * rng.uniform(0.2, 0.9)
     if fmt.channels == 2:  # a second microphone: small delay and level difference
         lag = int(rng.integers(0, max(1, sr // 2000)))
