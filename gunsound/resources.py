@@ -196,4 +196,5 @@ def placement(device: str) -> dict[str, Any]:
 def describe_placement(where: dict[str, Any]) -> str:
     node = where["node"] + (f" ({where['node_type']})" if where.get("node_type") else "")
     gpus = f", GPU {','.join(where['gpus'])}" if where.get("gpus") else ""
-    return f"{where['device']} on {node}{gpus}"
+    threads = f" ({where['threads']} threads)" if where.get("threads") else ""
+    return f"{where['device']}{threads} on {node}{gpus}"

@@ -311,7 +311,8 @@ def train_loop_per_worker(s: LoopSettings) -> None:
     model = ray.train.torch.prepare_model(state.model, move_to_device=device)  # DDP with several workers
     state.model = model.module if hasattr(model, "module") else model
     data = WorkerData(s, rank, device)
-    where = placement(str(device))
+    # torch computes on one thread per CPU the worker holds (Ray's OMP_NUM_THREADS): recorded, as it sets the speed.
+    where = {**placement(str(device)), "threads": torch.get_num_threads()}
     # Rank 0 only: it alone holds the validation metrics, and one writer per fold keeps each epoch once.
     tracker = _fold_tracker(s) if rank == 0 and s.tracking else None
     first_epoch = state.next_epoch

@@ -265,12 +265,13 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool,
         capacity = cluster_capacity()
         sizing = planned_workers(plan.cfg.environment, capacity)
         ds = featurize(plan, drop_bad_rows, capacity)
-        # A fold's driver holds almost nothing; its Train workers reserve their own resources, so folds
-        # queue for workers when the cluster is full and run side by side when it is not.
+        # A fold's driver holds no CPU, only waits on its trainer: its Train workers reserve their own
+        # resources, so folds queue for workers when the cluster is full and run side by side when it is
+        # not, and a worker may take every CPU of a node.
         # Ray Train gives up waiting for a worker group after 60 s and retries, logging an error each time;
         # a fold queued behind others should simply wait (Ray Train reads this variable where fit() runs).
         queue_timeout = os.environ.get(WORKER_GROUP_START_TIMEOUT_VAR, str(FOLD_QUEUE_TIMEOUT_S))
-        remote_fit = ray.remote(num_cpus=0.01, max_retries=0, runtime_env={
+        remote_fit = ray.remote(num_cpus=0, max_retries=0, runtime_env={
             "env_vars": {WORKER_GROUP_START_TIMEOUT_VAR: queue_timeout}})(fit_fold)
         for k in todo:
             train_ds, valid_ds = fold_datasets(plan, ds, k)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -23,7 +23,7 @@ from gunsound.config import Config, ConfigError, apply_overrides, config_from_di
 from gunsound.lease import OutputLease
 from gunsound.metrics import METRIC_KEYS
 from gunsound.plan import TrainingPlan
-from gunsound.resources import cluster_capacity
+from gunsound.resources import TrainWorkers, cluster_capacity
 from gunsound.training import featurize, fold_datasets, make_trainer, planned_workers, start_ray
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,21 @@ def trial_driver(config: dict) -> None:
     trainer.fit()
 
 
+TRIAL_DRIVER_CPUS = 0.01  # Tune refuses a trial of no CPU
+
+
+def trial_workers(sizing: TrainWorkers, node_cpus: float) -> TrainWorkers:
+    """The workers each trial's trainer asks for. A trial's driver holds TRIAL_DRIVER_CPUS beside them, so a
+    worker that would take a whole node (configs/laptop.yaml on a 2-core laptop) asks for that much less;
+    otherwise the trial would wait forever for the CPU its own driver holds."""
+    room = node_cpus - TRIAL_DRIVER_CPUS
+    if room <= 0 or sizing.cpus_per_worker <= room:
+        return sizing
+    log.info("tune: each worker asks for %g CPU, not %g: a trial's driver holds %g of the node's %g",
+             room, sizing.cpus_per_worker, TRIAL_DRIVER_CPUS, node_cpus)
+    return replace(sizing, cpus_per_worker=room)
+
+
 def run_tune(plan: TrainingPlan, num_samples: int) -> TuneResult:
     """Sweep on the plan's first fold; write results.csv and best_config.yaml under OUTPUT/tune. Holds
     OUTPUT's lease meanwhile: one job at a time writes there."""
@@ -119,12 +134,12 @@ def _sweep(plan: TrainingPlan, num_samples: int) -> TuneResult:
     mode = "min" if plan.cfg.prediction.metric == "LogLoss" else "max"
     k = plan.fold_ids[0]
     capacity = cluster_capacity()
-    sizing = planned_workers(plan.cfg.environment, capacity)
+    sizing = trial_workers(planned_workers(plan.cfg.environment, capacity), capacity.most("CPU"))
     ds = featurize(plan, capacity=capacity)
     train_ds, valid_ds = fold_datasets(plan, ds, k)
 
     # Trials run side by side as far as the cluster can ever hold them (the autoscaler adds the nodes).
-    fits = [int(max(capacity.most("CPU"), 1) // (sizing.workers * sizing.cpus_per_worker + 0.01))]
+    fits = [int(max(capacity.most("CPU"), 1) // (sizing.workers * sizing.cpus_per_worker + TRIAL_DRIVER_CPUS))]
     if sizing.gpus_per_worker:
         fits.append(int(min(capacity.most("GPU"), 1024) // (sizing.workers * sizing.gpus_per_worker)))
     concurrent = max(1, min(fits))
@@ -134,7 +149,7 @@ def _sweep(plan: TrainingPlan, num_samples: int) -> TuneResult:
 
     storage_path, storage_fs = storage.storage_path_for_ray(storage.join(plan.output, "tune"))
     tuner = tune.Tuner(
-        tune.with_resources(trial_driver, {"CPU": 0.01}),
+        tune.with_resources(trial_driver, {"CPU": TRIAL_DRIVER_CPUS}),
         param_space={"params": to_tune_space(space), "plan": plan, "fold": k,
                      "train_ds": train_ds, "valid_ds": valid_ds, "sizing": sizing},
         tune_config=tune.TuneConfig(

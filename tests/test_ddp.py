@@ -29,6 +29,7 @@ def test_one_fold_on_two_workers_keeps_ranks_in_step_on_disjoint_shards(ddp_run_
     for e in epochs:
         assert e["ranks"] == 2 and e["ranks_in_sync"] is True
         assert [w["rank"] for w in e["workers"]] == [0, 1] and all(w["device"] == "cpu" for w in e["workers"])
+        assert all(w["threads"] == 1 for w in e["workers"])  # half a CPU each: one thread, not the machine's
         assert e["rows_trained_on_several_ranks"] == 0  # each rank its own shard
         # Both shards together cover the training rows but for what the last partial batch of each drops.
         assert train_rows - 2 * 16 < e["rows_trained_by_all_ranks"] <= train_rows

@@ -63,6 +63,9 @@ def test_two_folds_end_to_end_with_cv_metrics_and_report(trained_run_cli, tmp_pa
             for key in ("train_loss", "valid_loss", "valid_roc_auc", "valid_accuracy", "valid_f1", "lr"):
                 assert key in e and e[key] == e[key]  # present and not NaN
         assert epochs[1]["lr"] < epochs[0]["lr"]  # cosine decay
+        # laptop.yaml's one worker holds both CPUs of the session's Ray and computes on both.
+        workers = json.loads((out / f"fold_{fold}" / "metrics.json").read_text())[-1]["workers"]
+        assert [(w["rank"], w["threads"]) for w in workers] == [(0, 2)]
         model = ModelArtifact.load(str(out / f"fold_{fold}" / "model.pt"))
         assert len(model.classes) == 9 and model.features.n_mels == 32 and model.fold == int(fold)
     # Out-of-fold predictions cover every clip exactly once.

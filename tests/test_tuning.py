@@ -6,7 +6,8 @@ import yaml
 
 from gunsound.cli import main
 from gunsound.config import ConfigError, load_config
-from gunsound.tuning import search_space
+from gunsound.resources import TrainWorkers
+from gunsound.tuning import TRIAL_DRIVER_CPUS, search_space, trial_workers
 from tests.conftest import FAST, LAPTOP_CONFIG
 
 
@@ -43,3 +44,12 @@ def test_asha_sweep_writes_results_and_a_ready_best_config(ray_local, synth_dir,
     assert best.training.learning_rate in set(table["param:training.learning_rate"])
     assert yaml.safe_load((out / "tune" / "best_config.yaml").read_text())["architecture"]["backbone"] == "resnet10t"
     assert "best:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("asked", "node", "expected"), [(2.0, 2.0, 1.99), (1.0, 2.0, 1.0), (0.5, 2.0, 0.5),
+                                                         (4.0, 8.0, 4.0), (8.0, 8.0, 7.99)])
+def test_a_trial_worker_leaves_its_driver_room_on_the_node(asked, node, expected):
+    # configs/laptop.yaml's worker takes both CPUs of a 2-core laptop; beside a trial's driver it cannot.
+    sizing = trial_workers(TrainWorkers(workers=1, gpus_per_worker=0.0, cpus_per_worker=asked), node)
+    assert sizing.cpus_per_worker == pytest.approx(expected)
+    assert sizing.cpus_per_worker + TRIAL_DRIVER_CPUS <= node + 1e-9
