@@ -83,13 +83,13 @@ def test_training_and_scoring_jobs_ask_for_gpus_and_the_autoscaler_launches_the_
                           "--set", "dataset.folds=[0]", "--set", "training.epochs=1"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, job.stderr[-3000:]
-    assert "each fold asks for 1 worker(s) of 1 CPU + 1 GPU" in job.stderr
+    assert "each fold asks for 1 worker(s) of 2 CPU + 1 GPU" in job.stderr  # laptop.yaml: 2 CPUs a worker
     assert "may launch: gpu_worker x1 (CPU 2, GPU 1)" in job.stderr
     assert _launched(temp), "the autoscaler launched no gpu_worker"
     workers = json.loads((out / "fold_0" / "metrics.json").read_text())[-1]["workers"]
     # The Train worker held the GPU it asked for, on the launched node type, and ran the CPU path there.
     assert [(w["node_type"], w["gpus"], w["device"]) for w in workers] == [("gpu_worker", ["0"], "cpu")]
-    assert "fold 0 ran on rank 0: cpu on" in job.stderr and "(gpu_worker), GPU 0" in job.stderr
+    assert "fold 0 ran on rank 0: cpu (2 threads) on" in job.stderr and "(gpu_worker), GPU 0" in job.stderr
 
     audio = tmp_path / "audio"
     generate_archive(audio / "a.wav", minutes=0.1, bursts_per_minute=10, seed=1)
