@@ -8,17 +8,15 @@ import logging
 import pickle
 from dataclasses import asdict, dataclass
 
-import timm
 import torch
 from torch import nn
 
 from gunsound import storage
 from gunsound.config import ArchitectureConfig
 from gunsound.features import FeatureParams
+from gunsound.model_files import ARTIFACT_FORMAT
 
 log = logging.getLogger(__name__)
-
-ARTIFACT_FORMAT = 1
 
 
 class GeM(nn.Module):
@@ -94,6 +92,8 @@ def read_backbone_weights(uri: str) -> dict[str, torch.Tensor]:
 
 
 def _create_backbone(name: str, pretrained: bool, **kwargs) -> nn.Module:
+    import timm  # here: timm (and the torchvision it imports) takes seconds, and reading a model file needs neither
+
     try:
         return timm.create_model(name, pretrained=pretrained, in_chans=1, num_classes=0, global_pool="", **kwargs)
     except RuntimeError as exc:

@@ -2,15 +2,21 @@
 
 A model location is a training run (its fold ensemble, listed in ensemble.json), a fold folder, or one model.pt
 file. The scoring job's driver resolves it here and learns the model's classes and input from a
-`ModelDescription`; only the scorers load the weights, so the driver never imports torch.
+`ModelDescription`, read from the files' pickled values without their tensors; only the scorers load the
+weights, so the driver never imports torch.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import pickle
+import zipfile
 from dataclasses import dataclass
 
 from gunsound import storage
+
+ARTIFACT_FORMAT = 1  # of the dictionary a model.pt holds (`model.ModelArtifact`)
 
 
 @dataclass(frozen=True)
@@ -54,3 +60,62 @@ def model_files(location: str) -> list[str]:
     if storage.exists(storage.join(location, "model.pt")):
         return [storage.join(location, "model.pt")]
     raise FileNotFoundError(f"{location}: not a training run (ensemble.json), a fold folder or a model.pt file")
+
+
+def describe_model(files: list[str]) -> ModelDescription:
+    """The classes and input of the model these files make together (an ensemble's members must agree), read
+    without torch: each file's values come from the pickle inside its torch.save archive, its tensors left
+    out, and only that member is read (on S3, a few ranged reads however large the weights). A file that is
+    not a gunsound model is a ValueError naming it."""
+    described = []
+    for uri in files:
+        saved = _saved_values(uri)
+        try:
+            described.append((list(saved["classes"]), dict(saved["features"]), float(saved["chunk_seconds"])))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{uri}: model file lacks or misnames a field ({exc!r})") from exc
+    for (classes, features, _), uri in zip(described[1:], files[1:], strict=True):
+        if classes != described[0][0] or features != described[0][1]:
+            raise ValueError(f"{uri}: classes or features differ from {files[0]}; cannot ensemble")
+    classes, features, chunk_seconds = described[0]
+    return ModelDescription(classes=classes, sample_rate=int(features["sample_rate"]), chunk_seconds=chunk_seconds,
+                            files=list(files))
+
+
+def _saved_values(uri: str) -> dict:
+    """The dictionary a model.pt holds, every tensor in it None."""
+    try:
+        with storage.open_input(uri) as raw, zipfile.ZipFile(raw) as archive:
+            pickled = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if len(pickled) != 1:
+                raise ValueError("no torch.save archive")
+            with archive.open(pickled[0]) as f:
+                saved = _ValuesWithoutTensors(f).load()
+    except Exception as exc:  # not a zip, a refused pickle, truncation: all mean "not our model file"
+        raise ValueError(f"{uri}: not a gunsound model file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(saved, dict) or saved.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{uri}: not a gunsound model file of format {ARTIFACT_FORMAT}")
+    return saved
+
+
+def _no_tensor(*_args, **_kwargs) -> None:
+    return None
+
+
+class _ValuesWithoutTensors(pickle.Unpickler):
+    """Unpickles what torch.save wrote of plain values and state dicts; a tensor becomes None and its storage
+    is never read. Any other class is refused, as `torch.load(weights_only=True)` refuses it: a planted file
+    cannot run code."""
+
+    _TENSORS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+                ("torch.storage", "UntypedStorage")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) in self._TENSORS or (module == "torch" and name.endswith("Storage")):
+            return _no_tensor
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a model file")
+
+    def persistent_load(self, pid) -> None:
+        return None

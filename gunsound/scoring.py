@@ -8,8 +8,8 @@ batch of windows, from as many short files as it takes; decoding and onset detec
 per call (`read_groups`), and the model (`inference.WindowScorer`) scores it in an actor pool (a GPU each and
 autocast where GPUs are used, `resources.scorer_actors`; on CPUs each actor reads what it scores,
 `GroupScorer`, and on one machine a single actor scores in a thread per CPU), one pool for the whole run. The
-scorers load the model from its files; the driver learns its classes in a short-lived process
-(`describe_model`) and never imports torch. Every row names its shard and the shard's row count, so the driver
+scorers load the model from its files; the driver reads its classes from the files' pickled values, without
+their tensors (`model_files.describe_model`), and never imports torch. Every row names its shard and the shard's row count, so the driver
 holds only the shards in flight; a shard's results are committed to OUTPUT as soon as its last row is scored
 (`shards`), so a killed job started again with the same OUTPUT skips the files it finished, scores again those
 whose rows are errors, and ends with each file exactly once. It resumes only with the same model and settings
@@ -41,7 +41,7 @@ from gunsound.config import Config, ConfigError
 from gunsound.events import chunk_onsets, summarize_file
 from gunsound.inputs import open_inputs
 from gunsound.lease import OutputLease
-from gunsound.model_files import ModelDescription, model_files
+from gunsound.model_files import describe_model, model_files
 from gunsound.shards import (
     SKIPPED,
     WINDOW_COLUMNS,
@@ -447,25 +447,6 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
                          scorer_actors=scorer_actors, calls_per_actor=calls, devices=sorted(devices), retried=len(listed.retried),
                          model=made.model, settings=made.settings, scorers=sorted(scorers),
                          skipped_entries=listed.skipped)
-
-
-def _describe_model_files(files: list[str], s3: storage.S3Settings) -> ModelDescription:
-    storage.configure_s3(s3.endpoint_url, s3.region)
-    from gunsound.inference import load_model_files
-
-    return load_model_files(files).describe()
-
-
-def describe_model(files: list[str]) -> ModelDescription:
-    """The model's classes and input, read from its files in a process of its own, which exits afterwards: the
-    driver never imports torch nor holds the weights (the scorers load them), and a refusal (settings that do
-    not match OUTPUT) still comes before Ray starts. Its errors are raised here as they are (a file that is
-    not a gunsound model is a ValueError naming it)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as reader:
-        return reader.submit(_describe_model_files, files, storage.current_settings()).result()
 
 
 @dataclass

@@ -1,11 +1,13 @@
 import json
+import os
 
 import pytest
 
 from gunsound.config import ArchitectureConfig
 from gunsound.features import FeatureParams
-from gunsound.inference import load_scoring_model
+from gunsound.inference import load_model_files, load_scoring_model
 from gunsound.model import ModelArtifact, build_model
+from gunsound.model_files import describe_model, model_files
 
 
 def _run_with_models(root, names: list[str]) -> None:
@@ -54,12 +56,12 @@ def test_the_scoring_driver_learns_the_model_without_importing_torch(tmp_path):
     code = f"""
 import sys
 from gunsound import cli, scoring
-from gunsound.model_files import model_files
-described = scoring.describe_model(model_files({str(run)!r}))
+from gunsound.model_files import describe_model, model_files
+described = describe_model(model_files({str(run)!r}))
 assert described.classes == ["a", "b"] and described.sample_rate == 16000 and described.chunk_seconds == 1.0
 assert [f.rsplit("/", 2)[-2] for f in described.files] == ["fold_0", "fold_1"]
 try:
-    scoring.describe_model([{str(tmp_path / "planted.pt")!r}])
+    describe_model([{str(tmp_path / "planted.pt")!r}])
 except ValueError as exc:
     assert "planted.pt: not a gunsound model file" in str(exc), exc
 else:
@@ -68,3 +70,46 @@ assert "torch" not in sys.modules, "the driver imported torch"
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    # What the driver reads is what the scorers will load.
+    files = model_files(str(run))
+    assert describe_model(files) == load_model_files(files).describe()
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_model_file_that_would_run_code_or_disagrees_with_its_ensemble_is_refused(tmp_path):
+    import io
+    import zipfile
+
+    import torch
+
+    marker = tmp_path / "ran"
+    buffer = io.BytesIO()
+    torch.save({"format": 1, "classes": ["a"], "features": {"sample_rate": 16000}, "chunk_seconds": 1.0,
+                "payload": _RunsCode(str(marker))}, buffer)
+    (tmp_path / "planted.pt").write_bytes(buffer.getvalue())
+    with pytest.raises(ValueError, match=r"planted.pt: not a gunsound model file .*posix.system is not allowed"):
+        describe_model([str(tmp_path / "planted.pt")])
+    assert not marker.exists()
+    # A zip that is no torch.save archive, and a model.pt cut short: named, not described.
+    with zipfile.ZipFile(tmp_path / "other.pt", "w") as zf:
+        zf.writestr("notes.txt", "a zip, not a model")
+    _run_with_models(tmp_path, ["whole/model.pt"])
+    whole = (tmp_path / "whole" / "model.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    for name in ("other.pt", "cut.pt"):
+        with pytest.raises(ValueError, match=f"{name}: not a gunsound model file"):
+            describe_model([str(tmp_path / name)])
+    # Members of one ensemble must score the same classes from the same front end.
+    arch = ArchitectureConfig(backbone="resnet18", pretrained=False)
+    ModelArtifact(classes=["a", "c"], features=FeatureParams(16000, 512, 160, 32, 50.0, 7000.0, False),
+                  chunk_seconds=1.0, architecture=arch, loss_function="BCE",
+                  state_dict=build_model(arch, 2).state_dict()).save(str(tmp_path / "c" / "model.pt"))
+    with pytest.raises(ValueError, match="c/model.pt: classes or features differ from .*whole/model.pt"):
+        describe_model([str(tmp_path / "whole" / "model.pt"), str(tmp_path / "c" / "model.pt")])

@@ -8,6 +8,8 @@ import pytest
 
 from gunsound import storage
 from gunsound.cli import main
+from gunsound.inference import load_model_files
+from gunsound.model_files import describe_model, model_files
 from tests.conftest import train_args
 
 
@@ -125,6 +127,10 @@ def test_train_from_s3_writes_outputs_to_s3(ray_local, s3_server, bucket, capsys
     assert metrics["folds"]["0"]["epochs"][0]["valid_roc_auc"] > 0
     config_text = bucket.get_object(Bucket="gunsound-test", Key="runs/laptop/config.yaml")["Body"].read().decode()
     assert "testing" not in config_text  # the credentials never reach the outputs
+    # A scoring driver reads the model on S3 as it reads a local one (range reads of the pickle, no torch).
+    files = model_files("s3://gunsound-test/runs/laptop")
+    assert files == ["s3://gunsound-test/runs/laptop/fold_0/model.pt"]
+    assert describe_model(files) == load_model_files(files).describe()
     # The run on S3 exports a scoring pipeline to S3 (staged in a temporary folder that is removed).
     assert main(["export", "s3://gunsound-test/runs/laptop", "s3://gunsound-test/pipeline",
                  "--set", f"storage.endpoint_url={s3_server}"]) == 0
