@@ -145,14 +145,27 @@ def make_trainer(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Datase
     )
 
 
-def fit_fold(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset, sizing: TrainWorkers) -> dict:
-    """Train one fold with Ray Train and export its model; returns the fold's epoch history."""
+def fit_fold(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset, sizing: TrainWorkers, *,
+             queue_timeout_s: str) -> dict:
+    """Train one fold with Ray Train and export its model; returns the fold's epoch history. The fold waits up
+    to `queue_timeout_s` for its worker group."""
     storage.configure_s3(plan.cfg.storage.endpoint_url, plan.cfg.storage.region)
     t = plan.cfg.training
     fold_dir = storage.join(plan.output, f"fold_{k}")
     trainer = make_trainer(plan, k, train_ds, valid_ds, fold_dir, f"fold_{k}", storage.join(plan.output, "ray"),
                            sizing, run_dir=plan.output)
-    result = trainer.fit()
+    # Ray Train reads the variable from the environment of the process that calls fit(). It is set here, for
+    # this call only, and not in the task's runtime_env: a task of its own runtime_env cannot run in a worker
+    # that Ray keeps warm (with torch imported by the feature tasks), so it started a process of its own.
+    before = os.environ.get(WORKER_GROUP_START_TIMEOUT_VAR)
+    os.environ[WORKER_GROUP_START_TIMEOUT_VAR] = queue_timeout_s
+    try:
+        result = trainer.fit()
+    finally:
+        if before is None:
+            os.environ.pop(WORKER_GROUP_START_TIMEOUT_VAR)
+        else:
+            os.environ[WORKER_GROUP_START_TIMEOUT_VAR] = before
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
     model_weights = state["model"]
@@ -271,12 +284,11 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool,
         # Ray Train gives up waiting for a worker group after 60 s and retries, logging an error each time;
         # a fold queued behind others should simply wait (Ray Train reads this variable where fit() runs).
         queue_timeout = os.environ.get(WORKER_GROUP_START_TIMEOUT_VAR, str(FOLD_QUEUE_TIMEOUT_S))
-        remote_fit = ray.remote(num_cpus=0, max_retries=0, runtime_env={
-            "env_vars": {WORKER_GROUP_START_TIMEOUT_VAR: queue_timeout}})(fit_fold)
+        remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_fold)
         for k in todo:
             train_ds, valid_ds = fold_datasets(plan, ds, k)
             log.info("fold %d: %d train / %d validation clips", k, train_ds.count(), valid_ds.count())
-            pending[k] = remote_fit.remote(plan, k, train_ds, valid_ds, sizing)
+            pending[k] = remote_fit.remote(plan, k, train_ds, valid_ds, sizing, queue_timeout_s=queue_timeout)
     for k in plan.fold_ids:
         results["folds"][str(k)] = done[k] if k in done else ray.get(pending[k])
         if k in pending:
