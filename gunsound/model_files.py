@@ -71,15 +71,16 @@ def describe_model(files: list[str]) -> ModelDescription:
     for uri in files:
         saved = _saved_values(uri)
         try:
-            described.append((list(saved["classes"]), dict(saved["features"]), float(saved["chunk_seconds"])))
+            features = dict(saved["features"])
+            described.append((list(saved["classes"]), features, int(features["sample_rate"]),
+                              float(saved["chunk_seconds"])))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{uri}: model file lacks or misnames a field ({exc!r})") from exc
-    for (classes, features, _), uri in zip(described[1:], files[1:], strict=True):
+    for (classes, features, *_), uri in zip(described[1:], files[1:], strict=True):
         if classes != described[0][0] or features != described[0][1]:
             raise ValueError(f"{uri}: classes or features differ from {files[0]}; cannot ensemble")
-    classes, features, chunk_seconds = described[0]
-    return ModelDescription(classes=classes, sample_rate=int(features["sample_rate"]), chunk_seconds=chunk_seconds,
-                            files=list(files))
+    classes, _, sample_rate, chunk_seconds = described[0]
+    return ModelDescription(classes=classes, sample_rate=sample_rate, chunk_seconds=chunk_seconds, files=list(files))
 
 
 def _saved_values(uri: str) -> dict:

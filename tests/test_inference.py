@@ -97,6 +97,11 @@ def test_a_model_file_that_would_run_code_or_disagrees_with_its_ensemble_is_refu
     with pytest.raises(ValueError, match=r"planted.pt: not a gunsound model file .*posix.system is not allowed"):
         describe_model([str(tmp_path / "planted.pt")])
     assert not marker.exists()
+    buffer = io.BytesIO()
+    torch.save({"format": 1, "classes": ["a"], "chunk_seconds": 1.0}, buffer)
+    (tmp_path / "fieldless.pt").write_bytes(buffer.getvalue())
+    with pytest.raises(ValueError, match="fieldless.pt: model file lacks or misnames a field .*features"):
+        describe_model([str(tmp_path / "fieldless.pt")])
     # A zip that is no torch.save archive, and a model.pt cut short: named, not described.
     with zipfile.ZipFile(tmp_path / "other.pt", "w") as zf:
         zf.writestr("notes.txt", "a zip, not a model")
