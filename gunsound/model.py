@@ -169,6 +169,8 @@ class ModelArtifact:
     def load(cls, uri: str) -> ModelArtifact:
         try:
             saved = storage.read_torch(uri)
+        except OSError as exc:  # the storage failed (after its retries): the file may well be a model
+            raise OSError(f"{uri}: could not be read ({exc})") from exc
         except Exception as exc:  # pickle refusals, truncation and version errors all mean: not our model file
             raise ValueError(f"{uri}: not a gunsound model file ({type(exc).__name__}: {exc})") from exc
         if not isinstance(saved, dict) or saved.get("format") != ARTIFACT_FORMAT:

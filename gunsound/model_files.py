@@ -66,7 +66,7 @@ def describe_model(files: list[str]) -> ModelDescription:
     """The classes and input of the model these files make together (an ensemble's members must agree), read
     without torch: each file's values come from the pickle inside its torch.save archive, its tensors left
     out, and only that member is read (on S3, a few ranged reads however large the weights). A file that is
-    not a gunsound model is a ValueError naming it."""
+    not a gunsound model is a ValueError naming it; one that storage cannot read, an OSError naming it."""
     described = []
     for uri in files:
         saved = _saved_values(uri)
@@ -92,7 +92,9 @@ def _saved_values(uri: str) -> dict:
                 raise ValueError("no torch.save archive")
             with archive.open(pickled[0]) as f:
                 saved = _ValuesWithoutTensors(f).load()
-    except Exception as exc:  # not a zip, a refused pickle, truncation: all mean "not our model file"
+    except Exception as exc:  # not a zip, a refused pickle, truncation: "not our model file"; unless a read failed
+        if fault := storage.read_fault(exc):
+            raise OSError(f"{uri}: could not be read ({fault})") from exc
         raise ValueError(f"{uri}: not a gunsound model file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(saved, dict) or saved.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{uri}: not a gunsound model file of format {ARTIFACT_FORMAT}")

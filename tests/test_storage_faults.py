@@ -282,6 +282,10 @@ def test_a_zip_on_s3_is_read_through_short_reads_and_retries(faulty, objects, sl
     (member,) = list_inputs(f"s3://{BUCKET}/zips/clips.zip").files
     np.testing.assert_array_equal(audio.read(member)[0], objects["flac"])
     assert len(sleeps) == 2
+    # A read that keeps failing is a read fault naming the archive, not a zip said to be bad.
+    faulty(Faults(raise_from=1))
+    with pytest.raises(OSError, match=rf"zip archive s3://{BUCKET}/zips/clips.zip could not be read .*gave up after 4"):
+        list_inputs(f"s3://{BUCKET}/zips/clips.zip")
 
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -373,3 +377,35 @@ def test_persistent_throttling_of_a_listing_is_an_error_naming_the_prefix(thrott
     with pytest.raises(OSError, match=rf"listing s3://{BUCKET}/clips: .*SlowDown.*gave up after 4 attempts"):
         list(storage.entry_pages(f"s3://{BUCKET}/clips"))
     assert len(sleeps) == 3
+
+
+@pytest.fixture(scope="module")
+def model_on_s3(s3_server, objects) -> str:
+    from gunsound.config import ArchitectureConfig
+    from gunsound.features import FeatureParams
+    from gunsound.model import ModelArtifact, build_model
+
+    arch = ArchitectureConfig(backbone="resnet10t", pretrained=False)
+    artifact = ModelArtifact(classes=["pistol", "rifle"], features=FeatureParams(16000, 512, 160, 32, 50.0, 7000.0,
+                             False), chunk_seconds=1.0, architecture=arch, loss_function="BCE",
+                             state_dict=build_model(arch, 2).state_dict())
+    boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=BUCKET, Key="runs/model.pt", Body=artifact.to_bytes())
+    return f"s3://{BUCKET}/runs/model.pt"
+
+
+def test_a_model_file_is_described_and_loaded_through_faults_and_a_failed_read_is_not_called_a_bad_model(
+        faulty, model_on_s3, sleeps):
+    from gunsound.model import ModelArtifact
+    from gunsound.model_files import describe_model
+
+    faulty(Faults(max_bytes=1000, raise_on={2, 5}))
+    described = describe_model([model_on_s3])
+    assert described.classes == ["pistol", "rifle"] and described.sample_rate == 16000 and len(sleeps) == 2
+    assert ModelArtifact.load(model_on_s3).classes == ["pistol", "rifle"]
+    for read in (lambda: describe_model([model_on_s3]), lambda: ModelArtifact.load(model_on_s3)):
+        faulty(Faults(raise_from=1))
+        with pytest.raises(OSError, match=r"s3://gunsound-faults/runs/model\.pt: could not be read .*gave up after 4"):
+            read()
+        faulty(Faults(raise_from=1, error="AWS Error ACCESS_DENIED during GetObject operation: Access Denied"))
+        with pytest.raises(OSError, match=r"s3://gunsound-faults/runs/model\.pt: could not be read .*ACCESS_DENIED"):
+            read()
