@@ -78,7 +78,9 @@ def read_backbone_weights(uri: str) -> dict[str, torch.Tensor]:
             saved = storage.read_torch(uri)
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{key} {uri}: not a file of tensors only (refused: loading it could run code)") from exc
-    except Exception as exc:  # truncation, foreign formats: all mean "not a weights file"
+    except Exception as exc:  # truncation, foreign formats: all mean "not a weights file"; unless a read failed
+        if fault := storage.read_fault(exc):
+            raise OSError(f"{key} {uri}: could not be read ({fault})") from exc
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ValueError(f"{key} {uri}: not a weights file ({type(exc).__name__}: {first})") from exc
     state = saved

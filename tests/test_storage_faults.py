@@ -409,3 +409,20 @@ def test_a_model_file_is_described_and_loaded_through_faults_and_a_failed_read_i
         faulty(Faults(raise_from=1, error="AWS Error ACCESS_DENIED during GetObject operation: Access Denied"))
         with pytest.raises(OSError, match=r"s3://gunsound-faults/runs/model\.pt: could not be read .*ACCESS_DENIED"):
             read()
+
+
+def test_backbone_weights_that_cannot_be_read_are_a_read_fault_not_a_bad_weights_file(faulty, objects, sleeps,
+                                                                                      s3_server):
+    import torch
+
+    from gunsound.model import read_backbone_weights
+
+    data = io.BytesIO()
+    torch.save({"conv.weight": torch.ones(2, 1, 3, 3)}, data)
+    boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=BUCKET, Key="weights/w.pt", Body=data.getvalue())
+    faulty(Faults(max_bytes=100, raise_on={2}))
+    assert read_backbone_weights(f"s3://{BUCKET}/weights/w.pt")["conv.weight"].sum() == 18
+    faulty(Faults(raise_from=1))
+    with pytest.raises(OSError, match=r"architecture.pretrained_weights s3://gunsound-faults/weights/w.pt: could not "
+                                      r"be read .*gave up after 4"):
+        read_backbone_weights(f"s3://{BUCKET}/weights/w.pt")
