@@ -171,9 +171,9 @@ class ModelArtifact:
     def load(cls, uri: str) -> ModelArtifact:
         try:
             saved = storage.read_torch(uri)
-        except OSError as exc:  # the storage failed (after its retries): the file may well be a model
-            raise OSError(f"{uri}: could not be read ({exc})") from exc
-        except Exception as exc:  # pickle refusals, truncation and version errors all mean: not our model file
+        except Exception as exc:  # pickle refusals, truncation, versions: not our model file; unless a read failed
+            if fault := storage.read_fault(exc):
+                raise OSError(f"{uri}: could not be read ({fault})") from exc
             raise ValueError(f"{uri}: not a gunsound model file ({type(exc).__name__}: {exc})") from exc
         if not isinstance(saved, dict) or saved.get("format") != ARTIFACT_FORMAT:
             raise ValueError(f"{uri}: not a gunsound model file of format {ARTIFACT_FORMAT}")

@@ -9,10 +9,10 @@ per call (`read_groups`), and the model (`inference.WindowScorer`) scores it in 
 autocast where GPUs are used, `resources.scorer_actors`; on CPUs each actor reads what it scores,
 `GroupScorer`, and on one machine a single actor scores in a thread per CPU), one pool for the whole run. The
 scorers load the model from its files; the driver reads its classes from the files' pickled values, without
-their tensors (`model_files.describe_model`), and never imports torch. Every row names its shard and the shard's row count, so the driver
-holds only the shards in flight; a shard's results are committed to OUTPUT as soon as its last row is scored
-(`shards`), so a killed job started again with the same OUTPUT skips the files it finished, scores again those
-whose rows are errors, and ends with each file exactly once. It resumes only with the same model and settings
+their tensors (`model_files.describe_model`), and never imports torch. Every row names its shard and the
+shard's row count, so the driver holds only the shards in flight; a shard's results are committed to OUTPUT
+as soon as its last row is scored (`shards`), so a killed job started again with the same OUTPUT skips the
+files it finished, scores again those whose rows are errors, and ends with each file exactly once. It resumes only with the same model and settings
 (`fingerprint`), and one job at a time writes an OUTPUT (`lease`).
 
 Outputs (Parquet datasets under OUTPUT): windows/ (file, start, end, prob_<class>), files/ (one row per

@@ -154,9 +154,9 @@ def fit_fold(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset, s
     fold_dir = storage.join(plan.output, f"fold_{k}")
     trainer = make_trainer(plan, k, train_ds, valid_ds, fold_dir, f"fold_{k}", storage.join(plan.output, "ray"),
                            sizing, run_dir=plan.output)
-    # Ray Train reads the variable from the environment of the process that calls fit(). It is set here, for
-    # this call only, and not in the task's runtime_env: a task of its own runtime_env cannot run in a worker
-    # that Ray keeps warm (with torch imported by the feature tasks), so it started a process of its own.
+    # Ray Train reads the variable from the environment of the process that calls fit(): set here, for this
+    # call only, not in the task's runtime_env, since a task with a runtime_env of its own cannot run in the
+    # workers Ray keeps warm (torch already imported by the feature tasks) and starts a process of its own.
     before = os.environ.get(WORKER_GROUP_START_TIMEOUT_VAR)
     os.environ[WORKER_GROUP_START_TIMEOUT_VAR] = queue_timeout_s
     try:
