@@ -2,17 +2,18 @@
 
 The driver lists the input a page at a time (`inputs`) and cuts it into shards of file names as it goes; all
 but the first few go into the object store as they are made, so the driver holds a reference per shard, not
-the archive's file names. Headers are read and every file planned into chunks of windows (`windows`) inside the pipeline, a shard at a time (`plan_shards`), so the
-first shard is scored while later headers are unread. Chunks are packed into read groups of about a model
-batch of windows, from as many short files as it takes; decoding and onset detection (`events`) read a group
-per call (`read_groups`), and the model (`inference.WindowScorer`) scores it in an actor pool (a GPU each and
-autocast where GPUs are used, `resources.scorer_actors`; on CPUs each actor reads what it scores,
-`GroupScorer`, and on one machine a single actor scores in a thread per CPU), one pool for the whole run. The
-scorers load the model from its files; the driver reads its classes from the files' pickled values, without
-their tensors (`model_files.describe_model`), and never imports torch. Every row names its shard and the
-shard's row count, so the driver holds only the shards in flight; a shard's results are committed to OUTPUT
-as soon as its last row is scored (`shards`), so a killed job started again with the same OUTPUT skips the
-files it finished, scores again those whose rows are errors, and ends with each file exactly once. It resumes only with the same model and settings
+the archive's file names. Headers are read and every file planned into chunks of windows (`windows`) inside
+the pipeline, a shard at a time (`plan_shards`), so the first shard is scored while later headers are unread.
+Chunks are packed into read groups of about a model batch of windows, from as many short files as it takes;
+decoding and onset detection (`events`) read a group per call (`read_groups`), and the model
+(`inference.WindowScorer`) scores it in an actor pool (a GPU each and autocast where GPUs are used,
+`resources.scorer_actors`; on CPUs each actor reads what it scores, `GroupScorer`, and on one machine a single
+actor scores in a thread per CPU), one pool for the whole run. The scorers load the model from its files; the
+driver reads its classes from the files' pickled values, without their tensors (`model_files.describe_model`),
+and never imports torch. Every row names its shard and the shard's row count, so the driver holds only the
+shards in flight; a shard's results are committed to OUTPUT as soon as its last row is scored (`shards`), so a
+killed job started again with the same OUTPUT skips the files it finished, scores again those whose rows are
+errors, and ends with each file exactly once. It resumes only with the same model and settings
 (`fingerprint`), and one job at a time writes an OUTPUT (`lease`).
 
 Outputs (Parquet datasets under OUTPUT): windows/ (file, start, end, prob_<class>), files/ (one row per
