@@ -311,9 +311,12 @@ class GroupScorer:
                                    s3=read["s3"])
 
     def __call__(self, unit: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        from gunsound.ray_runtime import return_freed_memory
+
         groups = plan_shards(unit, **self.plan)
         for i in range(len(groups["chunks"])):
             yield self.scorer(read_groups({k: v[i : i + 1] for k, v in groups.items()}, **self.read))
+        return_freed_memory()
 
 
 def score(model_location: str, input_location: str, output: str, cfg: Config, *,
