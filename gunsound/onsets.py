@@ -183,7 +183,7 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
         ring_end = last
         while ring_end + 1 < frames and excess[ring_end + 1] > threshold_db:
             ring_end += 1
-    # A frame's level is that of its window, so a step in level is seen when the window's middle passes it:
-    # frames are timed at their window's centre (timed at its start, every shot came half a window early).
+    # A frame's level is that of its window, so a step in level shows when the window's middle passes it:
+    # frames are timed at their window's centre (timed at its start, every shot would come half a window early).
     hop, win = max(1, int(sr * FRAME_SECONDS)), max(8, int(sr * WINDOW_SECONDS))
     return (np.array(onsets, dtype=np.float64) * hop + win / 2) / sr
