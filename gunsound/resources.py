@@ -164,6 +164,17 @@ def train_workers(*, device: str, listed_gpus: int, workers_per_fold: int | None
     return TrainWorkers(workers, per_worker, cpus_per_worker)
 
 
+def folds_at_once(workers: TrainWorkers, capacity: ClusterCapacity) -> int:
+    """How many folds' worker groups the cluster can ever hold side by side (at least one). A fold beyond
+    them would only wait, and waiting is not free: its driver task and Ray Train's controller are processes
+    that import torch (about 450 MB each) and sit idle until workers are free."""
+    room = [capacity.most("CPU") / (workers.workers * workers.cpus_per_worker)]
+    if workers.gpus_per_worker:
+        room.append(capacity.most("GPU") / (workers.workers * workers.gpus_per_worker))
+    fit = min(room)
+    return max(1, int(fit)) if math.isfinite(fit) else 1 << 30
+
+
 def scorer_actors(*, device: str, actors: int | None, capacity: ClusterCapacity) -> tuple[int, float]:
     """(actor pool's largest size, GPUs per actor) for scoring: one GPU per actor when GPUs are used, as many
     actors as `scoring.actors` or as GPUs the cluster can hold; without GPUs one actor per CPU it can hold."""

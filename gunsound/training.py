@@ -42,6 +42,7 @@ from gunsound.resources import (
     TrainWorkers,
     cluster_capacity,
     describe_placement,
+    folds_at_once,
     train_workers,
     uses_gpus,
 )
@@ -273,26 +274,35 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool,
     for k in done:
         log.info("fold %d: finished by an earlier run, kept", k)
     todo = [k for k in plan.fold_ids if k not in done]
-    pending = {}
+    results["folds"].update({str(k): done[k] for k in done})
     if todo:
         capacity = cluster_capacity()
         sizing = planned_workers(plan.cfg.environment, capacity)
         ds = featurize(plan, drop_bad_rows, capacity)
         # A fold's driver holds no CPU, only waits on its trainer: its Train workers reserve their own
-        # resources, so folds queue for workers when the cluster is full and run side by side when it is
-        # not, and a worker may take every CPU of a node.
+        # resources, so folds run side by side where the cluster has room, and a worker may take every CPU
+        # of a node. Only as many folds start as the cluster can ever hold; the rest wait here, as a number.
         # Ray Train gives up waiting for a worker group after 60 s and retries, logging an error each time;
-        # a fold queued behind others should simply wait (Ray Train reads this variable where fit() runs).
+        # a fold that waits for another's workers (another job's too) should simply wait (Ray Train reads
+        # this variable where fit() runs).
         queue_timeout = os.environ.get(WORKER_GROUP_START_TIMEOUT_VAR, str(FOLD_QUEUE_TIMEOUT_S))
         remote_fit = ray.remote(num_cpus=0, max_retries=0)(fit_fold)
-        for k in todo:
-            train_ds, valid_ds = fold_datasets(plan, ds, k)
-            log.info("fold %d: %d train / %d validation clips", k, train_ds.count(), valid_ds.count())
-            pending[k] = remote_fit.remote(plan, k, train_ds, valid_ds, sizing, queue_timeout_s=queue_timeout)
-    for k in plan.fold_ids:
-        results["folds"][str(k)] = done[k] if k in done else ray.get(pending[k])
-        if k in pending:
+        at_once = folds_at_once(sizing, capacity)
+        if at_once < len(todo):
+            log.info("%d folds to train, %d at a time (what this cluster can hold)", len(todo), at_once)
+        running: dict[ray.ObjectRef, int] = {}
+        queued = list(todo)
+        while queued or running:
+            while queued and len(running) < at_once:
+                k = queued.pop(0)
+                train_ds, valid_ds = fold_datasets(plan, ds, k)
+                log.info("fold %d: %d train / %d validation clips", k, train_ds.count(), valid_ds.count())
+                running[remote_fit.remote(plan, k, train_ds, valid_ds, sizing, queue_timeout_s=queue_timeout)] = k
+            finished, _ = ray.wait(list(running), num_returns=1)
+            k = running.pop(finished[0])
+            results["folds"][str(k)] = ray.get(finished[0])
             log.info("fold %d ran on %s", k, "; ".join(map(describe_worker, results["folds"][str(k)]["workers"])))
+    results["folds"] = {str(k): results["folds"][str(k)] for k in plan.fold_ids}
     results["cv"] = cross_validate(plan)
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(results, indent=1))
     storage.write_text(storage.join(out, "ensemble.json"), json.dumps(

@@ -10,7 +10,9 @@ from gunsound.resources import (
     ClusterCapacity,
     NodeType,
     ResourceError,
+    TrainWorkers,
     calls_per_cpu_scorer,
+    folds_at_once,
     launcher_node_types,
     node_types_from_launcher_config,
     scorer_actors,
@@ -44,6 +46,19 @@ def test_cpu_runs_are_chosen_by_the_config_or_by_a_cluster_without_gpu_types():
     assert scorer_actors(device="cpu", actors=None, capacity=GPU_FROM_ZERO) == (192, 0.0)
     assert scorer_actors(device="auto", actors=None, capacity=LAPTOP) == (2, 0.0)
     assert scorer_actors(device="auto", actors=5, capacity=LAPTOP) == (2, 0.0)
+
+
+@pytest.mark.parametrize(("capacity", "workers", "folds"), [
+    (LAPTOP, TrainWorkers(1, 0.0, 2.0), 1),  # laptop.yaml: one worker takes both cores
+    (LAPTOP, TrainWorkers(1, 0.0, 1.0), 2),
+    (LAPTOP, TrainWorkers(2, 0.0, 0.5), 2),  # half-CPU DDP ranks
+    (ClusterCapacity({"CPU": 0.5}), TrainWorkers(1, 0.0, 1.0), 1),  # never less than one
+    (CPU_ONLY, TrainWorkers(1, 0.0, 4.0), 16),  # 4 nodes of 16 CPUs that may be launched
+    (GPU_FROM_ZERO, TrainWorkers(2, 1.0, 1.0), 4),  # 8 GPUs to launch, 2 a fold
+    (ClusterCapacity({"CPU": 8}, (NodeType("gpu", {"CPU": 8, "GPU": 1}, -1),)), TrainWorkers(1, 1.0, 1.0), 1 << 30),
+])
+def test_only_the_folds_a_cluster_can_hold_start_at_once(capacity, workers, folds):
+    assert folds_at_once(workers, capacity) == folds
 
 
 @pytest.mark.parametrize(("capacity", "calls"), [
