@@ -274,7 +274,7 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool,
     for k in done:
         log.info("fold %d: finished by an earlier run, kept", k)
     todo = [k for k in plan.fold_ids if k not in done]
-    results["folds"].update({str(k): done[k] for k in done})
+    folds = dict(done)
     if todo:
         capacity = cluster_capacity()
         sizing = planned_workers(plan.cfg.environment, capacity)
@@ -300,9 +300,9 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool,
                 running[remote_fit.remote(plan, k, train_ds, valid_ds, sizing, queue_timeout_s=queue_timeout)] = k
             finished, _ = ray.wait(list(running), num_returns=1)
             k = running.pop(finished[0])
-            results["folds"][str(k)] = ray.get(finished[0])
-            log.info("fold %d ran on %s", k, "; ".join(map(describe_worker, results["folds"][str(k)]["workers"])))
-    results["folds"] = {str(k): results["folds"][str(k)] for k in plan.fold_ids}
+            folds[k] = ray.get(finished[0])
+            log.info("fold %d ran on %s", k, "; ".join(map(describe_worker, folds[k]["workers"])))
+    results["folds"] = {str(k): folds[k] for k in plan.fold_ids}
     results["cv"] = cross_validate(plan)
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(results, indent=1))
     storage.write_text(storage.join(out, "ensemble.json"), json.dumps(
