@@ -73,6 +73,9 @@ SMALL_BLOCKS = 2048
 UNITS_PER_BLOCK = 8
 # Entries under the input that are not audio are committed (status "skipped") in parts of up to this many.
 SKIPPED_PART_ENTRIES = 50_000
+# A run of at most this many files has its headers read by the driver to size the scorer pool (on S3, a few
+# seconds on 8 threads): below it a run may need fewer scorers than the cluster offers.
+SIZING_HEADERS = 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,7 +255,7 @@ def plan_shards(batch: dict[str, np.ndarray], *, window_seconds: float, hop_seco
     for shard, part, parts, paths, read in zip(batch["shard"], batch["part"], batch["parts"], batch["paths"], known,
                                                strict=True):
         paths = [str(p) for p in paths]
-        # A unit may carry the headers the driver read already (a run of fewer files than scorers).
+        # A unit may carry the headers the driver read already (a small run: see _pool_size).
         headers = {p: (float(d), str(e)) for p, (d, e) in json.loads(read).items()} if read else read_headers(paths)
         chunks: list[dict] = []
         for path in paths:
@@ -373,7 +376,7 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     log.info("scoring asks for up to %d scorer(s) of %s (environment.device %s; cluster %s)", actors,
              f"{gpus_per_actor:g} GPU" if gpus else "1 CPU", cfg.environment.device, capacity.describe())
     # The input is cut into shards of file names as it is listed, a page at a time. The first shards stay here
-    # until the pool is sized (a run of fewer files than scorers reads their headers to size it); every later
+    # until the pool is sized (a small run reads their headers to size it); every later
     # one goes into the object store as it is made, so the driver holds a reference per shard, not the files.
     pages = itertools.chain(head, listing.pages)
     if listing.folder is not None and output.startswith(listing.folder + "/"):
@@ -401,7 +404,7 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
         # A run of fewer shards than scorers (a few long files) plans each shard in several units (at most 8),
         # each keeping its share of the read groups, so a long file is scored by every actor; a larger archive
         # keeps its scorers busy with whole shards. Either way each header is read once: by the driver where
-        # it sized the pool from the files' chunks (fewer files than scorers), else by the shard's planner.
+        # it sized the pool from the files' chunks (a small run), else by the shard's planner.
         parts = _planning_parts(pool, listed.shards)
         held_units = [_unit_block([(k, j, parts, paths, json.dumps({p: known[p] for p in paths}) if known else "")])
                       for k, paths in enumerate(listed.held) for j in range(parts)]
@@ -535,10 +538,11 @@ def _planning_parts(scorers: int, shards: int) -> int:
 
 
 def _pool_size(todo: list[str], actors: int, s: ScoringSettings) -> tuple[int, dict[str, tuple[float, str]]]:
-    """Scorer actors for this run: `actors`, or as many as there are read groups when a run has fewer files
-    than that (one long file still gets every actor; a few short files do not start idle ones); with the
-    headers read to size it (none when the run has as many files as actors)."""
-    if len(todo) >= actors:
+    """Scorer actors for this run (the whole of it, listed): `actors`, or as many as it has read groups where
+    that is fewer (one long file still gets every actor; a few dozen short files get one, not an actor start
+    and on a cluster a node each for a second of work); with the headers read to size it. A run too large to
+    have fewer groups than actors, or with more than SIZING_HEADERS files, gets `actors` without a read."""
+    if len(todo) >= min(actors * s.batch_size, SIZING_HEADERS):
         return actors, {}
     headers = read_headers(todo)
     chunks = [c for f in todo if not headers[f][1] for c in s.plan(f, headers[f][0])]

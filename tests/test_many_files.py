@@ -95,7 +95,7 @@ def test_a_read_group_mixes_files_and_keeps_each_files_windows_its_own(model_fil
 
 @pytest.mark.parametrize("given", [True, False])
 def test_planning_reads_headers_only_where_the_unit_does_not_carry_them(tmp_path, given):
-    """A run of fewer files than scorers reads their headers in the driver (to size the pool) and hands them to
+    """A small run reads their headers in the driver (to size the pool) and hands them to
     the planners, which must not read them again (on S3, a GET per planning part)."""
     path = str(tmp_path / "elsewhere.wav")  # no such file: only a header from the unit lets it be planned
     unit = {"shard": np.array([0]), "part": np.array([0]), "parts": np.array([1]),
@@ -240,3 +240,27 @@ def test_an_output_inside_the_input_folder_is_not_listed_as_input(ray_local, mod
 def test_a_shard_is_split_among_scorers_only_when_there_are_fewer_shards_than_scorers(scorers, shards, parts):
     # Each part reads its shard's headers again: a large archive must read every header once.
     assert scoring._planning_parts(scorers, shards) == parts
+
+
+@pytest.mark.parametrize(("files", "actors", "pool", "headers_read"), [
+    (10, 3, 1, True),     # a few short files: one read group, one scorer
+    (60, 3, 3, True),     # more groups than scorers: every scorer
+    (60, 40, 4, True),    # fewer groups than a large cluster's scorers: as many as there are groups
+    (300, 3, 3, False),   # more files than the driver reads headers for: every scorer, no header read
+])
+def test_a_small_run_starts_only_the_scorers_its_read_groups_need(model_file, clips, files, actors, pool,
+                                                                   headers_read):
+    root, durations, _ = clips
+    todo = sorted(durations)[:files]
+    s = scoring.ScoringSettings.from_config(scoring_config(str(model_file), SETTINGS), model_chunk_seconds=1.0)
+    size, headers = scoring._pool_size(todo, actors, s)
+    assert size == pool and bool(headers) == headers_read
+    if headers_read:
+        assert headers == scoring.read_headers(todo)
+
+
+def test_one_long_file_gets_every_scorer(model_file, tmp_path):
+    path = tmp_path / "long.wav"
+    sf.write(path, np.random.default_rng(0).normal(0, 0.05, 300 * SAMPLE_RATE), SAMPLE_RATE, subtype="PCM_16")
+    s = scoring.ScoringSettings.from_config(scoring_config(str(model_file), SETTINGS), model_chunk_seconds=1.0)
+    assert scoring._pool_size([str(path)], 4, s)[0] == 4
