@@ -79,10 +79,7 @@ def read_backbone_weights(uri: str) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         raise ValueError(f"{key} {uri}: not a file of tensors only (refused: loading it could run code)") from exc
     except Exception as exc:  # truncation, foreign formats: all mean "not a weights file"; unless a read failed
-        if fault := storage.read_fault(exc):
-            raise OSError(f"{key} {uri}: could not be read ({fault})") from exc
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ValueError(f"{key} {uri}: not a weights file ({type(exc).__name__}: {first})") from exc
+        raise storage.refusal(f"{key} {uri}", exc, "not a weights file") from exc
     state = saved
     if isinstance(saved, dict) and saved.get("format") == ARTIFACT_FORMAT and isinstance(saved.get("state_dict"), dict):
         state = {k.removeprefix("backbone."): v for k, v in saved["state_dict"].items() if k.startswith("backbone.")}
@@ -172,9 +169,7 @@ class ModelArtifact:
         try:
             saved = storage.read_torch(uri)
         except Exception as exc:  # pickle refusals, truncation, versions: not our model file; unless a read failed
-            if fault := storage.read_fault(exc):
-                raise OSError(f"{uri}: could not be read ({fault})") from exc
-            raise ValueError(f"{uri}: not a gunsound model file ({type(exc).__name__}: {exc})") from exc
+            raise storage.refusal(uri, exc, "not a gunsound model file") from exc
         if not isinstance(saved, dict) or saved.get("format") != ARTIFACT_FORMAT:
             raise ValueError(f"{uri}: not a gunsound model file of format {ARTIFACT_FORMAT}")
         try:

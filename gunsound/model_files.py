@@ -93,9 +93,7 @@ def _saved_values(uri: str) -> dict:
             with archive.open(pickled[0]) as f:
                 saved = _ValuesWithoutTensors(f).load()
     except Exception as exc:  # not a zip, a refused pickle, truncation: "not our model file"; unless a read failed
-        if fault := storage.read_fault(exc):
-            raise OSError(f"{uri}: could not be read ({fault})") from exc
-        raise ValueError(f"{uri}: not a gunsound model file ({type(exc).__name__}: {exc})") from exc
+        raise storage.refusal(uri, exc, "not a gunsound model file") from exc
     if not isinstance(saved, dict) or saved.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{uri}: not a gunsound model file of format {ARTIFACT_FORMAT}")
     return saved

@@ -125,20 +125,20 @@ def _open_zip(archive: str, settings: S3Settings):
         return ZipFileSystem(fo=handle, skip_instance_cache=True)
     except zipfile.BadZipFile as exc:
         handle.close()
-        if fault := read_fault(exc):
-            raise OSError(f"zip archive {archive} could not be read ({fault})") from exc
-        raise ValueError(f"{archive}: not a readable zip file ({exc})") from exc
+        raise refusal(f"zip archive {archive}", exc, "not a readable zip file") from exc
 
 
-def read_fault(exc: BaseException) -> OSError | None:
-    """The storage error behind a parser's error, if there is one: zipfile reports a failed read of the
-    archive's directory as "File is not a zip file", which would pass a read fault off as a bad file."""
+def refusal(where: str, exc: BaseException, what_it_is_not: str) -> OSError | ValueError:
+    """The error to raise where a parser refused a file (`where` names it): an OSError saying it could not be
+    read when a storage read failed underneath, which a retry may mend, else a ValueError saying what the file
+    is not. zipfile, for one, reports a failed read of an archive's directory as "File is not a zip file",
+    which would pass a read fault off as a bad file."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError):
-            return seen
+            return OSError(f"{where}: could not be read ({seen})")
         seen = seen.__cause__ or seen.__context__
-    return None
+    return ValueError(f"{where}: {what_it_is_not} ({type(exc).__name__}: {exc})")
 
 
 @lru_cache(maxsize=8)

@@ -284,7 +284,7 @@ def test_a_zip_on_s3_is_read_through_short_reads_and_retries(faulty, objects, sl
     assert len(sleeps) == 2
     # A read that keeps failing is a read fault naming the archive, not a zip said to be bad.
     faulty(Faults(raise_from=1))
-    with pytest.raises(OSError, match=rf"zip archive s3://{BUCKET}/zips/clips.zip could not be read .*gave up after 4"):
+    with pytest.raises(OSError, match=rf"zip archive s3://{BUCKET}/zips/clips.zip: could not be read .*gave up after 4"):
         list_inputs(f"s3://{BUCKET}/zips/clips.zip")
 
 
