@@ -1,10 +1,11 @@
 """Synthetic gunshot recordings from a simple physical model, in the Hydrogen Torch dataset layout.
 
-Each shot is a muzzle blast (a Friedlander pressure wave) coloured by the weapon's resonances, preceded by
-the supersonic bullet's N-wave crack when the round is supersonic, and followed by the action's mechanical
-click, over a low body (the boom that far microphones and sound designers give a shot). Shots follow the
-weapon's cyclic rate of fire in bursts (single shots for the pistol). Distance scales the level, low-passes
-the sound (air absorption) and sets the crack's lead over the blast.
+Each shot is a muzzle blast (a Friedlander pressure wave and the noise of the propellant gas's turbulent jet)
+coloured by the weapon's resonances, preceded by the supersonic bullet's N-wave crack when the round is
+supersonic, and followed by the action's mechanical click, over a low body (the boom that far microphones
+and sound designers give a shot). Shots follow the weapon's cyclic rate of fire in bursts (single shots for
+the pistol). Distance scales the level, low-passes the sound (air absorption) and sets the crack's lead over
+the blast.
 
 `background` clips hold the impulsive sounds a shot detector must not take for shots: explosions, drums,
 struck metal, wood and glass, doors and footsteps, swings and ricochets, clicks, fire and insects. Shots and
@@ -96,7 +97,12 @@ def _shot(weapon: Weapon, sr: int, distance: float, rng: np.random.Generator) ->
     tb = t - onset
     pos = tb >= 0
     friedlander = np.where(pos, (1 - tb / blast_t) * np.exp(-1.8 * np.clip(tb, 0, None) / blast_t), 0.0)
-    wave = friedlander
+    # The propellant gas leaves the muzzle as a turbulent jet: broadband noise over the weapon's band that
+    # outlasts the pulse by tens of ms, and gives a real shot its bright, noisy report.
+    jet = _band(rng.standard_normal(length), weapon.resonances[0] * rng.uniform(0.5, 1.0),
+                weapon.resonances[-1] * rng.uniform(2.0, 5.0), sr)
+    jet_gain, jet_seconds = rng.uniform(0.5, 2.0), rng.uniform(0.01, 0.06)
+    wave = friedlander + jet_gain * np.where(pos, np.exp(-np.clip(tb, 0, None) / jet_seconds), 0.0) * jet
     for k, f0 in enumerate(weapon.resonances):
         f = f0 * rng.uniform(0.93, 1.07)
         decay = rng.uniform(4, 9) / f0 * (3 if k == 0 else 1.5)
@@ -165,10 +171,10 @@ def _falling_tone(length: int, sr: int, pitch: float, rise: float, settle: float
 def _body(sr: int, rng: np.random.Generator) -> np.ndarray:
     """A shot's low body: the blast's boom as a far microphone (and a game's sound designer) gives it, a
     falling low tone and a burst of dark noise. Real recordings carry most of a shot's energy under 500 Hz."""
-    length = int(rng.uniform(0.25, 0.9) * sr)
+    length = int(rng.uniform(0.4, 1.5) * sr)
     f0 = rng.uniform(45, 140)
-    tone = _falling_tone(length, sr, f0, rng.uniform(0.3, 1.5), 0.015) * _decay(length, sr, rng.uniform(0.1, 0.6))
-    rumble = _lowpass(rng.standard_normal(length), rng.uniform(200, 900), sr) * _decay(length, sr, rng.uniform(0.1, 0.6))
+    tone = _falling_tone(length, sr, f0, rng.uniform(0.3, 1.5), 0.015) * _decay(length, sr, rng.uniform(0.2, 1.2))
+    rumble = _lowpass(rng.standard_normal(length), rng.uniform(200, 900), sr) * _decay(length, sr, rng.uniform(0.2, 1.2))
     body = tone + rumble * 4 * rng.uniform(0.2, 1.0)
     return body / (np.max(np.abs(body)) + 1e-12)
 

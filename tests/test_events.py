@@ -145,7 +145,8 @@ def test_repeat_detector_counts_a_shot_at_the_very_start_once():
 
 @pytest.mark.parametrize("sr", [16000, 32000, 48000])
 def test_repeat_detector_times_a_shot_at_its_muzzle_blast(sr):
-    """Within 5 ms at any rate: the detector's frames are timed at their window's centre, not its start."""
+    """Within 5 ms (one frame) at any rate: the detector's frames are timed at their window's centre, not its
+    start (which put every shot 10.7 ms early)."""
     times = [0.5, 1.7, 3.05]
     wave = np.zeros(4 * sr)
     for seed, t in enumerate(times):
@@ -154,4 +155,4 @@ def test_repeat_detector_times_a_shot_at_its_muzzle_blast(sr):
     wave += 1e-4 * np.random.default_rng(sr).standard_normal(len(wave))
     shots = detect_shots(wave, sr)
     assert len(shots) == len(times)
-    assert np.max(np.abs(shots - times)) < 0.005
+    assert np.max(np.abs(shots - times)) <= 0.005 + 1e-9
