@@ -400,6 +400,8 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     if listed.shards:
         held = [p for paths in listed.held for p in paths]
         pool, known = _pool_size(held, actors, s) if not listed.blocks else (actors, {})
+        if pool < actors:
+            log.info("a small run: %d scorer(s), one per read group, instead of %d", pool, actors)
         s3 = storage.current_settings()
         # A run of fewer shards than scorers (a few long files) plans each shard in several units (at most 8),
         # each keeping its share of the read groups, so a long file is scored by every actor; a larger archive
