@@ -544,7 +544,7 @@ def _pool_size(todo: list[str], actors: int, s: ScoringSettings) -> tuple[int, d
     that is fewer (one long file still gets every actor; a few dozen short files get one, not an actor start
     and on a cluster a node each for a second of work); with the headers read to size it. A run too large to
     have fewer groups than actors, or with more than SIZING_HEADERS files, gets `actors` without a read."""
-    if len(todo) >= min(actors * s.batch_size, SIZING_HEADERS):
+    if len(todo) > min(actors * s.batch_size, SIZING_HEADERS):
         return actors, {}
     headers = read_headers(todo)
     chunks = [c for f in todo if not headers[f][1] for c in s.plan(f, headers[f][0])]
