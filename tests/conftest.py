@@ -21,9 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 SEED_CONFIG = REPO / "configs" / "gun_sound_resnet50.yaml"
 LAPTOP_CONFIG = REPO / "configs" / "laptop.yaml"
 SMALL_DATA_CONFIG = REPO / "configs" / "small_data.yaml"
+# Modules that start Ray clusters of their own: they run first, before the session's Ray is up beside them.
+OWN_CLUSTER_MODULES = ("test_jobs.py", "test_autoscaling.py", "test_ray_runtime.py")
 # Training settings that keep a fold to seconds on a laptop.
 FAST = ["architecture.backbone=resnet10t", "training.epochs=2", "training.batch_size=16",
         "audio.mel_frequency_bins=32", "training.warmup_epochs=0.5", "training.gradient_clip=1.0"]
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    items.sort(key=lambda item: item.path.name not in OWN_CLUSTER_MODULES)  # stable: file order otherwise
 
 
 @pytest.fixture(scope="session")
@@ -40,14 +46,19 @@ def train_args(data, output, *extra: str) -> list[str]:
             *[arg for kv in FAST for arg in ("--set", kv)], *extra]
 
 
-# The shared small run: two folds of FAST (2 epochs), half of the clips held out for validation in each.
-TRAINED_RUN_EXTRA = ("--set", "dataset.validation_size=0.5", "--set", "dataset.folds=[0, 1]")
+# The shared small run: two folds of FAST (2 epochs), half of the clips held out for validation in each, each fold
+# on two one-CPU Train workers (DDP; the folds run one after the other on the session's 2 CPUs), its epochs
+# tracked with MLflow (rank 0 logs them).
+TRAINED_RUN_EXTRA = ("--set", "dataset.validation_size=0.5", "--set", "dataset.folds=[0, 1]",
+                     "--set", "environment.workers_per_fold=2", "--set", "environment.cpus_per_worker=1",
+                     "--set", "logging.logger=MLflow")
 
 
 @pytest.fixture(scope="session")
 def trained_run_cli(ray_local, synth_dir, tmp_path_factory) -> tuple[Path, int]:
     """One small run trained once per session through the CLI (`main(["train", ...])`): its folder and the
-    command's exit status. Tests that only read a finished run share it; a test that changes a run copies it."""
+    command's exit status. Tests that only read a finished run share it (test_training its results, test_ddp
+    its ranks, test_tracking its MLflow store, test_scoring its models); a test that changes a run copies it."""
     from gunsound.cli import main
 
     out = tmp_path_factory.mktemp("trained") / "run"
@@ -61,23 +72,6 @@ def trained_run(trained_run_cli) -> Path:
     out, code = trained_run_cli
     assert code == 0, "the shared training run failed"
     return out
-
-
-# The shared DDP run: one fold of FAST on two half-CPU Train workers (on a 2-CPU machine the fold's driver task
-# needs a little CPU beside them), its epochs tracked with MLflow (rank 0 logs them).
-DDP_RUN_EXTRA = ("--set", "environment.workers_per_fold=2", "--set", "environment.cpus_per_worker=0.5",
-                 "--set", "dataset.folds=[0]", "--set", "logging.logger=MLflow")
-
-
-@pytest.fixture(scope="session")
-def ddp_run_cli(ray_local, synth_dir, tmp_path_factory) -> tuple[Path, int]:
-    """One fold trained on two workers with MLflow tracking, once per session through the CLI: its folder and
-    the command's exit status. test_ddp reads its fold's files; test_tracking reads its MLflow store and then
-    reopens and closes the command's run (tracking.json, mlflow.db), which test_ddp does not read."""
-    from gunsound.cli import main
-
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    return out, main(train_args(synth_dir, out, *DDP_RUN_EXTRA))
 
 
 def _free_port() -> int:

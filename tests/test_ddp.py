@@ -1,4 +1,4 @@
-"""DDP: one fold on two Ray Train workers (gloo on CPU) stays in step, each rank trains on its own shard, and
+"""DDP: each fold on two Ray Train workers (gloo on CPU) stays in step, each rank trains on its own shard, and
 the validation set is scored once, whole; and the check that would catch ranks drifting apart does catch it."""
 
 import json
@@ -16,26 +16,24 @@ from gunsound.ddp import RanksDiverged, check_ranks
 
 
 @pytest.mark.ray
-def test_one_fold_on_two_workers_keeps_ranks_in_step_on_disjoint_shards(ddp_run_cli):
-    # The session's DDP run (tests/conftest.py): `main(train_args(synth_dir, out, *DDP_RUN_EXTRA))`, one fold of
-    # FAST (2 epochs: the ranks stay in step past the first) on two half-CPU workers; test_tracking reads its
-    # MLflow store.
-    out, code = ddp_run_cli
-    assert code == 0
-    epochs = json.loads((out / "fold_0" / "metrics.json").read_text())
-    manifest = pd.read_parquet(out / "manifest.parquet")
-    train_rows, valid_rows = (manifest["fold"] != 0).sum(), (manifest["fold"] == 0).sum()
-    assert [e["epoch"] for e in epochs] == [1, 2]
-    for e in epochs:
-        assert e["ranks"] == 2 and e["ranks_in_sync"] is True
-        assert [w["rank"] for w in e["workers"]] == [0, 1] and all(w["device"] == "cpu" for w in e["workers"])
-        assert all(w["threads"] == 1 for w in e["workers"])  # half a CPU each: one thread, not the machine's
-        assert e["rows_trained_on_several_ranks"] == 0  # each rank its own shard
-        # Both shards together cover the training rows but for what the last partial batch of each drops.
-        assert train_rows - 2 * 16 < e["rows_trained_by_all_ranks"] <= train_rows
-        assert e["train_clips"] == e["rows_trained_by_all_ranks"] // 2  # rank 0's share: one half
-    valid = pd.read_parquet(out / "fold_0" / "valid_predictions.parquet")
-    assert len(valid) == valid_rows and valid["row"].is_unique  # scored once, whole
+def test_each_fold_on_two_workers_keeps_ranks_in_step_on_disjoint_shards(trained_run):
+    # The session's shared run (tests/conftest.py): `main(train_args(synth_dir, out, *TRAINED_RUN_EXTRA))`, two
+    # folds of FAST (2 epochs: the ranks stay in step past the first), each on two one-CPU workers.
+    manifest = pd.read_parquet(trained_run / "manifest.parquet")
+    for fold in (0, 1):
+        epochs = json.loads((trained_run / f"fold_{fold}" / "metrics.json").read_text())
+        train_rows, valid_rows = (manifest["fold"] != fold).sum(), (manifest["fold"] == fold).sum()
+        assert [e["epoch"] for e in epochs] == [1, 2]
+        for e in epochs:
+            assert e["ranks"] == 2 and e["ranks_in_sync"] is True
+            assert [w["rank"] for w in e["workers"]] == [0, 1] and all(w["device"] == "cpu" for w in e["workers"])
+            assert all(w["threads"] == 1 for w in e["workers"])  # one CPU each: one thread, not the machine's
+            assert e["rows_trained_on_several_ranks"] == 0  # each rank its own shard
+            # Both shards together cover the training rows but for what the last partial batch of each drops.
+            assert train_rows - 2 * 16 < e["rows_trained_by_all_ranks"] <= train_rows
+            assert e["train_clips"] == e["rows_trained_by_all_ranks"] // 2  # rank 0's share: one half
+        valid = pd.read_parquet(trained_run / f"fold_{fold}" / "valid_predictions.parquet")
+        assert len(valid) == valid_rows and valid["row"].is_unique  # scored once, whole
 
 
 def _rank(rank: int, port: int, results) -> None:

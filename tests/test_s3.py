@@ -5,10 +5,12 @@ import json
 import boto3
 import numpy as np
 import pytest
+import yaml
 
 from gunsound import storage
 from gunsound.cli import main
 from gunsound.inference import load_model_files
+from gunsound.model import ModelArtifact
 from gunsound.model_files import describe_model, model_files
 from tests.conftest import train_args
 
@@ -114,19 +116,39 @@ def test_pretrained_weights_from_s3_leave_no_local_copy(s3_server, bucket, tmp_p
     assert list(scratch.iterdir()) == []                       # the downloaded copy is removed once loaded
 
 
+# Every training option at once: one run serves this and the S3 round trip (each run costs a Ray Train start).
+EVERY_OPTION = ["training.epochs=2", "training.grad_accumulation=2", "training.gradient_clip=0.5",
+                "training.drop_last_batch=false", "training.evaluation_epochs=2", "training.save_best_checkpoint=true",
+                "training.calculate_train_metric=true", "training.differential_learning_rate_layers=[backbone]",
+                "training.warmup_epochs=1", "augmentation.mix_audio=Mixup", "augmentation.mix_probability=0.5",
+                "augmentation.time_mask_frames=8", "augmentation.frequency_mask_bins=4", "environment.seed=-1",
+                "environment.mixed_precision_training=true",
+                "environment.shard_cache_mb=0"]  # stream the shard every epoch (the other runs hold it in memory)
+
+
 @pytest.mark.ray
-def test_train_from_s3_writes_outputs_to_s3(ray_local, s3_server, bucket, capsys):
-    code = main(train_args("s3://gunsound-test/datasets/synth", "s3://gunsound-test/runs/laptop",
-                           "--set", f"storage.endpoint_url={s3_server}", "--set", "training.epochs=1"))
+def test_train_from_s3_with_every_option_writes_outputs_to_s3(ray_local, s3_server, bucket, capsys):
+    run = "s3://gunsound-test/runs/laptop"
+    code = main(train_args("s3://gunsound-test/datasets/synth", run, "--set", f"storage.endpoint_url={s3_server}",
+                           *[arg for kv in EVERY_OPTION for arg in ("--set", kv)]))
     assert code == 0, capsys.readouterr().err
     keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="gunsound-test", Prefix="runs/laptop/")["Contents"]}
-    for name in ("config.yaml", "metrics.json", "manifest.parquet", "fold_0/model.pt", "fold_0/metrics.json"):
+    for name in ("config.yaml", "metrics.json", "manifest.parquet", "fold_0/model.pt", "fold_0/metrics.json",
+                 "fold_0/best_state.pt"):
         assert f"runs/laptop/{name}" in keys
     assert any(k.startswith("runs/laptop/ray/fold_0/checkpoint_") for k in keys)
-    metrics = json.loads(bucket.get_object(Bucket="gunsound-test", Key="runs/laptop/metrics.json")["Body"].read())
-    assert metrics["folds"]["0"]["epochs"][0]["valid_roc_auc"] > 0
-    config_text = bucket.get_object(Bucket="gunsound-test", Key="runs/laptop/config.yaml")["Body"].read().decode()
+    config_text = storage.read_text(f"{run}/config.yaml")
     assert "testing" not in config_text  # the credentials never reach the outputs
+    # The options, as the run's files on S3 show them.
+    epochs = json.loads(storage.read_text(f"{run}/metrics.json"))["folds"]["0"]["epochs"]
+    assert "valid_roc_auc" not in epochs[0] and epochs[1]["valid_roc_auc"] > 0  # evaluation_epochs=2
+    assert all("train_roc_auc" in e for e in epochs)  # calculate_train_metric
+    assert epochs[0]["train_clips"] == 76  # drop_last_batch=false keeps the last partial batch
+    assert ModelArtifact.load(f"{run}/fold_0/model.pt").best_epoch == 2
+    seed = yaml.safe_load(config_text)["environment"]["seed"]
+    assert seed >= 0  # -1 drew a seed, and the resolved config records it
+    # ... and so does the fingerprint, which a rerun with `seed: -1` resumes with (test_reused_output.py)
+    assert json.loads(storage.read_text(f"{run}/fingerprint.json"))["settings"]["environment.seed"] == seed
     # A scoring driver reads the model on S3 as it reads a local one (range reads of the pickle, no torch).
     files = model_files("s3://gunsound-test/runs/laptop")
     assert files == ["s3://gunsound-test/runs/laptop/fold_0/model.pt"]

@@ -13,13 +13,12 @@ from tests.conftest import LAPTOP_CONFIG
 
 
 @pytest.mark.ray
-def test_a_training_with_mlflow_writes_runs_that_mlflow_reads_back(ddp_run_cli):
+def test_a_training_with_mlflow_writes_runs_that_mlflow_reads_back(trained_run, tmp_path):
     from mlflow import MlflowClient
 
-    # The session's DDP run (tests/conftest.py): `main(train_args(synth_dir, out, *DDP_RUN_EXTRA))`, one fold of
-    # FAST on two Train workers with `logging.logger=MLflow`; rank 0 logs the epochs.
-    out, code = ddp_run_cli
-    assert code == 0
+    # The session's shared run (tests/conftest.py): `main(train_args(synth_dir, out, *TRAINED_RUN_EXTRA))`, two
+    # folds of FAST on two Train workers each with `logging.logger=MLflow`; rank 0 logs the epochs.
+    out = trained_run
     cfg = load_config(out / "config.yaml")  # the command's resolved config
     assert cfg.logging.logger == "MLflow"
     settings = TrackingSettings.from_config(cfg, str(out))
@@ -30,13 +29,15 @@ def test_a_training_with_mlflow_writes_runs_that_mlflow_reads_back(ddp_run_cli):
     experiment = client.get_experiment_by_name("laptop")
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    child = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
-    assert len(runs) == 2 and child.info.run_name == "fold_0" and child.info.status == "FINISHED"
-    # Every epoch of the fold, as its metrics.json has it.
-    epochs = json.loads((out / "fold_0" / "metrics.json").read_text())
-    for key in ("train_loss", "valid_loss", "valid_roc_auc", "lr"):
-        history = client.get_metric_history(child.info.run_id, key)
-        assert [(m.step, m.value) for m in history] == [(e["epoch"], pytest.approx(e[key])) for e in epochs]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert len(runs) == 3 and sorted(children) == ["fold_0", "fold_1"]
+    for fold, child in children.items():
+        assert child.info.status == "FINISHED"
+        # Every epoch of the fold, as its metrics.json has it.
+        epochs = json.loads((out / fold / "metrics.json").read_text())
+        for key in ("train_loss", "valid_loss", "valid_roc_auc", "lr"):
+            history = client.get_metric_history(child.info.run_id, key)
+            assert [(m.step, m.value) for m in history] == [(e["epoch"], pytest.approx(e[key])) for e in epochs]
     # The command's run: the resolved config, the cross-validated metrics and the report.
     assert parent.info.status == "FINISHED"
     assert parent.data.params["training.epochs"] == "2" and parent.data.params["architecture.backbone"] == "resnet10t"
@@ -49,13 +50,19 @@ def test_a_training_with_mlflow_writes_runs_that_mlflow_reads_back(ddp_run_cli):
     assert "report/report.html" in report and any(p.endswith(".png") for p in report)
     assert list((out / "mlruns").rglob("report.html"))  # artifacts stay beside the outputs
 
-    # A rerun of the same command into the same OUTPUT continues the same run.
+    # A rerun of the same command into the same OUTPUT continues the same run (into an OUTPUT of its own: the
+    # shared run is read, never written).
+    settings = TrackingSettings.from_config(cfg, str(tmp_path / "run"))
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
     tracking.start_run(settings, cfg.to_dict())
-    assert json.loads((out / "tracking.json").read_text())["run_id"] == parent.info.run_id
-    assert client.get_run(parent.info.run_id).info.status == "RUNNING"
+    first = json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"]
+    tracking.finish_run(settings, results)
+    tracking.start_run(settings, cfg.to_dict())
+    assert json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"] == first
+    assert client.get_run(first).info.status == "RUNNING"
     tracking.finish_run(settings, None, failed=True)
-    assert client.get_run(parent.info.run_id).info.status == "FAILED"
-    assert len(client.search_runs([experiment.experiment_id])) == 2
+    assert client.get_run(first).info.status == "FAILED"
+    assert len(client.search_runs([client.get_experiment_by_name("laptop").experiment_id])) == 1
 
 
 def test_tensorboard_event_files_read_back(tmp_path):

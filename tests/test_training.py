@@ -50,7 +50,7 @@ def test_cli_errors_are_clear_and_nonzero(synth_dir, tmp_path, capsys):
 
 @pytest.mark.ray
 def test_two_folds_end_to_end_with_cv_metrics_and_report(trained_run_cli, tmp_path):
-    # The session's shared run: `main(["train", LAPTOP_CONFIG, *FAST, validation_size=0.5, folds=[0, 1]])`.
+    # The session's shared run: `main(train_args(synth_dir, out, *TRAINED_RUN_EXTRA))` (tests/conftest.py).
     out, code = trained_run_cli
     assert code == 0
     resolved = yaml.safe_load((out / "config.yaml").read_text())
@@ -63,9 +63,9 @@ def test_two_folds_end_to_end_with_cv_metrics_and_report(trained_run_cli, tmp_pa
             for key in ("train_loss", "valid_loss", "valid_roc_auc", "valid_accuracy", "valid_f1", "lr"):
                 assert key in e and e[key] == e[key]  # present and not NaN
         assert epochs[1]["lr"] < epochs[0]["lr"]  # cosine decay
-        # laptop.yaml's one worker holds both CPUs of the session's Ray and computes on both.
+        # Two workers of one CPU each (the run's --set), each computing on its one CPU.
         workers = json.loads((out / f"fold_{fold}" / "metrics.json").read_text())[-1]["workers"]
-        assert [(w["rank"], w["threads"]) for w in workers] == [(0, 2)]
+        assert [(w["rank"], w["threads"]) for w in workers] == [(0, 1), (1, 1)]
         model = ModelArtifact.load(str(out / f"fold_{fold}" / "model.pt"))
         assert len(model.classes) == 9 and model.features.n_mels == 32 and model.fold == int(fold)
     # Out-of-fold predictions cover every clip exactly once.

@@ -1,21 +1,19 @@
-"""Every training option of the seed config, as unit tests of the loop's parts and one run with all of them."""
+"""Every training option of the seed config, as unit tests of the loop's parts (one run with all of them on is
+test_s3.py's training run)."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from gunsound.augment import mixup, spec_augment
-from gunsound.cli import main
 from gunsound.config import load_config
-from gunsound.model import ModelArtifact, build_model
+from gunsound.model import build_model
 from gunsound.optim import lr_lambda, make_optimizer
 from gunsound.train_loop import LoopSettings, loss_fn
 from gunsound.worker_data import load_shard, shuffled_batches
-from tests.conftest import LAPTOP_CONFIG, SEED_CONFIG, train_args
+from tests.conftest import LAPTOP_CONFIG, SEED_CONFIG
 
 
 def cfg_with(*overrides):
@@ -124,27 +122,3 @@ def test_load_shard_reads_a_dataset_into_arrays(ray_local):
     assert sorted(arrays["features"][:, 0, 0].tolist()) == list(range(70))
     with pytest.raises(RuntimeError, match="empty"):
         load_shard(ds.filter(lambda row: False), ["features", "target"])
-
-
-@pytest.mark.ray
-def test_a_run_with_every_option_on(ray_local, synth_dir, tmp_path):
-    out = tmp_path / "run"
-    options = ["training.epochs=2", "training.grad_accumulation=2", "training.gradient_clip=0.5",
-               "training.drop_last_batch=false", "training.evaluation_epochs=2", "training.save_best_checkpoint=true",
-               "training.calculate_train_metric=true", "training.differential_learning_rate_layers=[backbone]",
-               "training.warmup_epochs=1", "augmentation.mix_audio=Mixup", "augmentation.mix_probability=0.5",
-               "augmentation.time_mask_frames=8", "augmentation.frequency_mask_bins=4", "environment.seed=-1",
-               "environment.mixed_precision_training=true",
-               "environment.shard_cache_mb=0"]  # stream the shard every epoch (the other runs hold it in memory)
-    code = main(train_args(synth_dir, out, *[arg for kv in options for arg in ("--set", kv)]))
-    assert code == 0
-    epochs = json.loads((out / "metrics.json").read_text())["folds"]["0"]["epochs"]
-    assert "valid_roc_auc" not in epochs[0] and "valid_roc_auc" in epochs[1]  # evaluation_epochs=2
-    assert all("train_roc_auc" in e for e in epochs)  # calculate_train_metric
-    assert epochs[0]["train_clips"] == 76  # drop_last_batch=false keeps the last partial batch
-    assert (out / "fold_0" / "best_state.pt").exists()
-    assert ModelArtifact.load(str(out / "fold_0" / "model.pt")).best_epoch == 2
-    seed = yaml.safe_load((out / "config.yaml").read_text())["environment"]["seed"]
-    assert seed >= 0  # -1 drew a seed, and the resolved config records it
-    # ... and so does the fingerprint, which a rerun with `seed: -1` resumes with (test_reused_output.py)
-    assert json.loads((out / "fingerprint.json").read_text())["settings"]["environment.seed"] == seed
