@@ -145,6 +145,9 @@ def test_train_from_s3_with_every_option_writes_outputs_to_s3(ray_local, s3_serv
     assert all("train_roc_auc" in e for e in epochs)  # calculate_train_metric
     assert epochs[0]["train_clips"] == 76  # drop_last_batch=false keeps the last partial batch
     assert ModelArtifact.load(f"{run}/fold_0/model.pt").best_epoch == 2
+    # laptop.yaml's one worker holds both CPUs of the session's Ray and computes on both.
+    workers = json.loads(storage.read_text(f"{run}/fold_0/metrics.json"))[-1]["workers"]
+    assert [(w["rank"], w["threads"]) for w in workers] == [(0, 2)]
     seed = yaml.safe_load(config_text)["environment"]["seed"]
     assert seed >= 0  # -1 drew a seed, and the resolved config records it
     # ... and so does the fingerprint, which a rerun with `seed: -1` resumes with (test_reused_output.py)
