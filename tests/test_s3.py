@@ -153,11 +153,11 @@ def test_train_from_s3_with_every_option_writes_outputs_to_s3(ray_local, s3_serv
     # ... and so does the fingerprint, which a rerun with `seed: -1` resumes with (test_reused_output.py)
     assert json.loads(storage.read_text(f"{run}/fingerprint.json"))["settings"]["environment.seed"] == seed
     # A scoring driver reads the model on S3 as it reads a local one (range reads of the pickle, no torch).
-    files = model_files("s3://gunsound-test/runs/laptop")
-    assert files == ["s3://gunsound-test/runs/laptop/fold_0/model.pt"]
+    files = model_files(run)
+    assert files == [f"{run}/fold_0/model.pt"]
     assert describe_model(files) == load_model_files(files).describe()
     # The run on S3 exports a scoring pipeline to S3 (staged in a temporary folder that is removed).
-    assert main(["export", "s3://gunsound-test/runs/laptop", "s3://gunsound-test/pipeline",
+    assert main(["export", run, "s3://gunsound-test/pipeline",
                  "--set", f"storage.endpoint_url={s3_server}"]) == 0
     keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="gunsound-test", Prefix="pipeline/")["Contents"]}
     assert keys == {f"pipeline/{name}" for name in ("model.pt2", "pipeline.json", "score.py", "windows.py",

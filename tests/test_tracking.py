@@ -52,13 +52,14 @@ def test_a_training_with_mlflow_writes_runs_that_mlflow_reads_back(trained_run, 
 
     # A rerun of the same command into the same OUTPUT continues the same run (into an OUTPUT of its own: the
     # shared run is read, never written).
-    settings = TrackingSettings.from_config(cfg, str(tmp_path / "run"))
+    rerun = tmp_path / "run"
+    settings = TrackingSettings.from_config(cfg, str(rerun))
     client = MlflowClient(tracking_uri=settings.tracking_uri)
     tracking.start_run(settings, cfg.to_dict())
-    first = json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"]
+    first = json.loads((rerun / "tracking.json").read_text())["run_id"]
     tracking.finish_run(settings, results)
     tracking.start_run(settings, cfg.to_dict())
-    assert json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"] == first
+    assert json.loads((rerun / "tracking.json").read_text())["run_id"] == first
     assert client.get_run(first).info.status == "RUNNING"
     tracking.finish_run(settings, None, failed=True)
     assert client.get_run(first).info.status == "FAILED"
