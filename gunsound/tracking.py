@@ -7,8 +7,10 @@ resolved config (`start_run`), rank 0 of every fold's Train workers logs each ep
 (`FoldTracker`), and the driver closes the run with the cross-validated metrics and the report (`finish_run`).
 
 A rerun of the same command into the same OUTPUT continues the same runs: OUTPUT/tracking.json keeps the
-parent run's id. Credentials come from the environment of the processes that log (MLFLOW_TRACKING_USERNAME /
-PASSWORD / TOKEN, NEPTUNE_API_TOKEN), never from the config: settings hold only plain, secret-free values.
+parent run's id. An OUTPUT copied or moved elsewhere keeps a default MLflow store that names the first
+folder's artifacts: a rerun into it is refused at its start rather than logging into the first folder.
+Credentials come from the environment of the processes that log (MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN,
+NEPTUNE_API_TOKEN), never from the config: settings hold only plain, secret-free values.
 
     MLflow       logging.tracking_uri, or by default sqlite:///OUTPUT/mlflow.db with artifacts in OUTPUT/mlruns/
     TensorBoard  OUTPUT/tensorboard/ (run/ for the command, fold_<k>/ per fold)
@@ -26,6 +28,8 @@ import posixpath
 import re
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,9 +125,44 @@ def _mlflow_client(settings: TrackingSettings):
     return MlflowClient(tracking_uri=settings.tracking_uri)
 
 
+def _local_folder(location: str) -> Path | None:
+    """A local artifact location (a file URI or a plain path) as a resolved path; None for a remote one."""
+    parsed = urllib.parse.urlparse(location)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(urllib.request.url2pathname(parsed.path)).resolve()
+    if parsed.scheme == "":
+        return Path(location).expanduser().resolve()
+    return None
+
+
+def _keeps_artifacts_in(location: str, expected: str) -> bool:
+    """Whether `location` is the folder `expected` or lies inside it, however either is spelled."""
+    folder, expected_folder = _local_folder(location), _local_folder(expected)
+    if folder is None or expected_folder is None:
+        return location.rstrip("/") == expected.rstrip("/") or location.startswith(expected.rstrip("/") + "/")
+    return folder.is_relative_to(expected_folder)
+
+
+def _refuse_foreign_artifacts(settings: TrackingSettings, what: str, location: str) -> None:
+    """The default store's artifacts belong in OUTPUT/mlruns/. A store copied or moved with its OUTPUT still
+    names the first folder's: logging there would write into another run's folder (or nowhere), so refuse."""
+    if settings.artifact_location is None or _keeps_artifacts_in(location, settings.artifact_location):
+        return
+    folder = _local_folder(location)
+    gone = " (no longer there)" if folder is not None and not folder.exists() else ""
+    database = storage.join(storage.absolute(settings.output), "mlflow.db")
+    mlruns = storage.join(storage.absolute(settings.output), "mlruns")
+    raise ConfigError(
+        f"logging.tracking_uri: {database}, the default MLflow store of this output, keeps {what} of experiment "
+        f"'{settings.experiment}' in {location}{gone}, not in {settings.artifact_location}: the folder was copied "
+        f"or moved from another. To track this output afresh remove {database} and {mlruns} (trained folds are "
+        "kept), or set logging.tracking_uri to a tracking server")
+
+
 def _mlflow_experiment(client, settings: TrackingSettings) -> str:
     found = client.get_experiment_by_name(settings.experiment)
     if found is not None:
+        _refuse_foreign_artifacts(settings, "the artifacts", found.artifact_location)
         return found.experiment_id
     return client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
 
@@ -146,8 +185,11 @@ def _mlflow_start(settings: TrackingSettings, config: dict[str, Any]) -> str:
     client = _mlflow_client(settings)
     run_id = _read_state(settings).get("run_id")
     if run_id:
+        run = client.get_run(run_id)
+        # Each run keeps its own artifact location: checked before the run is touched.
+        _refuse_foreign_artifacts(settings, f"the artifacts of run {run_id}", run.info.artifact_uri)
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        logged = client.get_run(run_id).data.params
+        logged = run.data.params
     else:
         run = client.create_run(_mlflow_experiment(client, settings), run_name=posixpath.basename(settings.output),
                                 tags={"gunsound.output": settings.output})
@@ -165,6 +207,8 @@ def _mlflow_start(settings: TrackingSettings, config: dict[str, Any]) -> str:
 
 
 def _mlflow_finish(settings: TrackingSettings, results: dict[str, Any], status: str) -> None:
+    if status == "FAILED" and not _read_state(settings).get("run_id"):
+        return  # the job failed before its run was opened (or its store was refused): nothing to close
     client = _mlflow_client(settings)
     run_id = _parent_id(settings)
     if results:

@@ -2,6 +2,7 @@
 event files read back with TensorBoard's reader, and the settings that are refused."""
 
 import json
+import shutil
 
 import matplotlib
 import pytest
@@ -123,3 +124,55 @@ def test_folds_without_an_opened_run_are_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="tracking.start_run was not called"):
         FoldTracker(settings, "fold_0", epochs=1)
     assert not storage.exists(str(tmp_path / "run" / "tracking.json"))
+
+
+def _tree(folder):
+    """Every file under `folder` with its size and modification time: what a write there would change."""
+    return {str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_a_copied_output_with_the_default_mlflow_store_is_refused_and_the_original_is_left_alone(tmp_path):
+    from mlflow import MlflowClient
+
+    cfg = load_config(LAPTOP_CONFIG, ["logging.logger=MLflow"])
+    out, copy = tmp_path / "first run", tmp_path / "copy"  # a space: the store names its artifacts by a file URI
+    settings = TrackingSettings.from_config(cfg, str(out))
+    tracking.start_run(settings, cfg.to_dict())
+    run_id = json.loads((out / "tracking.json").read_text())["run_id"]
+    tracking.finish_run(settings, None, failed=True)
+    shutil.copytree(out, copy)
+    before, copied = _tree(out), _tree(copy)
+
+    # The copy's mlflow.db still names the first folder's mlruns/: refused at the run's start, before anything is
+    # logged, and the failed job's finish_run (training.run calls it) closes nothing and does not mask the error.
+    moved = TrackingSettings.from_config(cfg, str(copy))
+    with pytest.raises(ConfigError) as refused:
+        tracking.start_run(moved, cfg.to_dict())
+    message = str(refused.value)
+    assert message.startswith(f"logging.tracking_uri: {copy / 'mlflow.db'}, the default MLflow store")
+    assert f"experiment 'laptop' in {(out / 'mlruns').as_uri()}, not in {(copy / 'mlruns').as_uri()}" in message
+    assert f"remove {copy / 'mlflow.db'} and {copy / 'mlruns'}" in message
+    tracking.finish_run(moved, None, failed=True)
+    assert _tree(out) == before and _tree(copy) == copied
+
+    # The same folder is this output's own store: its run continues; named through a symlink and with a trailing
+    # slash it is not refused either.
+    tracking.start_run(settings, cfg.to_dict())
+    assert json.loads((out / "tracking.json").read_text())["run_id"] == run_id
+    assert MlflowClient(tracking_uri=settings.tracking_uri).get_run(run_id).info.status == "RUNNING"
+    (tmp_path / "link").symlink_to(out)
+    tracking.start_run(TrackingSettings.from_config(cfg, str(tmp_path / "link") + "/"), cfg.to_dict())
+
+    # With the first folder gone the copy is still refused. Removing the store, as the error says, tracks a moved
+    # copy afresh with artifacts in its own mlruns/ (moved first: MLflow keeps each store's database open for the
+    # life of the process, as a new `gunsound train` would not).
+    shutil.rmtree(out)
+    with pytest.raises(ConfigError, match=r"first%20run/mlruns \(no longer there\), not in"):
+        tracking.start_run(moved, cfg.to_dict())
+    again = tmp_path / "moved"
+    shutil.move(copy, again)
+    (again / "mlflow.db").unlink()
+    shutil.rmtree(again / "mlruns")
+    tracking.start_run(TrackingSettings.from_config(cfg, str(again)), cfg.to_dict())
+    assert list((again / "mlruns").rglob("config.json")) and not out.exists()
