@@ -260,10 +260,10 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool,
            tracker: tracking.TrackingSettings | None) -> dict:
     import ray
 
-    start_ray(plan)
     out = plan.output
     storage.write_text(storage.join(out, "config.yaml"), plan.cfg.to_yaml())
-    tracking.start_run(tracker, plan.cfg.to_dict())
+    tracking.start_run(tracker, plan.cfg.to_dict())  # before Ray: a tracking store it refuses fails in seconds
+    start_ray(plan)
     storage.write_parquet(manifest, storage.join(out, "manifest.parquet"))
     if plan.manifest.dropped:
         storage.write_parquet(pd.DataFrame([asdict(p) for p in plan.manifest.dropped]), storage.join(out, "dropped_rows.parquet"))
