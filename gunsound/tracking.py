@@ -8,7 +8,8 @@ resolved config (`start_run`), rank 0 of every fold's Train workers logs each ep
 
 A rerun of the same command into the same OUTPUT continues the same runs: OUTPUT/tracking.json keeps the
 parent run's id. An OUTPUT copied or moved elsewhere keeps a default MLflow store that names the first
-folder's artifacts: a rerun into it is refused at its start rather than logging into the first folder.
+folder's artifacts: a rerun into it is refused at its start rather than logging into the first folder (or
+recreating it, once deleted).
 Credentials come from the environment of the processes that log (MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN,
 NEPTUNE_API_TOKEN), never from the config: settings hold only plain, secret-free values.
 
@@ -65,8 +66,12 @@ class TrackingSettings:
             if not storage.is_local(output):
                 raise ConfigError(f"logging.tracking_uri: an output on {output} needs an MLflow tracking server "
                                   "(the default store is a SQLite file beside a local output)")
-            folder = Path(storage.absolute(output))
-            uri, artifacts = f"sqlite:///{folder / 'mlflow.db'}", (folder / "mlruns").as_uri()
+            if cfg.experiment_name == DEFAULT_EXPERIMENT:
+                raise ConfigError(f"experiment_name: '{DEFAULT_EXPERIMENT}' is the experiment MLflow makes in every "
+                                  "store, with its artifacts in the working directory; name the experiment otherwise, "
+                                  "or set logging.tracking_uri")
+            database, artifact_folder = _default_store(output)
+            uri, artifacts = f"sqlite:///{database}", artifact_folder.as_uri()
         return cls(logger=lg.logger, output=output, experiment=cfg.experiment_name, tracking_uri=uri,
                    artifact_location=artifacts, neptune_project=lg.neptune_project)
 
@@ -125,6 +130,15 @@ def _mlflow_client(settings: TrackingSettings):
     return MlflowClient(tracking_uri=settings.tracking_uri)
 
 
+DEFAULT_EXPERIMENT = "Default"  # MLflow's own, in every store
+
+
+def _default_store(output: str) -> tuple[Path, Path]:
+    """MLflow's default store of a local OUTPUT: its database and the folder of its artifacts."""
+    folder = Path(storage.absolute(output))
+    return folder / "mlflow.db", folder / "mlruns"
+
+
 def _local_folder(location: str) -> Path | None:
     """A local artifact location (a file URI or a plain path) as a resolved path; None for a remote one."""
     parsed = urllib.parse.urlparse(location)
@@ -136,27 +150,25 @@ def _local_folder(location: str) -> Path | None:
 
 
 def _keeps_artifacts_in(location: str, expected: str) -> bool:
-    """Whether `location` is the folder `expected` or lies inside it, however either is spelled."""
+    """Whether `location` is the local folder `expected` or lies inside it, however either is spelled."""
     folder, expected_folder = _local_folder(location), _local_folder(expected)
-    if folder is None or expected_folder is None:
-        return location.rstrip("/") == expected.rstrip("/") or location.startswith(expected.rstrip("/") + "/")
-    return folder.is_relative_to(expected_folder)
+    return folder is not None and expected_folder is not None and folder.is_relative_to(expected_folder)
 
 
 def _refuse_foreign_artifacts(settings: TrackingSettings, what: str, location: str) -> None:
     """The default store's artifacts belong in OUTPUT/mlruns/. A store copied or moved with its OUTPUT still
-    names the first folder's: logging there would write into another run's folder (or nowhere), so refuse."""
+    names the first folder's: logging there would write into another run's folder (or recreate it, once
+    deleted), so refuse."""
     if settings.artifact_location is None or _keeps_artifacts_in(location, settings.artifact_location):
         return
     folder = _local_folder(location)
     gone = " (no longer there)" if folder is not None and not folder.exists() else ""
-    database = storage.join(storage.absolute(settings.output), "mlflow.db")
-    mlruns = storage.join(storage.absolute(settings.output), "mlruns")
+    database, mlruns = _default_store(settings.output)
     raise ConfigError(
         f"logging.tracking_uri: {database}, the default MLflow store of this output, keeps {what} of experiment "
         f"'{settings.experiment}' in {location}{gone}, not in {settings.artifact_location}: the folder was copied "
-        f"or moved from another. To track this output afresh remove {database} and {mlruns} (trained folds are "
-        "kept), or set logging.tracking_uri to a tracking server")
+        f"or moved from another. To track this output afresh remove {database}, {mlruns} and "
+        f"{database.with_name(TRACKING_FILE)} (trained folds are kept), or set logging.tracking_uri to a tracking server")
 
 
 def _mlflow_experiment(client, settings: TrackingSettings) -> str:
@@ -207,8 +219,6 @@ def _mlflow_start(settings: TrackingSettings, config: dict[str, Any]) -> str:
 
 
 def _mlflow_finish(settings: TrackingSettings, results: dict[str, Any], status: str) -> None:
-    if status == "FAILED" and not _read_state(settings).get("run_id"):
-        return  # the job failed before its run was opened (or its store was refused): nothing to close
     client = _mlflow_client(settings)
     run_id = _parent_id(settings)
     if results:

@@ -238,8 +238,9 @@ def run(plan: TrainingPlan, drop_bad_rows: bool = False, overwrite: bool = False
         plan.cfg.architecture = weights.resolve_pretrained(plan.cfg.architecture, plan.output)
         fingerprint.claim(plan.output, claim, overwrite=overwrite, owned=TRAINING_OUTPUTS)
         tracker = tracking.TrackingSettings.from_config(plan.cfg, plan.output)
+        tracking.start_run(tracker, plan.cfg.to_dict())  # before Ray starts: a refused tracking store fails in seconds
         try:
-            results = _train(plan, frame, drop_bad_rows, tracker)
+            results = _train(plan, frame, drop_bad_rows)
         except BaseException:
             tracking.finish_run(tracker, None, failed=True)
             raise
@@ -256,13 +257,11 @@ def start_ray(plan: TrainingPlan) -> None:
     init_ray(plan.cfg.environment.ray_address, object_store_bytes=object_store_bytes_for(features))
 
 
-def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool,
-           tracker: tracking.TrackingSettings | None) -> dict:
+def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool) -> dict:
     import ray
 
     out = plan.output
     storage.write_text(storage.join(out, "config.yaml"), plan.cfg.to_yaml())
-    tracking.start_run(tracker, plan.cfg.to_dict())  # before Ray: a tracking store it refuses fails in seconds
     start_ray(plan)
     storage.write_parquet(manifest, storage.join(out, "manifest.parquet"))
     if plan.manifest.dropped:

@@ -145,15 +145,23 @@ def test_a_copied_output_with_the_default_mlflow_store_is_refused_and_the_origin
     before, copied = _tree(out), _tree(copy)
 
     # The copy's mlflow.db still names the first folder's mlruns/: refused at the run's start, before anything is
-    # logged, and the failed job's finish_run (training.run calls it) closes nothing and does not mask the error.
+    # logged (training.run opens the run before Ray starts, and closes only a run it opened).
     moved = TrackingSettings.from_config(cfg, str(copy))
     with pytest.raises(ConfigError) as refused:
         tracking.start_run(moved, cfg.to_dict())
     message = str(refused.value)
     assert message.startswith(f"logging.tracking_uri: {copy / 'mlflow.db'}, the default MLflow store")
     assert f"experiment 'laptop' in {(out / 'mlruns').as_uri()}, not in {(copy / 'mlruns').as_uri()}" in message
-    assert f"remove {copy / 'mlflow.db'} and {copy / 'mlruns'}" in message
-    tracking.finish_run(moved, None, failed=True)
+    assert f"remove {copy / 'mlflow.db'}, {copy / 'mlruns'} and {copy / 'tracking.json'}" in message
+    assert _tree(out) == before and _tree(copy) == copied
+
+    # A copy whose tracking.json names its own store (as an earlier gunsound left it after a rerun there): the run
+    # it would reopen keeps its artifacts in the first folder too, and is refused before it is touched.
+    state = json.loads((copy / "tracking.json").read_text()) | {"tracking_uri": moved.tracking_uri}
+    (copy / "tracking.json").write_text(json.dumps(state))
+    copied = _tree(copy)
+    with pytest.raises(ConfigError, match=f"keeps the artifacts of run {run_id} of experiment 'laptop' in file:"):
+        tracking.start_run(moved, cfg.to_dict())
     assert _tree(out) == before and _tree(copy) == copied
 
     # The same folder is this output's own store: its run continues; named through a symlink and with a trailing
@@ -164,15 +172,25 @@ def test_a_copied_output_with_the_default_mlflow_store_is_refused_and_the_origin
     (tmp_path / "link").symlink_to(out)
     tracking.start_run(TrackingSettings.from_config(cfg, str(tmp_path / "link") + "/"), cfg.to_dict())
 
-    # With the first folder gone the copy is still refused. Removing the store, as the error says, tracks a moved
-    # copy afresh with artifacts in its own mlruns/ (moved first: MLflow keeps each store's database open for the
-    # life of the process, as a new `gunsound train` would not).
+    # With the first folder gone the copy is still refused. Removing what the error names tracks a moved copy
+    # afresh with artifacts in its own mlruns/ (moved first: MLflow keeps each store's database open for the life
+    # of the process, as a new `gunsound train` would not).
     shutil.rmtree(out)
-    with pytest.raises(ConfigError, match=r"first%20run/mlruns \(no longer there\), not in"):
+    with pytest.raises(ConfigError, match=r"first%20run/mlruns/\w+/artifacts \(no longer there\), not in"):
         tracking.start_run(moved, cfg.to_dict())
     again = tmp_path / "moved"
     shutil.move(copy, again)
-    (again / "mlflow.db").unlink()
+    for name in ("mlflow.db", "tracking.json"):
+        (again / name).unlink()
     shutil.rmtree(again / "mlruns")
     tracking.start_run(TrackingSettings.from_config(cfg, str(again)), cfg.to_dict())
     assert list((again / "mlruns").rglob("config.json")) and not out.exists()
+
+
+def test_mlflows_own_default_experiment_is_refused_for_the_default_store(tmp_path):
+    cfg = load_config(LAPTOP_CONFIG, ["logging.logger=MLflow", "experiment_name=Default"])
+    with pytest.raises(ConfigError, match="experiment_name: 'Default' is the experiment MLflow makes in every store"):
+        TrackingSettings.from_config(cfg, str(tmp_path / "run"))
+    served = load_config(LAPTOP_CONFIG, ["logging.logger=MLflow", "experiment_name=Default",
+                                         "logging.tracking_uri=https://mlflow.example:5000"])
+    assert TrackingSettings.from_config(served, str(tmp_path / "run")).experiment == "Default"
