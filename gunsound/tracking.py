@@ -134,8 +134,9 @@ DEFAULT_EXPERIMENT = "Default"  # MLflow's own, in every store
 
 
 def _default_store(output: str) -> tuple[Path, Path]:
-    """MLflow's default store of a local OUTPUT: its database and the folder of its artifacts."""
-    folder = Path(storage.absolute(output))
+    """MLflow's default store of a local OUTPUT: its database and the folder of its artifacts. Resolved, so that
+    a rerun that spells OUTPUT otherwise (a symlink, a trailing slash) reopens the same run."""
+    folder = Path(storage.absolute(output)).resolve()
     return folder / "mlflow.db", folder / "mlruns"
 
 

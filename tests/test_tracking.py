@@ -164,13 +164,16 @@ def test_a_copied_output_with_the_default_mlflow_store_is_refused_and_the_origin
         tracking.start_run(moved, cfg.to_dict())
     assert _tree(out) == before and _tree(copy) == copied
 
-    # The same folder is this output's own store: its run continues; named through a symlink and with a trailing
-    # slash it is not refused either.
+    # The same folder is this output's own store: its run continues, also when named through a symlink and with
+    # a trailing slash.
     tracking.start_run(settings, cfg.to_dict())
     assert json.loads((out / "tracking.json").read_text())["run_id"] == run_id
     assert MlflowClient(tracking_uri=settings.tracking_uri).get_run(run_id).info.status == "RUNNING"
+    tracking.finish_run(settings, None, failed=True)
     (tmp_path / "link").symlink_to(out)
     tracking.start_run(TrackingSettings.from_config(cfg, str(tmp_path / "link") + "/"), cfg.to_dict())
+    assert json.loads((out / "tracking.json").read_text())["run_id"] == run_id
+    assert MlflowClient(tracking_uri=settings.tracking_uri).get_run(run_id).info.status == "RUNNING"
 
     # With the first folder gone the copy is still refused. Removing what the error names tracks a moved copy
     # afresh with artifacts in its own mlruns/ (moved first: MLflow keeps each store's database open for the life
