@@ -20,6 +20,7 @@ NEPTUNE_API_TOKEN), never from the config: settings hold only plain, secret-free
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -213,9 +214,15 @@ def _mlflow_start(settings: TrackingSettings, config: dict[str, Any]) -> str:
     if changed:  # MLflow keeps a run's first value of each parameter; the config artifact holds the new one
         log.warning("tracking: this rerun changes %s; the MLflow run keeps the first values", ", ".join(changed))
     fresh = [Param(k, v) for k, v in params.items() if k not in logged]
-    for i in range(0, len(fresh), 100):  # MLflow takes at most 100 params per call
-        client.log_batch(run_id, params=fresh[i:i + 100])
-    client.log_text(run_id, json.dumps(config, indent=1, default=str), "config.json")
+    try:
+        for i in range(0, len(fresh), 100):  # MLflow takes at most 100 params per call
+            client.log_batch(run_id, params=fresh[i:i + 100])
+        client.log_text(run_id, json.dumps(config, indent=1, default=str), "config.json")
+    except BaseException:
+        # A job closes only a run it opened: one that failed opening is closed here, not left RUNNING.
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED))
+        raise
     return run_id
 
 

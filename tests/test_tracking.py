@@ -197,3 +197,18 @@ def test_mlflows_own_default_experiment_is_refused_for_the_default_store(tmp_pat
     served = load_config(LAPTOP_CONFIG, ["logging.logger=MLflow", "experiment_name=Default",
                                          "logging.tracking_uri=https://mlflow.example:5000"])
     assert TrackingSettings.from_config(served, str(tmp_path / "run")).experiment == "Default"
+
+
+def test_a_run_that_fails_while_opening_is_closed_as_failed(tmp_path):
+    from mlflow import MlflowClient
+
+    cfg = load_config(LAPTOP_CONFIG, ["logging.logger=MLflow"])
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "mlruns").write_text("not a folder")  # the artifact store cannot take the config
+    settings = TrackingSettings.from_config(cfg, str(out))
+    with pytest.raises(OSError):
+        tracking.start_run(settings, cfg.to_dict())
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("laptop").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"] and not (out / "tracking.json").exists()
