@@ -31,7 +31,6 @@ import re
 import tempfile
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,27 +144,23 @@ def _local_folder(location: str) -> Path | None:
     """A local artifact location (a file URI or a plain path) as a resolved path; None for a remote one."""
     parsed = urllib.parse.urlparse(location)
     if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
-        return Path(urllib.request.url2pathname(parsed.path)).resolve()
+        return Path(urllib.parse.unquote(parsed.path)).resolve()
     if parsed.scheme == "":
         return Path(location).expanduser().resolve()
     return None
-
-
-def _keeps_artifacts_in(location: str, expected: str) -> bool:
-    """Whether `location` is the local folder `expected` or lies inside it, however either is spelled."""
-    folder, expected_folder = _local_folder(location), _local_folder(expected)
-    return folder is not None and expected_folder is not None and folder.is_relative_to(expected_folder)
 
 
 def _refuse_foreign_artifacts(settings: TrackingSettings, what: str, location: str) -> None:
     """The default store's artifacts belong in OUTPUT/mlruns/. A store copied or moved with its OUTPUT still
     names the first folder's: logging there would write into another run's folder (or recreate it, once
     deleted), so refuse."""
-    if settings.artifact_location is None or _keeps_artifacts_in(location, settings.artifact_location):
+    if settings.artifact_location is None:
         return
-    folder = _local_folder(location)
-    gone = " (no longer there)" if folder is not None and not folder.exists() else ""
     database, mlruns = _default_store(settings.output)
+    folder = _local_folder(location)
+    if folder is not None and folder.is_relative_to(mlruns):
+        return
+    gone = " (no longer there)" if folder is not None and not folder.exists() else ""
     raise ConfigError(
         f"logging.tracking_uri: {database}, the default MLflow store of this output, keeps {what} of experiment "
         f"'{settings.experiment}' in {location}{gone}, not in {settings.artifact_location}: the folder was copied "
