@@ -2,9 +2,11 @@
 sound and generated noise, at signal-to-noise ratios from 0 to 30 dB, with real non-gun impulsive sounds that
 must not count; single-shot clips (a shot at time 0 included); bursts made of real single shots at 400 to
 1200 rounds per minute; the corpus' own burst recordings whose rounds are known; and gunsound's synthetic
-archive. Every figure for three detectors in the same run: `repeat` (onsets.detect_shots: log-mel onsets,
-a shot's loudest onset, bursts as a repeating rise spectrogram), `current` (events.detect_onsets, the
-scoring job's) and `before` (the detector before issue 10, kept here as `previous_detector`).
+archive. Every figure for four detectors in the same run: `scorer` (onsets.find_shots, the scoring job's:
+`repeat`, with steady runs of `blast` onsets where `repeat` misses automatic fire), `repeat`
+(onsets.detect_shots: log-mel onsets, a shot's loudest onset, bursts as a repeating rise spectrogram),
+`blast` (onsets.detect_onsets, the muzzle-blast band's level: the scoring job's detector until 2026-11-29)
+and `before` (the detector before issue 10, kept here as `previous_detector`).
 
     python benchmarks/real_corpus.py /work/corpus        # once: the corpus
     python benchmarks/shots_real.py /work/corpus [--archives 6] [--seed 0]
@@ -25,8 +27,7 @@ import numpy as np
 import pandas as pd
 
 from gunsound import audio
-from gunsound.events import band_level_db, detect_onsets
-from gunsound.onsets import detect_shots
+from gunsound.onsets import band_level_db, detect_onsets, detect_shots, find_shots
 from gunsound.synthesis import generate_archive
 
 SAMPLE_RATE = 32000
@@ -51,7 +52,7 @@ def previous_detector(wave: np.ndarray, sr: int, min_gap: float = 0.03, threshol
     return np.array(onsets)
 
 
-DETECTORS = {"repeat": detect_shots, "current": detect_onsets, "before": previous_detector}
+DETECTORS = {"scorer": find_shots, "repeat": detect_shots, "blast": detect_onsets, "before": previous_detector}
 
 
 @dataclass

@@ -165,7 +165,7 @@ def run_export(args: argparse.Namespace) -> int:
     spec = export_pipeline(args.run, args.out, args.overrides)
     print(f"exported {len(spec['models'])} model(s), {len(spec['classes'])} classes, "
           f"{spec['scoring']['window_seconds']:g} s windows to {args.out}: model.pt2, pipeline.json, score.py "
-          "(with windows.py, events.py, decode.py)")
+          "(with windows.py, onsets.py, events.py, decode.py)")
     return 0
 
 

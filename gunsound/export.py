@@ -9,9 +9,9 @@
                             python score.py AUDIO [AUDIO ...] [--out DIR]
                         It writes the job's three tables as DIR/windows.csv, files.csv and events.csv,
                         file by file (a rerun into DIR resumes).
-    OUT/windows.py, events.py, decode.py
-                        the scoring job's own chunk plan, onset detector and per-file summary, and audio
-                        reader: copies of the package's modules, which import no gunsound module and no Ray
+    OUT/windows.py, onsets.py, events.py, decode.py
+                        the scoring job's own chunk plan, shot detector, per-file summary and audio reader:
+                        copies of the package's modules, which import no gunsound module and no Ray
 
 score.py is `gunsound/exported/score.py`, a file of the package, checked by ruff like the rest.
 """
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from gunsound import decode, events, storage, windows
+from gunsound import decode, events, onsets, storage, windows
 from gunsound.inference import load_scoring_model
 from gunsound.scoring import ScoringSettings, scoring_config
 
 PACKAGE = Path(__file__).resolve().parent
 # The files of the exported scorer: its program, and the job's modules it imports by their flat names.
-SCORER_FILES = [PACKAGE / "exported" / "score.py", *(Path(m.__file__) for m in (windows, events, decode))]
+SCORER_FILES = [PACKAGE / "exported" / "score.py", *(Path(m.__file__) for m in (windows, onsets, events, decode))]
 
 
 def export_pipeline(run: str, out: str, overrides: list[str] | None = None) -> dict:

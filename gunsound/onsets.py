@@ -1,21 +1,30 @@
-"""Shots counted by what a gunshot repeats: log-mel onsets, the loudest onset of a shot's first 100 ms, and
-bursts of automatic fire found as a repeating rise spectrogram (not yet the scoring job's detector: on
-gunsound's generated archives it times and finds shots worse than events.detect_onsets; see
-benchmarks/shots_real.py).
+"""Where the shots are: `find_shots`, the scoring job's detector, and the two detectors it combines.
 
-Imports numpy, scipy and pandas only, like events.py, so that the exported scorer could ship it as it is.
+- `detect_shots` counts what a gunshot repeats: log-mel onsets, the loudest onset of a shot's first 100 ms,
+  bursts of automatic fire found as a repeating rise spectrogram. It counts a real shot's echoes and ring as
+  no shots, but misses automatic fire whose first shot rises far more sharply than the next ones.
+- `detect_onsets` finds muzzle blasts by the level of their band: it finds those bursts, and counts a real
+  single shot's echoes as shots (benchmarks/shots_real.py has both on real recordings).
+
+This module imports no gunsound module and no Ray: the exported scorer ships it as it is (numpy, scipy,
+pandas).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import pandas as pd
+from scipy.fft import rfft
 from scipy.ndimage import maximum_filter1d
+from scipy.signal import butter, firwin, resample_poly, sosfilt
 
 BAND_HZ = (200.0, 4000.0)  # below: wind and traffic rumble; above: the supersonic crack, ahead of the blast
 MEL_BANDS = 32
 FRAME_SECONDS = 0.005
 WINDOW_SECONDS = 0.02
+DECIMATED_HZ = 10_000  # the band (up to 4 kHz) stays under 0.45 of the decimated rate
 
 
 def mel_filterbank(sr: int, n_fft: int, bands: int, low: float, high: float) -> np.ndarray:
@@ -29,22 +38,56 @@ def mel_filterbank(sr: int, n_fft: int, bands: int, low: float, high: float) -> 
     return np.maximum(0.0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))
 
 
-def log_mel(wave: np.ndarray, sr: int, *, bands: int = MEL_BANDS, block: int = 4096) -> np.ndarray:
-    """Log-mel levels (dB), one row per FRAME_SECONDS frame, over BAND_HZ; computed `block` frames at a time so
-    that a long chunk never holds its whole complex spectrogram."""
+def decimate(wave: np.ndarray, sr: int) -> tuple[np.ndarray, int]:
+    """The wave at the lowest rate of at least DECIMATED_HZ that keeps FRAME_SECONDS frames whole (the factor
+    divides the frame's samples and the rate), and that rate; as float32. The detectors' bands end at 4 kHz,
+    so at 48 kHz this makes their work four times smaller with the same frames."""
+    wave = np.asarray(wave, dtype=np.float32)
     hop = max(1, int(sr * FRAME_SECONDS))
-    win = max(8, int(sr * WINDOW_SECONDS))
+    factor = max((q for q in range(1, hop + 1) if hop % q == 0 and sr % q == 0 and sr / q >= DECIMATED_HZ),
+                 default=1)
+    if factor == 1:
+        return wave, sr
+    low = resample_poly(wave, 1, factor, window=_decimation_filter(factor))
+    return low.astype(np.float32, copy=False), sr // factor
+
+
+@lru_cache(maxsize=8)
+def _decimation_filter(factor: int) -> np.ndarray:
+    """A short low-pass for decimating by `factor`: what lies above the new Nyquist rate must not fold into
+    the bands under 4 kHz, and scipy's default (ten taps per factor on each side) costs twice as much."""
+    return firwin(8 * factor + 1, 1.0 / factor, window="hamming")
+
+
+def log_mel(wave: np.ndarray, sr: int, *, bands: int = MEL_BANDS, block: int = 4096) -> np.ndarray:
+    """Log-mel levels (dB), one row per FRAME_SECONDS frame (centred on it), over BAND_HZ, computed on the
+    decimated wave and `block` frames at a time, so that a long chunk never holds its whole complex
+    spectrogram."""
+    wave, rate = decimate(wave, sr)
+    hop = max(1, int(sr * FRAME_SECONDS)) * rate // sr
+    win = max(8, int(rate * WINDOW_SECONDS))
     n_fft = 1 << int(np.ceil(np.log2(win)))
     frames = len(wave) // hop
-    padded = np.concatenate([np.asarray(wave, dtype=np.float32), np.zeros(win, dtype=np.float32)])
+    # Frame k is centred on sample k * hop: a step in level shows when the window's middle passes it, and a
+    # shot at the very start of the wave is timed at 0, not half a window late.
+    padded = np.concatenate([np.zeros(win // 2, dtype=np.float32), wave, np.zeros(win, dtype=np.float32)])
     view = np.lib.stride_tricks.sliding_window_view(padded, win)[::hop][:frames]
-    weights = mel_filterbank(sr, n_fft, bands, BAND_HZ[0], min(BAND_HZ[1], 0.45 * sr)).astype(np.float32).T
+    weights = mel_filterbank(rate, n_fft, bands, BAND_HZ[0], min(BAND_HZ[1], 0.45 * rate)).astype(np.float32).T
     taper = np.hanning(win).astype(np.float32)
     out = np.empty((frames, bands), dtype=np.float32)
     for at in range(0, frames, block):
-        power = np.abs(np.fft.rfft(view[at:at + block] * taper, n_fft)) ** 2
-        out[at:at + block] = power @ weights
+        spectrum = rfft(view[at:at + block] * taper, n_fft)  # scipy keeps float32 (numpy's FFT works in float64)
+        out[at:at + block] = (spectrum.real ** 2 + spectrum.imag ** 2) @ weights
     return 10.0 * np.log10(out + 1e-10)
+
+
+def previous_min(level: np.ndarray, frames: int) -> np.ndarray:
+    """Per frame (rows), the quietest of the `frames` frames before it; NaN for the first frame."""
+    out = np.full(level.shape, np.nan)
+    out[1:] = level[:-1]
+    for k in range(2, frames + 1):
+        out[k:] = np.minimum(out[k:], level[:-k])
+    return out
 
 
 def noise_floor(level: np.ndarray, frames_per_second: int) -> np.ndarray:
@@ -140,7 +183,7 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
         return np.zeros(0)
     floor = noise_floor(level, fps)
     excess = np.clip(level - floor, 0.0, None).mean(axis=1)
-    quietest = pd.DataFrame(level).shift(1).rolling(3, min_periods=1).min().to_numpy()
+    quietest = previous_min(level, 3)
     rise = np.clip(level - np.where(np.isnan(quietest), floor, quietest), 0.0, None)
     flux = rise.mean(axis=1)
     loud = level.mean(axis=1)
@@ -183,7 +226,140 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
         ring_end = last
         while ring_end + 1 < frames and excess[ring_end + 1] > threshold_db:
             ring_end += 1
-    # A frame's level is that of its window, so a step in level shows when the window's middle passes it:
-    # frames are timed at their window's centre (timed at its start, every shot would come half a window early).
-    hop, win = max(1, int(sr * FRAME_SECONDS)), max(8, int(sr * WINDOW_SECONDS))
-    return (np.array(onsets, dtype=np.float64) * hop + win / 2) / sr
+    return np.array(onsets, dtype=np.float64) * max(1, int(sr * FRAME_SECONDS)) / sr
+
+
+BLAST_BAND_HZ = (200.0, 2000.0)
+
+
+def band_level_db(wave: np.ndarray, sr: int, frame: int) -> np.ndarray:
+    """Short-time level (dB) of the muzzle blast's band, one value per frame of `frame` samples.
+
+    The band is 200 Hz to 2 kHz. Below it are wind and traffic rumble; above it the supersonic crack, which
+    reaches the microphone up to ~100 ms before the blast and, counted in a broadband energy, times a shot
+    early or counts it twice."""
+    frames = len(wave) // frame
+    band = sosfilt(_blast_filter(sr), np.asarray(wave, dtype=np.float64))
+    return 20 * np.log10(np.sqrt(np.mean(band[: frames * frame].reshape(frames, frame) ** 2, axis=1)) + 1e-9)
+
+
+@lru_cache(maxsize=8)
+def _blast_filter(sr: int) -> np.ndarray:
+    """The blast band's filter at `sr`, designed once: designing it cost more than filtering a short clip."""
+    return butter(4, [BLAST_BAND_HZ[0], min(BLAST_BAND_HZ[1], 0.45 * sr)], btype="band", fs=sr, output="sos")
+
+
+def detect_onsets(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_db: float = 6.0,
+                  min_gap: float = 0.03, ring_db: float = 3.0, release_db: float = 30.0, echo_db: float = 6.0,
+                  echo_seconds: float = 1.0) -> np.ndarray:
+    """Muzzle blasts in seconds (see `blast_onsets`) of a wave."""
+    frame = max(1, int(sr * FRAME_SECONDS))
+    if len(wave) // frame < 3:
+        return np.zeros(0)
+    return blast_onsets(band_level_db(wave, sr, frame), frame / sr, threshold_db=threshold_db, rise_db=rise_db,
+                        min_gap=min_gap, ring_db=ring_db, release_db=release_db, echo_db=echo_db,
+                        echo_seconds=echo_seconds)[0]
+
+
+def blast_onsets(level: np.ndarray, frame_seconds: float, *, threshold_db: float = 12.0, rise_db: float = 6.0,
+                 min_gap: float = 0.03, ring_db: float = 3.0, release_db: float = 30.0, echo_db: float = 6.0,
+                 echo_seconds: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Muzzle blasts in the blast band's level (dB per frame of `frame_seconds`): their times in seconds and
+    their peak levels. A blast: the band level jumps `rise_db` over its quietest of the last 15 ms and stands
+    `threshold_db` above the noise floor (a low percentile of the past second, so that a dense burst does not
+    raise its own floor; the first second's own quietest part where there is no past, so that a shot at the
+    very start of a file counts).
+
+    A shot then rings until its level has fallen `release_db` below its peak. While it rings, a new blast must
+    come within `ring_db` of that peak (automatic fire: each blast as loud as the last), so the ripples of one
+    shot's ring are not shots; once it has died away, a sound within `echo_seconds` must come within
+    `echo_db` of the peak, so an echo off a wall is not a shot. Blasts closer than `min_gap` (2000 rounds per
+    minute) are one."""
+    frames = len(level)
+    second = int(round(1.0 / frame_seconds))
+    past = pd.Series(level).rolling(second, min_periods=1).quantile(0.2).shift(1).to_numpy()
+    head = np.quantile(level[:second], 0.2)
+    floor = np.where(np.arange(frames) < second, np.fmin(np.nan_to_num(past, nan=head), head), past)
+    # In automatic fire the next blast lands on the previous shot's ring and may climb over more than a frame.
+    quietest = previous_min(level, 3)
+    quietest = np.where(np.isnan(quietest), floor, quietest)
+    candidate = (level - floor > threshold_db) & (level - quietest > rise_db)
+    # A blast's own peak: the loudest of its first 15 ms (a blast may climb over more than one frame).
+    blast = maximum_filter1d(level, size=3, origin=-1)
+    onsets: list[float] = []
+    peaks: list[float] = []
+    last, peak, ringing = -np.inf, -np.inf, False
+    for c in range(frames):
+        if ringing:
+            peak = max(peak, level[c])  # a shot's peak may come some ms after its onset
+            ringing = level[c] >= max(peak - release_db, floor[c] + threshold_db)
+        if not candidate[c]:
+            continue
+        t = c * frame_seconds
+        if t - last < min_gap or (ringing and blast[c] < peak - ring_db):
+            continue
+        if not ringing and t - last < echo_seconds and blast[c] < peak - echo_db:
+            continue
+        onsets.append(t)
+        peaks.append(float(blast[c]))
+        last, peak, ringing = t, blast[c], True
+    return np.array(onsets), np.array(peaks)
+
+
+def steady_runs(onsets: np.ndarray, *, shortest: float, longest: float, spread: float,
+                min_shots: int) -> list[tuple[int, int]]:
+    """(first, last) indices of the runs of at least `min_shots` onsets whose intervals lie between
+    `shortest` and `longest` seconds and within a factor `spread` of each other: the steady rate of fire of
+    an automatic weapon (a shot's echoes and ring come at no steady rate)."""
+    runs, first = [], 0
+    while first < len(onsets):
+        last = first
+        while last + 1 < len(onsets):
+            gaps = np.diff(onsets[first:last + 2])
+            if not shortest <= gaps[-1] <= longest or gaps.max() > spread * gaps.min():
+                break
+            last += 1
+        if last - first + 1 >= min_shots:
+            runs.append((first, last))
+            first = last + 1
+        else:
+            first += 1
+    return runs
+
+
+def find_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, shortest: float = 0.04,
+               longest: float = 0.25, spread: float = 1.3, min_shots: int = 3, even_db: float = 6.0,
+               tolerance: float = 0.015) -> np.ndarray:
+    """Gunshots in seconds: the scoring job's detector. The shots of `detect_shots`, except where the blasts
+    of `detect_onsets` make a steady run (`steady_runs`: 240 to 1500 rounds per minute by default) that
+    `detect_shots` reads as fewer than half as many shots: automatic fire whose first shot rose so sharply that
+    it hid the next ones. There the run's blasts are the shots, when the run is anchored and even:
+    - `detect_shots` found one of its blasts (within `tolerance`), and no shot just before it (then the run is
+      that shot's layered transients, ring or echoes);
+    - every blast of the run comes within `even_db` of its loudest (echoes and a shot's mechanical tail fade).
+    Both detectors run on one decimated copy of the wave."""
+    wave, sr = decimate(wave, sr)
+    shots = detect_shots(wave, sr, threshold_db=threshold_db)
+    frame = max(1, int(sr * FRAME_SECONDS))
+    if len(wave) // frame < 3:
+        return shots
+    blasts, peaks = blast_onsets(band_level_db(wave, sr, frame), frame / sr, threshold_db=threshold_db)
+    for first, last in steady_runs(blasts, shortest=shortest, longest=longest, spread=spread, min_shots=min_shots):
+        start = blasts[first] - tolerance
+        inside = (shots >= start) & (shots <= blasts[last] + shortest)
+        anchored = bool((np.abs(shots[:, None] - blasts[None, first:last + 1]) <= tolerance).any())
+        after_shot = bool(((shots < start) & (shots >= start - longest)).any())
+        even = peaks[first:last + 1].min() >= peaks[first:last + 1].max() - even_db
+        if anchored and even and not after_shot and inside.sum() < (last - first + 1) / 2:
+            shots = np.concatenate([shots[~inside], blasts[first:last + 1]])
+    return np.sort(shots)
+
+
+def chunk_onsets(wave: np.ndarray, sr: int, *, read_start: float, starts: np.ndarray, hop: float,
+                 duration: float, threshold_db: float) -> np.ndarray:
+    """The shots (seconds in the file) that a chunk owns: from its first window's start up to where the next
+    chunk's first window starts, or to the file's end for the last chunk; so each shot is found once."""
+    owned_end = starts[-1] + hop
+    found = find_shots(wave, sr, threshold_db=threshold_db) + read_start
+    last_chunk = owned_end >= duration
+    return found[(found >= starts[0]) & ((found < owned_end) | last_chunk) & (found < duration)]

@@ -39,10 +39,11 @@ import pandas as pd
 
 from gunsound import audio, fingerprint, storage
 from gunsound.config import Config, ConfigError
-from gunsound.events import chunk_onsets, summarize_file
+from gunsound.events import summarize_file
 from gunsound.inputs import open_inputs
 from gunsound.lease import OutputLease
 from gunsound.model_files import describe_model, model_files
+from gunsound.onsets import chunk_onsets
 from gunsound.shards import (
     SKIPPED,
     WINDOW_COLUMNS,

@@ -161,4 +161,4 @@ def test_train_from_s3_with_every_option_writes_outputs_to_s3(ray_local, s3_serv
                  "--set", f"storage.endpoint_url={s3_server}"]) == 0
     keys = {o["Key"] for o in bucket.list_objects_v2(Bucket="gunsound-test", Prefix="pipeline/")["Contents"]}
     assert keys == {f"pipeline/{name}" for name in ("model.pt2", "pipeline.json", "score.py", "windows.py",
-                                                     "events.py", "decode.py")}
+                                                     "onsets.py", "events.py", "decode.py")}

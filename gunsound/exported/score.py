@@ -7,8 +7,8 @@ and DIR/events.csv (per shot: time, class, burst, rounds per minute), as the gun
 by file: after a crash, the same command finishes the files not yet in files.csv. Text cells that a
 spreadsheet would run as a formula (starting with = + - @) are written with a leading quote.
 
-windows.py, events.py and decode.py beside this file are the scoring job's own modules (chunk plan, onset
-detector and per-file summary, audio reader), copied when the pipeline was exported; pipeline.json holds the
+windows.py, onsets.py, events.py and decode.py beside this file are the scoring job's own modules (chunk
+plan, shot detector, per-file summary, audio reader), copied when the pipeline was exported; pipeline.json holds the
 classes, the sample rate and the scoring settings.
 """
 
@@ -30,7 +30,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the job's modules, shipped beside this file
 
 from decode import AudioError, info, read  # noqa: E402
-from events import chunk_onsets, summarize_file  # noqa: E402
+from events import summarize_file  # noqa: E402
+from onsets import chunk_onsets  # noqa: E402
 from windows import cut_windows, plan_chunks  # noqa: E402
 
 EVENT_COLUMNS = ["file", "time", "class", "probability", "burst", "shots_in_burst", "rounds_per_minute"]
