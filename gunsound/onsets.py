@@ -332,11 +332,12 @@ def find_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, shortes
                tolerance: float = 0.015) -> np.ndarray:
     """Gunshots in seconds: the scoring job's detector. The shots of `detect_shots`, except where the blasts
     of `detect_onsets` make a steady run (`steady_runs`: 240 to 1500 rounds per minute by default) that
-    `detect_shots` reads as fewer than half as many shots: automatic fire whose first shot rose so sharply that
-    it hid the next ones. There the run's blasts are the shots, when the run is anchored and even:
-    - `detect_shots` found one of its blasts (within `tolerance`), and no shot just before it (then the run is
-      that shot's layered transients, ring or echoes);
-    - every blast of the run comes within `even_db` of its loudest (echoes and a shot's mechanical tail fade).
+    `detect_shots` reads as fewer shots: automatic fire whose first shot rose so sharply that it hid the next
+    ones, or whose rise pattern did not repeat well enough. There the run's blasts are the shots, when
+    - every blast of the run comes within `even_db` of its loudest (automatic fire is even; a quieter click
+      before the first shot or a fading last blast is left out of the run first);
+    - `detect_shots` found one of its blasts (within `tolerance`), and no shot just before it (then the run
+      is that shot's layered transients, ring or echoes).
     Both detectors run on one decimated copy of the wave."""
     wave, sr = decimate(wave, sr)
     shots = detect_shots(wave, sr, threshold_db=threshold_db)
@@ -345,12 +346,17 @@ def find_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, shortes
         return shots
     blasts, peaks = blast_onsets(band_level_db(wave, sr, frame), frame / sr, threshold_db=threshold_db)
     for first, last in steady_runs(blasts, shortest=shortest, longest=longest, spread=spread, min_shots=min_shots):
+        loudest = peaks[first:last + 1].max()
+        while last - first + 1 > min_shots and peaks[first] < loudest - even_db:
+            first += 1
+        while last - first + 1 > min_shots and peaks[last] < loudest - even_db:
+            last -= 1
         start = blasts[first] - tolerance
         inside = (shots >= start) & (shots <= blasts[last] + shortest)
         anchored = bool((np.abs(shots[:, None] - blasts[None, first:last + 1]) <= tolerance).any())
         after_shot = bool(((shots < start) & (shots >= start - longest)).any())
-        even = peaks[first:last + 1].min() >= peaks[first:last + 1].max() - even_db
-        if anchored and even and not after_shot and inside.sum() < (last - first + 1) / 2:
+        even = peaks[first:last + 1].min() >= loudest - even_db
+        if even and anchored and not after_shot and inside.sum() < last - first + 1:
             shots = np.concatenate([shots[~inside], blasts[first:last + 1]])
     return np.sort(shots)
 
