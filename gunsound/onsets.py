@@ -342,7 +342,7 @@ def find_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, shortes
     wave, sr = decimate(wave, sr)
     shots = detect_shots(wave, sr, threshold_db=threshold_db)
     frame = max(1, int(sr * FRAME_SECONDS))
-    if len(wave) // frame < 3:
+    if not len(shots) or len(wave) // frame < 3:  # a run counts only where detect_shots found one of its shots
         return shots
     blasts, peaks = blast_onsets(band_level_db(wave, sr, frame), frame / sr, threshold_db=threshold_db)
     for first, last in steady_runs(blasts, shortest=shortest, longest=longest, spread=spread, min_shots=min_shots):
