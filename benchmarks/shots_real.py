@@ -9,7 +9,11 @@ archive. Every figure for four detectors in the same run: `scorer` (onsets.find_
 and `before` (the detector before issue 10, kept here as `previous_detector`).
 
     python benchmarks/real_corpus.py /work/corpus        # once: the corpus
-    python benchmarks/shots_real.py /work/corpus [--archives 6] [--seed 0]
+    python benchmarks/shots_real.py /work/corpus [--archives 6] [--seed 0] [--model outputs/demo]
+
+With `--model RUN`, a fifth row per test, `job`: the shots that the scoring job reports with that model (the
+scorer's detector within the windows the model calls a gunshot, `predict_file`), so that "non-gun detected"
+is the rate at which real non-gun sounds are reported as shots, classifier included.
 
 Targets (issue 10): onset recall and precision at 50 ms >= 0.95 over the mixed archives; single shots counted
 exactly once >= 90%; bursts with the exact count >= 80% and rate of fire within 5% at the median.
@@ -53,6 +57,26 @@ def previous_detector(wave: np.ndarray, sr: int, min_gap: float = 0.03, threshol
 
 
 DETECTORS = {"scorer": find_shots, "repeat": detect_shots, "blast": detect_onsets, "before": previous_detector}
+
+
+def job_detector(run: str):
+    """The shots the scoring job reports for a wave with the model of `run` (its own scoring settings): each
+    wave is written to a WAV file and scored as `gunsound predict` scores a file."""
+    import soundfile as sf
+
+    from gunsound.inference import load_scoring_model
+    from gunsound.scoring import predict_file, scoring_config
+
+    model, cfg = load_scoring_model(run), scoring_config(run, [])
+
+    def detect(wave: np.ndarray, sr: int) -> np.ndarray:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = str(Path(tmp) / "clip.wav")
+            sf.write(path, wave, sr, subtype="FLOAT")
+            _, events, _ = predict_file(model, path, cfg)
+        return np.array(sorted(e["time"] for e in events))
+
+    return detect
 
 
 @dataclass
@@ -189,8 +213,11 @@ def main() -> None:
     parser.add_argument("--archives", type=int, default=4, help="mixed archives per signal-to-noise ratio")
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each mixed archive")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", metavar="RUN", help="also the shots the scoring job reports with this model")
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.model:
+        DETECTORS["job"] = job_detector(args.model)
     shots, beds, transients, real_bursts = load_corpus(args.corpus)
     print(f"corpus {args.corpus}: {len(shots)} single shots from {len({c.package for c in shots})} packages, "
           f"{len(beds)} ambient beds, {len(transients)} non-gun sounds, {len(real_bursts)} burst recordings")
