@@ -24,7 +24,8 @@ BAND_HZ = (200.0, 4000.0)  # below: wind and traffic rumble; above: the superson
 MEL_BANDS = 32
 FRAME_SECONDS = 0.005
 WINDOW_SECONDS = 0.02
-DECIMATED_HZ = 10_000  # the band (up to 4 kHz) stays under 0.45 of the decimated rate
+SHOT_DETECTOR = "onsets.find_shots 2026-11-29"  # the scoring job's detector, as scoring outputs record it
+DECIMATED_HZ = 10_000  # the band (up to 4 kHz) stays well under half the decimated rate
 
 
 def mel_filterbank(sr: int, n_fft: int, bands: int, low: float, high: float) -> np.ndarray:
@@ -48,15 +49,19 @@ def decimate(wave: np.ndarray, sr: int) -> tuple[np.ndarray, int]:
                  default=1)
     if factor == 1:
         return wave, sr
-    low = resample_poly(wave, 1, factor, window=_decimation_filter(factor))
+    low = resample_poly(wave, 1, factor, window=_decimation_filter(sr, factor))
     return low.astype(np.float32, copy=False), sr // factor
 
 
 @lru_cache(maxsize=8)
-def _decimation_filter(factor: int) -> np.ndarray:
-    """A short low-pass for decimating by `factor`: what lies above the new Nyquist rate must not fold into
-    the bands under 4 kHz, and scipy's default (ten taps per factor on each side) costs twice as much."""
-    return firwin(8 * factor + 1, 1.0 / factor, window="hamming")
+def _decimation_filter(sr: int, factor: int) -> np.ndarray:
+    """The low-pass for decimating `sr` by `factor`: flat over BAND_HZ, 40-50 dB down (a Hamming window) from
+    where a frequency would fold into it at the new rate (the rate less 4 kHz), and no longer than that
+    transition needs: 39 taps from 48 kHz to 12 kHz (scipy's default has 81), 49 from 44.1 to 11.025 kHz."""
+    rate, top = sr / factor, BAND_HZ[1]
+    folds = rate - top
+    taps = int(3.3 * sr / (folds - top)) | 1
+    return firwin(taps, (top + folds) / 2, window="hamming", fs=sr)
 
 
 def log_mel(wave: np.ndarray, sr: int, *, bands: int = MEL_BANDS, block: int = 4096) -> np.ndarray:
@@ -256,15 +261,15 @@ def detect_onsets(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise
     frame = max(1, int(sr * FRAME_SECONDS))
     if len(wave) // frame < 3:
         return np.zeros(0)
-    return blast_onsets(band_level_db(wave, sr, frame), frame / sr, threshold_db=threshold_db, rise_db=rise_db,
+    return blast_onsets(band_level_db(wave, sr, frame), frame, sr, threshold_db=threshold_db, rise_db=rise_db,
                         min_gap=min_gap, ring_db=ring_db, release_db=release_db, echo_db=echo_db,
                         echo_seconds=echo_seconds)[0]
 
 
-def blast_onsets(level: np.ndarray, frame_seconds: float, *, threshold_db: float = 12.0, rise_db: float = 6.0,
+def blast_onsets(level: np.ndarray, frame: int, sr: int, *, threshold_db: float = 12.0, rise_db: float = 6.0,
                  min_gap: float = 0.03, ring_db: float = 3.0, release_db: float = 30.0, echo_db: float = 6.0,
                  echo_seconds: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Muzzle blasts in the blast band's level (dB per frame of `frame_seconds`): their times in seconds and
+    """Muzzle blasts in the blast band's level (dB per frame of `frame` samples at `sr`): their times in seconds and
     their peak levels. A blast: the band level jumps `rise_db` over its quietest of the last 15 ms and stands
     `threshold_db` above the noise floor (a low percentile of the past second, so that a dense burst does not
     raise its own floor; the first second's own quietest part where there is no past, so that a shot at the
@@ -276,7 +281,7 @@ def blast_onsets(level: np.ndarray, frame_seconds: float, *, threshold_db: float
     `echo_db` of the peak, so an echo off a wall is not a shot. Blasts closer than `min_gap` (2000 rounds per
     minute) are one."""
     frames = len(level)
-    second = int(round(1.0 / frame_seconds))
+    second = int(round(1.0 / FRAME_SECONDS))
     past = pd.Series(level).rolling(second, min_periods=1).quantile(0.2).shift(1).to_numpy()
     head = np.quantile(level[:second], 0.2)
     floor = np.where(np.arange(frames) < second, np.fmin(np.nan_to_num(past, nan=head), head), past)
@@ -295,7 +300,7 @@ def blast_onsets(level: np.ndarray, frame_seconds: float, *, threshold_db: float
             ringing = level[c] >= max(peak - release_db, floor[c] + threshold_db)
         if not candidate[c]:
             continue
-        t = c * frame_seconds
+        t = c * frame / sr
         if t - last < min_gap or (ringing and blast[c] < peak - ring_db):
             continue
         if not ringing and t - last < echo_seconds and blast[c] < peak - echo_db:
@@ -306,17 +311,19 @@ def blast_onsets(level: np.ndarray, frame_seconds: float, *, threshold_db: float
     return np.array(onsets), np.array(peaks)
 
 
-def steady_runs(onsets: np.ndarray, *, shortest: float, longest: float, spread: float,
-                min_shots: int) -> list[tuple[int, int]]:
+def steady_runs(onsets: np.ndarray, *, shortest: float, longest: float, spread: float, min_shots: int,
+                slack: float = 0.0) -> list[tuple[int, int]]:
     """(first, last) indices of the runs of at least `min_shots` onsets whose intervals lie between
     `shortest` and `longest` seconds and within a factor `spread` of each other: the steady rate of fire of
-    an automatic weapon (a shot's echoes and ring come at no steady rate)."""
+    an automatic weapon (a shot's echoes and ring come at no steady rate). `slack` (half a frame) widens each
+    limit by what timing onsets to whole frames can move an interval."""
     runs, first = [], 0
     while first < len(onsets):
         last = first
         while last + 1 < len(onsets):
             gaps = np.diff(onsets[first:last + 2])
-            if not shortest <= gaps[-1] <= longest or gaps.max() > spread * gaps.min():
+            if (not shortest - slack <= gaps[-1] <= longest + slack
+                    or gaps.max() - slack > spread * (gaps.min() + slack)):
                 break
             last += 1
         if last - first + 1 >= min_shots:
@@ -327,37 +334,54 @@ def steady_runs(onsets: np.ndarray, *, shortest: float, longest: float, spread: 
     return runs
 
 
-def find_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, shortest: float = 0.04,
-               longest: float = 0.25, spread: float = 1.3, min_shots: int = 3, even_db: float = 6.0,
-               tolerance: float = 0.015) -> np.ndarray:
-    """Gunshots in seconds: the scoring job's detector. The shots of `detect_shots`, except where the blasts
-    of `detect_onsets` make a steady run (`steady_runs`: 240 to 1500 rounds per minute by default) that
-    `detect_shots` reads as fewer shots: automatic fire whose first shot rose so sharply that it hid the next
-    ones, or whose rise pattern did not repeat well enough. There the run's blasts are the shots, when
-    - every blast of the run comes within `even_db` of its loudest (automatic fire is even; a quieter click
-      before the first shot or a fading last blast is left out of the run first);
-    - `detect_shots` found one of its blasts (within `tolerance`), and no shot just before it (then the run
-      is that shot's layered transients, ring or echoes).
-    Both detectors run on one decimated copy of the wave."""
-    wave, sr = decimate(wave, sr)
-    shots = detect_shots(wave, sr, threshold_db=threshold_db)
-    frame = max(1, int(sr * FRAME_SECONDS))
-    if not len(shots) or len(wave) // frame < 3:  # a run counts only where detect_shots found one of its shots
-        return shots
-    blasts, peaks = blast_onsets(band_level_db(wave, sr, frame), frame / sr, threshold_db=threshold_db)
-    for first, last in steady_runs(blasts, shortest=shortest, longest=longest, spread=spread, min_shots=min_shots):
+def runs_to_take(shots: np.ndarray, blasts: np.ndarray, peaks: np.ndarray, runs: list[tuple[int, int]], *,
+                 min_shots: int, even_db: float, tolerance: float, before: float,
+                 after: float) -> list[tuple[int, int]]:
+    """The steady runs of blasts (times, peak levels in dB) whose blasts are the shots in place of `shots`:
+    - a quieter click before the first blast or a fading last one (`even_db` under the run's loudest) is left
+      out first, as long as `min_shots` blasts stay; then every blast must come within `even_db` of the
+      loudest (automatic fire is even);
+    - one of `shots` lies within `tolerance` of one of its blasts (anchored), and none in the `before`
+      seconds ahead of its first blast (then the run is that shot's layers, ring or echoes);
+    - `shots` holds fewer shots than the run over its span (to `after` past its last blast)."""
+    taken = []
+    for first, last in runs:
         loudest = peaks[first:last + 1].max()
         while last - first + 1 > min_shots and peaks[first] < loudest - even_db:
             first += 1
         while last - first + 1 > min_shots and peaks[last] < loudest - even_db:
             last -= 1
         start = blasts[first] - tolerance
-        inside = (shots >= start) & (shots <= blasts[last] + shortest)
+        inside = (shots >= start) & (shots <= blasts[last] + after)
         anchored = bool((np.abs(shots[:, None] - blasts[None, first:last + 1]) <= tolerance).any())
-        after_shot = bool(((shots < start) & (shots >= start - longest)).any())
+        after_shot = bool(((shots < start) & (shots >= start - before)).any())
         even = peaks[first:last + 1].min() >= loudest - even_db
         if even and anchored and not after_shot and inside.sum() < last - first + 1:
-            shots = np.concatenate([shots[~inside], blasts[first:last + 1]])
+            taken.append((first, last))
+    return taken
+
+
+def find_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, shortest: float = 0.04,
+               longest: float = 0.25, spread: float = 1.3, min_shots: int = 3, even_db: float = 6.0,
+               tolerance: float = 0.015) -> np.ndarray:
+    """Gunshots in seconds: the scoring job's detector. The shots of `detect_shots`, except where the blasts
+    of `detect_onsets` make a steady run (`steady_runs`: 240 to 1500 rounds per minute by default) that
+    `detect_shots` reads as fewer shots: automatic fire whose first shot rose so sharply that it hid the next
+    ones, or whose rise pattern did not repeat well enough. There the run's blasts are the shots when it is
+    even and anchored on one of `detect_shots`' shots (`runs_to_take`). Both detectors run on one decimated
+    copy of the wave."""
+    wave, sr = decimate(wave, sr)
+    shots = detect_shots(wave, sr, threshold_db=threshold_db)
+    frame = max(1, int(sr * FRAME_SECONDS))
+    if not len(shots) or len(wave) // frame < 3:  # a run counts only where detect_shots found one of its shots
+        return shots
+    blasts, peaks = blast_onsets(band_level_db(wave, sr, frame), frame, sr, threshold_db=threshold_db)
+    runs = steady_runs(blasts, shortest=shortest, longest=longest, spread=spread, min_shots=min_shots,
+                       slack=frame / sr / 2)
+    for first, last in runs_to_take(shots, blasts, peaks, runs, min_shots=min_shots, even_db=even_db,
+                                    tolerance=tolerance, before=longest, after=shortest):
+        inside = (shots >= blasts[first] - tolerance) & (shots <= blasts[last] + shortest)
+        shots = np.concatenate([shots[~inside], blasts[first:last + 1]])
     return np.sort(shots)
 
 

@@ -5,7 +5,7 @@ but the first few go into the object store as they are made, so the driver holds
 the archive's file names. Headers are read and every file planned into chunks of windows (`windows`) inside
 the pipeline, a shard at a time (`plan_shards`), so the first shard is scored while later headers are unread.
 Chunks are packed into read groups of about a model batch of windows, from as many short files as it takes;
-decoding and onset detection (`events`) read a group per call (`read_groups`), and the model
+decoding and shot detection (`onsets`) read a group per call (`read_groups`), and the model
 (`inference.WindowScorer`) scores it in an actor pool (a GPU each and autocast where GPUs are used,
 `resources.scorer_actors`; on CPUs each actor reads what it scores, `GroupScorer`, and on one machine a single
 actor scores in a thread per CPU), one pool for the whole run. The scorers load the model from its files; the
@@ -43,7 +43,7 @@ from gunsound.events import summarize_file
 from gunsound.inputs import open_inputs
 from gunsound.lease import OutputLease
 from gunsound.model_files import describe_model, model_files
-from gunsound.onsets import chunk_onsets
+from gunsound.onsets import SHOT_DETECTOR, chunk_onsets
 from gunsound.shards import (
     SKIPPED,
     WINDOW_COLUMNS,
@@ -92,6 +92,7 @@ class ScoringSettings:
     mixed_precision: bool = True
     actors: int | None = None
     onset_threshold_db: float = 12.0
+    shot_detector: str = SHOT_DETECTOR  # in the fingerprint: a rerun never mixes two detectors' shots
 
     @classmethod
     def from_config(cls, cfg: Config, *, model_chunk_seconds: float) -> ScoringSettings:

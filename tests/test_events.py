@@ -6,7 +6,15 @@ import pytest
 
 from gunsound import audio
 from gunsound.events import bursts, summarize_file
-from gunsound.onsets import chunk_onsets, detect_onsets, detect_shots, find_shots, steady_runs
+from gunsound.onsets import (
+    chunk_onsets,
+    decimate,
+    detect_onsets,
+    detect_shots,
+    find_shots,
+    runs_to_take,
+    steady_runs,
+)
 from gunsound.synthesis import generate_archive
 
 
@@ -152,7 +160,7 @@ def test_repeat_detector_counts_a_shot_at_the_very_start_once():
     assert len(shots) == 1 and shots[0] < 0.05
 
 
-@pytest.mark.parametrize("sr", [16000, 32000, 48000])
+@pytest.mark.parametrize("sr", [8000, 11025, 16000, 22050, 32000, 44100, 48000])
 def test_repeat_detector_times_a_shot_at_its_muzzle_blast(sr):
     """Within 5 ms (one frame) at any rate: the detector's frames are timed at their window's centre, not its
     start (which put every shot 10.7 ms early)."""
@@ -197,3 +205,44 @@ def test_a_burst_whose_first_shot_hides_the_next_counts_every_shot(gap):
 ])
 def test_steady_runs(onsets, runs):
     assert steady_runs(np.array(onsets), shortest=0.04, longest=0.25, spread=1.3, min_shots=3) == runs
+
+
+def test_steady_runs_allow_the_frames_rounding():
+    """Blasts timed to 5 ms frames: 1500 rounds per minute (40 ms) may come out a little shorter."""
+    blasts = np.array([0.0, 0.038, 0.076, 0.114])
+    assert steady_runs(blasts, shortest=0.04, longest=0.25, spread=1.3, min_shots=3) == []
+    assert steady_runs(blasts, shortest=0.04, longest=0.25, spread=1.3, min_shots=3, slack=0.0025) == [(0, 3)]
+
+
+RUN = np.array([1.0, 1.1, 1.2, 1.3])  # a steady run of four blasts
+
+
+@pytest.mark.parametrize(("shots", "peaks", "taken"), [
+    ([1.0], [-20, -21, -20, -22], [(0, 3)]),  # detect_shots heard the first shot only: the run's blasts
+    ([1.0, 1.1, 1.2, 1.3], [-20, -21, -20, -22], []),  # it heard them all: its own shots stand
+    ([1.0, 1.2, 1.3], [-20, -21, -20, -22], [(0, 3)]),  # it missed one of four
+    ([1.1], [-20, -21, -20, -22], [(0, 3)]),  # anchored on a later blast (it took that as the loudest)
+    ([5.0], [-20, -21, -20, -22], []),  # no shot of detect_shots in the run: not anchored
+    ([0.9, 1.0], [-20, -21, -20, -22], []),  # a shot 100 ms ahead: the run is its layers or echoes
+    ([1.0], [-20, -30, -20, -22], []),  # a blast 10 dB down in the middle: not automatic fire
+    ([1.1], [-35, -21, -20, -22], [(1, 3)]),  # a quieter click ahead of the run is left out of it
+    ([1.0], [-20, -21, -20, -40], [(0, 2)]),  # so is a fading last blast
+    ([1.0], [-20, -21, -40, -40], []),  # but never below three blasts
+])
+def test_runs_to_take(shots, peaks, taken):
+    assert runs_to_take(np.array(shots), RUN, np.array(peaks, dtype=float), [(0, 3)], min_shots=3, even_db=6.0,
+                        tolerance=0.015, before=0.25, after=0.04) == taken
+
+
+@pytest.mark.parametrize(("sr", "rate"), [(96000, 12000), (48000, 12000), (44100, 11025), (32000, 16000),
+                                          (22050, 11025), (16000, 16000), (11025, 11025), (8000, 8000)])
+def test_decimate_keeps_the_band_and_the_frames(sr, rate):
+    """The lowest rate of at least 10 kHz whose factor divides a 5 ms frame; a 1 kHz tone keeps its level and
+    a tone that would fold into the band at the new rate is gone."""
+    t = np.arange(sr) / sr
+    low, got = decimate(np.sin(2 * np.pi * 1000 * t), sr)
+    assert got == rate and len(low) == int(np.ceil(sr * rate / sr))
+    assert np.sqrt(np.mean(low[rate // 10:-rate // 10] ** 2)) == pytest.approx(np.sqrt(0.5), rel=0.02)
+    if rate < sr:
+        folding = np.sin(2 * np.pi * (rate - 2000) * t)  # would land at 2 kHz
+        assert np.sqrt(np.mean(decimate(folding, sr)[0][rate // 10:-rate // 10] ** 2)) < 0.01
