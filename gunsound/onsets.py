@@ -39,12 +39,17 @@ def mel_filterbank(sr: int, n_fft: int, bands: int, low: float, high: float) -> 
     return np.maximum(0.0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))
 
 
+def frame_samples(sr: int) -> int:
+    """The samples of one FRAME_SECONDS frame at `sr` (both detectors' frame)."""
+    return max(1, int(sr * FRAME_SECONDS))
+
+
 def decimate(wave: np.ndarray, sr: int) -> tuple[np.ndarray, int]:
     """The wave at the lowest rate of at least DECIMATED_HZ that keeps FRAME_SECONDS frames whole (the factor
     divides the frame's samples and the rate), and that rate; as float32. The detectors' bands end at 4 kHz,
     so at 48 kHz this makes their work four times smaller with the same frames."""
     wave = np.asarray(wave, dtype=np.float32)
-    hop = max(1, int(sr * FRAME_SECONDS))
+    hop = frame_samples(sr)
     factor = max((q for q in range(1, hop + 1) if hop % q == 0 and sr % q == 0 and sr / q >= DECIMATED_HZ),
                  default=1)
     if factor == 1:
@@ -69,7 +74,7 @@ def log_mel(wave: np.ndarray, sr: int, *, bands: int = MEL_BANDS, block: int = 4
     decimated wave and `block` frames at a time, so that a long chunk never holds its whole complex
     spectrogram."""
     wave, rate = decimate(wave, sr)
-    hop = max(1, int(sr * FRAME_SECONDS)) * rate // sr
+    hop = frame_samples(sr) * rate // sr
     win = max(8, int(rate * WINDOW_SECONDS))
     n_fft = 1 << int(np.ceil(np.log2(win)))
     frames = len(wave) // hop
@@ -231,7 +236,7 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
         ring_end = last
         while ring_end + 1 < frames and excess[ring_end + 1] > threshold_db:
             ring_end += 1
-    return np.array(onsets, dtype=np.float64) * max(1, int(sr * FRAME_SECONDS)) / sr
+    return np.array(onsets, dtype=np.float64) * frame_samples(sr) / sr
 
 
 BLAST_BAND_HZ = (200.0, 2000.0)
@@ -258,7 +263,7 @@ def detect_onsets(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise
                   min_gap: float = 0.03, ring_db: float = 3.0, release_db: float = 30.0, echo_db: float = 6.0,
                   echo_seconds: float = 1.0) -> np.ndarray:
     """Muzzle blasts in seconds (see `blast_onsets`) of a wave."""
-    frame = max(1, int(sr * FRAME_SECONDS))
+    frame = frame_samples(sr)
     if len(wave) // frame < 3:
         return np.zeros(0)
     return blast_onsets(band_level_db(wave, sr, frame), frame, sr, threshold_db=threshold_db, rise_db=rise_db,
@@ -334,6 +339,13 @@ def steady_runs(onsets: np.ndarray, *, shortest: float, longest: float, spread: 
     return runs
 
 
+def run_span(shots: np.ndarray, blasts: np.ndarray, first: int, last: int, *, tolerance: float,
+             after: float) -> np.ndarray:
+    """Which of `shots` fall in the run of blasts `first` to `last`: from `tolerance` before its first blast to
+    `after` past its last."""
+    return (shots >= blasts[first] - tolerance) & (shots <= blasts[last] + after)
+
+
 def runs_to_take(shots: np.ndarray, blasts: np.ndarray, peaks: np.ndarray, runs: list[tuple[int, int]], *,
                  min_shots: int, even_db: float, tolerance: float, before: float,
                  after: float) -> list[tuple[int, int]]:
@@ -352,7 +364,7 @@ def runs_to_take(shots: np.ndarray, blasts: np.ndarray, peaks: np.ndarray, runs:
         while last - first + 1 > min_shots and peaks[last] < loudest - even_db:
             last -= 1
         start = blasts[first] - tolerance
-        inside = (shots >= start) & (shots <= blasts[last] + after)
+        inside = run_span(shots, blasts, first, last, tolerance=tolerance, after=after)
         anchored = bool((np.abs(shots[:, None] - blasts[None, first:last + 1]) <= tolerance).any())
         after_shot = bool(((shots < start) & (shots >= start - before)).any())
         even = peaks[first:last + 1].min() >= loudest - even_db
@@ -372,7 +384,7 @@ def find_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, shortes
     copy of the wave."""
     wave, sr = decimate(wave, sr)
     shots = detect_shots(wave, sr, threshold_db=threshold_db)
-    frame = max(1, int(sr * FRAME_SECONDS))
+    frame = frame_samples(sr)
     if not len(shots) or len(wave) // frame < 3:  # a run counts only where detect_shots found one of its shots
         return shots
     blasts, peaks = blast_onsets(band_level_db(wave, sr, frame), frame, sr, threshold_db=threshold_db)
@@ -380,7 +392,7 @@ def find_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, shortes
                        slack=frame / sr / 2)
     for first, last in runs_to_take(shots, blasts, peaks, runs, min_shots=min_shots, even_db=even_db,
                                     tolerance=tolerance, before=longest, after=shortest):
-        inside = (shots >= blasts[first] - tolerance) & (shots <= blasts[last] + shortest)
+        inside = run_span(shots, blasts, first, last, tolerance=tolerance, after=shortest)
         shots = np.concatenate([shots[~inside], blasts[first:last + 1]])
     return np.sort(shots)
 

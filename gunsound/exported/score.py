@@ -8,8 +8,8 @@ by file: after a crash, the same command finishes the files not yet in files.csv
 spreadsheet would run as a formula (starting with = + - @) are written with a leading quote.
 
 windows.py, onsets.py, events.py and decode.py beside this file are the scoring job's own modules (chunk
-plan, shot detector, per-file summary, audio reader), copied when the pipeline was exported; pipeline.json holds the
-classes, the sample rate and the scoring settings.
+plan, shot detector, per-file summary, audio reader), copied when the pipeline was exported; pipeline.json
+holds the classes, the sample rate and the scoring settings.
 """
 
 from __future__ import annotations
