@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -35,20 +36,28 @@ def _node_ports(ports: list[int]) -> list[str]:
     return [f"{name}={port}" for name, port in zip(names, ports, strict=True)]
 
 
+def _ray_start(args: list[str], env: dict) -> None:
+    done = subprocess.run([RAY, "start", *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"ray start {' '.join(args)} failed:\n{done.stderr[-3000:]}"
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A head and a worker node started with `ray start`; token auth on, the token in ~/.ray/auth_token."""
+    """A head and a worker node started with `ray start`; token auth on, with a token of the cluster's own
+    (RAY_AUTH_TOKEN_PATH): `ray start` refuses to start without one, and ~/.ray/auth_token is the user's."""
     tempfile_dir = str(tmp_path_factory.mktemp("rc"))
     temp = Path(tempfile_dir)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    token = temp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard, *rest = _ports(2 + 14)
     common = ["--node-ip-address=127.0.0.1", "--object-store-memory=200000000", "--disable-usage-stats"]
-    subprocess.run([RAY, "start", "--head", f"--port={gcs}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common, *_node_ports(rest[:7])],
-                   env=env, check=True, capture_output=True, timeout=120)
-    subprocess.run([RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common, *_node_ports(rest[7:])],
-                   env=env, check=True, capture_output=True, timeout=120)
+    _ray_start(["--head", f"--port={gcs}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common, *_node_ports(rest[:7])], env)
+    _ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common, *_node_ports(rest[7:])], env)
     address = f"http://127.0.0.1:{dashboard}"
     yield address, env
     # Stop only this cluster's processes: the session's own local Ray keeps running.
