@@ -25,7 +25,7 @@ BAND_HZ = (200.0, 4000.0)  # below: wind and traffic rumble; above: the superson
 MEL_BANDS = 32
 FRAME_SECONDS = 0.005
 WINDOW_SECONDS = 0.02
-SHOT_DETECTOR = "onsets.find_shots 2026-11-29"  # the scoring job's detector, as scoring outputs record it
+SHOT_DETECTOR = "onsets.find_shots 2026-11-29 (2)"  # the scoring job's detector, as scoring outputs record it
 DECIMATED_HZ = 10_000  # the band (up to 4 kHz) stays well under half the decimated rate
 
 
@@ -183,7 +183,8 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
                   ring_db: float = 3.0, echo_db: float = 6.0, echo_seconds: float = 1.0,
                   precursor_db: float = 6.0, precursor_seconds: float = 0.1, body_seconds: float = 0.17,
                   shortest_seconds: float = 0.04, min_correlation: float = 0.25, tooth_ratio: float = 0.3,
-                  new_shot_ratio: float = 0.5, body_ratio: float = 0.8, tooth_db: float = 3.0) -> np.ndarray:
+                  new_shot_ratio: float = 0.5, new_shot_db: float = 10.0, body_ratio: float = 0.8,
+                  tooth_db: float = 3.0) -> np.ndarray:
     """Gunshots in seconds.
 
     Candidates: the log-mel rise (each band over its quietest of the last 15 ms, averaged) peaks above
@@ -193,8 +194,10 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
     is not the shot). Within `body_seconds` of it nothing else counts unless its rise spectrogram repeats at
     an interval of `shortest_seconds` or more (automatic fire, see burst_period): then every interval that
     brings an onset at least `tooth_ratio` as strong as the burst's own is a shot. Later, while the shot
-    rings, a new blast must come within `ring_db` of its peak; within `echo_seconds` after it died, within
-    `echo_db`, so that echoes and reverberation are not shots."""
+    rings, a new blast must come within `ring_db` of its peak; within `echo_seconds` after it died (a rumble
+    may roll on for seconds), within `echo_db`, so that echoes and reverberation are not shots. Either way it
+    must rise `new_shot_ratio` as sharply as the shot did, or `new_shot_db`: a second shot rises out of the
+    first one's ring, not out of silence."""
     fps = int(round(1.0 / FRAME_SECONDS))
     level = log_mel(wave, sr).astype(np.float64)
     frames = len(level)
@@ -214,17 +217,16 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
     body, shortest = int(body_seconds * fps), max(2, int(shortest_seconds * fps))
     echo, precursor = int(echo_seconds * fps), int(precursor_seconds * fps)
     onsets: list[int] = []
-    peak, strongest, last, ring_end = -np.inf, 0.0, -(10**9), -1
+    peak, strongest, new_shot, last, ring_end = -np.inf, 0.0, 0.0, -(10**9), -1
     for c in candidates:
         if c <= last or (onsets and c - onsets[-1] < shortest):
             continue
         ringing = c <= ring_end
         if onsets and c - last < body and flux[c] < body_ratio * strongest:
             continue  # a layered transient of the shot; a second shot this soon rises almost as sharply
-        if ringing and (blast[c] < peak - ring_db or flux[c] < new_shot_ratio * strongest):
+        if ringing and (blast[c] < peak - ring_db or flux[c] < new_shot):
             continue
-        if not ringing and c - last < echo + body and (blast[c] < peak - echo_db
-                                                       or flux[c] < new_shot_ratio * strongest):
+        if not ringing and c - ring_end <= echo and (blast[c] < peak - echo_db or flux[c] < new_shot):
             continue
         start = int(c)
         while True:  # a click or a bolt before the blast is not the shot: the loudest onset soon after is
@@ -241,6 +243,7 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
                                 tooth_ratio=tooth_ratio, tooth_db=tooth_db)
         onsets.extend(teeth)
         peak, strongest = float(blast[start]), float(flux[start])
+        new_shot = min(new_shot_ratio * strongest, new_shot_db)
         last = teeth[-1]
         ring_end = last
         while ring_end + 1 < frames and excess[ring_end + 1] > threshold_db:
