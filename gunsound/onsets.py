@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 import pandas as pd
-from scipy.fft import rfft
+from scipy.fft import irfft, rfft
 from scipy.ndimage import maximum_filter1d
 from scipy.signal import butter, firwin, resample_poly, sosfilt
 from scipy.sparse import csr_array
@@ -109,6 +109,18 @@ def previous_min(level: np.ndarray, frames: int) -> np.ndarray:
     return out
 
 
+def columns_rolling_quantile(values: np.ndarray, window: int, q: float) -> np.ndarray:
+    """Per column of `values` (rows, columns), the `q` quantile of each row's last `window` rows (fewer at the
+    start), as pandas' rolling quantile gives it column by column, in one call: the columns end to end, each
+    behind `window` NaNs, which no window spans. A call per column cost more than a short clip's whole
+    detection."""
+    rows, columns = values.shape
+    gapped = np.full((columns, window + rows), np.nan)
+    gapped[:, window:] = values.T
+    out = pd.Series(gapped.ravel()).rolling(window, min_periods=1).quantile(q).to_numpy()
+    return out.reshape(columns, window + rows)[:, window:].T
+
+
 def noise_floor(level: np.ndarray, frames_per_second: int) -> np.ndarray:
     """Each band's floor: a low percentile of the past three seconds, in 50 ms steps (so that a long burst does
     not raise its own floor); over the first second its own quietest part, so that a shot at time 0 counts."""
@@ -117,7 +129,8 @@ def noise_floor(level: np.ndarray, frames_per_second: int) -> np.ndarray:
     if blocks == 0:
         return np.repeat(level.min(axis=0, keepdims=True), len(level), axis=0)
     coarse = level[: blocks * step].reshape(blocks, step, -1).mean(axis=1)
-    past = pd.DataFrame(coarse).rolling(60, min_periods=1).quantile(0.1).shift(1).to_numpy(copy=True)
+    past = np.full_like(coarse, np.nan)
+    past[1:] = columns_rolling_quantile(coarse, 60, 0.1)[:-1]
     head = np.quantile(level[:frames_per_second], 0.2, axis=0)
     past[:20] = np.fmin(np.nan_to_num(past[:20], nan=np.inf), head)
     floor = np.repeat(past, step, axis=0)
@@ -135,12 +148,16 @@ def burst_period(rise: np.ndarray, start: int, *, shortest: int, longest: int, s
     correlates with itself at that lag; a single shot's layered transients, ring and echoes do not recur."""
     first = start + SKIP
     seg = rise[first:max(start + span, first + 2 * longest)]
-    seg = seg - seg.mean(axis=0)
     lags = np.arange(shortest, min(longest, len(seg) - 2) + 1)
-    if not len(lags):
+    if not len(lags):  # too near the end of the wave to tell
         return None
-    scores = np.array([float((seg[:-lag] * seg[lag:]).sum()
-                             / np.sqrt((seg[:-lag] ** 2).sum() * (seg[lag:] ** 2).sum() + 1e-12)) for lag in lags])
+    seg = seg - seg.mean(axis=0)
+    # Per lag: sum(seg[:-lag] * seg[lag:]) over the bands' autocorrelations (one FFT, no BLAS), and the
+    # energies of the two overlapping parts from a running sum.
+    spectrum = rfft(seg, 2 * len(seg), axis=0)
+    products = irfft((spectrum.real ** 2 + spectrum.imag ** 2).sum(axis=1), 2 * len(seg))[lags]
+    energy = np.concatenate([[0.0], np.cumsum((seg ** 2).sum(axis=1))])
+    scores = products / np.sqrt((energy[len(seg) - lags]) * (energy[-1] - energy[lags]) + 1e-12)
     if scores.max() < min_correlation:
         return None
     # Two intervals also repeat: the shortest lag that correlates almost as well is the rate of fire.

@@ -8,6 +8,7 @@ from gunsound import audio
 from gunsound.events import bursts, summarize_file
 from gunsound.onsets import (
     chunk_onsets,
+    columns_rolling_quantile,
     decimate,
     detect_onsets,
     detect_shots,
@@ -290,3 +291,10 @@ def test_decimate_keeps_the_band_and_the_frames(sr, rate):
     if rate < sr:
         folding = np.sin(2 * np.pi * (rate - 2000) * t)  # would land at 2 kHz
         assert np.sqrt(np.mean(decimate(folding, sr)[0][rate // 10:-rate // 10] ** 2)) < 0.01
+
+
+@pytest.mark.parametrize("rows", [1, 2, 59, 60, 61, 300])
+def test_columns_rolling_quantile_is_pandas_rolling_quantile_per_column(rows):
+    values = np.random.default_rng(rows).normal(size=(rows, 5)) * 20
+    expected = pd.DataFrame(values).rolling(60, min_periods=1).quantile(0.1).to_numpy()
+    assert np.array_equal(columns_rolling_quantile(values, 60, 0.1), expected)
