@@ -157,7 +157,7 @@ def burst_period(rise: np.ndarray, start: int, *, shortest: int, longest: int, s
     spectrum = rfft(seg, 2 * len(seg), axis=0)
     products = irfft((spectrum.real ** 2 + spectrum.imag ** 2).sum(axis=1), 2 * len(seg))[lags]
     energy = np.concatenate([[0.0], np.cumsum((seg ** 2).sum(axis=1))])
-    scores = products / np.sqrt((energy[len(seg) - lags]) * (energy[-1] - energy[lags]) + 1e-12)
+    scores = products / np.sqrt(energy[len(seg) - lags] * np.maximum(energy[-1] - energy[lags], 0.0) + 1e-12)
     if scores.max() < min_correlation:
         return None
     # Two intervals also repeat: the shortest lag that correlates almost as well is the rate of fire.
@@ -213,8 +213,8 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
     brings an onset at least `tooth_ratio` as strong as the burst's own is a shot. Later, while the shot
     rings, a new blast must come within `ring_db` of its peak; within `echo_seconds` after it died (a rumble
     may roll on for seconds), within `echo_db`, so that echoes and reverberation are not shots. Either way it
-    must rise `new_shot_ratio` as sharply as the shot did, or `new_shot_db`: a second shot rises out of the
-    first one's ring, not out of silence."""
+    must rise `new_shot_ratio` as sharply as the shot did or `new_shot_db`, whichever is less: a second shot
+    rises out of the first one's ring, not out of silence."""
     fps = int(round(1.0 / FRAME_SECONDS))
     level = log_mel(wave, sr).astype(np.float64)
     frames = len(level)
@@ -243,7 +243,7 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
             continue  # a layered transient of the shot; a second shot this soon rises almost as sharply
         if ringing and (blast[c] < peak - ring_db or flux[c] < new_shot):
             continue
-        if not ringing and c - ring_end <= echo and (blast[c] < peak - echo_db or flux[c] < new_shot):
+        if onsets and not ringing and c - ring_end <= echo and (blast[c] < peak - echo_db or flux[c] < new_shot):
             continue
         start = int(c)
         while True:  # a click or a bolt before the blast is not the shot: the loudest onset soon after is

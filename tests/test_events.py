@@ -166,6 +166,29 @@ def test_a_rumble_that_dies_away_over_seconds_is_one_shot(seed, detector):
 
 
 @pytest.mark.parametrize("detector", [find_shots, detect_shots])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_ring_that_swells_back_to_the_shots_level_is_not_a_shot(seed, detector):
+    """The ring swells back near the shot's level over some 40 ms: loud enough, but it rises too slowly (a few
+    dB per 15 ms) for a new blast, so it is the same shot."""
+    from scipy.signal import butter, sosfilt
+
+    sr = 32000
+    rng = np.random.default_rng(seed)
+    shot = _pistol_shot(sr)
+    wave = np.zeros(3 * sr)
+    wave[sr // 2:sr // 2 + len(shot)] += shot
+    t = np.arange(sr) / sr
+    ring = sosfilt(butter(2, [200, 2000], btype="band", fs=sr, output="sos"), rng.standard_normal(sr))
+    ring *= 10 ** (-t) + 2.0 * np.exp(-0.5 * ((t - 0.35) / 0.04) ** 2)
+    ring *= 0.35 * np.abs(shot).max() / np.abs(ring[: sr // 20]).max()
+    start = sr // 2 + sr // 50
+    wave[start:start + sr] += ring
+    wave += 1e-4 * rng.standard_normal(len(wave))
+    shots = detector(wave, sr)
+    assert len(shots) == 1 and abs(shots[0] - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("detector", [find_shots, detect_shots])
 @pytest.mark.parametrize(("seed", "second"), [(0, 1.2), (1, 1.2), (2, 1.2), (3, 1.2), (0, 2.2)])
 def test_a_second_shot_in_the_first_ones_rumble_counts(seed, second, detector):
     """As loud as the first, it rises from the rumble, not from silence: its rise is far smaller than the

@@ -48,26 +48,26 @@ def cluster(tmp_path_factory):
     tempfile_dir = str(tmp_path_factory.mktemp("rc"))
     temp = Path(tempfile_dir)
     token = temp / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
+    with os.fdopen(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard, *rest = _ports(2 + 14)
     common = ["--node-ip-address=127.0.0.1", "--object-store-memory=200000000", "--disable-usage-stats"]
-    _ray_start(["--head", f"--port={gcs}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common, *_node_ports(rest[:7])], env)
-    _ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common, *_node_ports(rest[7:])], env)
-    address = f"http://127.0.0.1:{dashboard}"
-    yield address, env
-    # Stop only this cluster's processes: the session's own local Ray keeps running.
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if tempfile_dir in cmd or f"127.0.0.1:{gcs}" in cmd or f"--gcs-address=127.0.0.1:{gcs}" in cmd:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
+    try:
+        _ray_start(["--head", f"--port={gcs}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common, *_node_ports(rest[:7])], env)
+        _ray_start([f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *common, *_node_ports(rest[7:])], env)
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:  # also when a start failed: stop only this cluster's processes, the session's own Ray keeps running
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if tempfile_dir in cmd or f"127.0.0.1:{gcs}" in cmd or f"--gcs-address=127.0.0.1:{gcs}" in cmd:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
 
 
 def _submit(address: str, env: dict, args: list[str], timeout: float = 400) -> str:
