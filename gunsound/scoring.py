@@ -8,7 +8,8 @@ Chunks are packed into read groups of about a model batch of windows, from as ma
 decoding and shot detection (`onsets`) read a group per call (`read_groups`), and the model
 (`inference.WindowScorer`) scores it in an actor pool (a GPU each and autocast where GPUs are used,
 `resources.scorer_actors`; on CPUs each actor reads what it scores, `GroupScorer`, and on one machine a single
-actor scores in a thread per CPU), one pool for the whole run. The scorers load the model from its files; the
+actor scores in a thread per CPU), one pool for the whole run. A CPU scorer searches a chunk for shots only
+after scoring it, and only where they could be reported (`detect_where_heard`). The scorers load the model from its files; the
 driver reads its classes from the files' pickled values, without their tensors (`model_files.describe_model`),
 and never imports torch. Every row names its shard and the shard's row count, so the driver holds only the
 shards in flight; a shard's results are committed to OUTPUT as soon as its last row is scored (`shards`), so a
@@ -162,8 +163,8 @@ def _described(exc: Exception) -> str:
 
 
 def _read_chunk(path: str, chunk: dict, *, sample_rate: int, window: int, onset_detection: bool,
-                onset_threshold_db: float) -> tuple[np.ndarray, np.ndarray, str]:
-    """One chunk's windows (zero-padded at the end), the onsets it owns and its error ("" when read)."""
+                onset_threshold_db: float) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
+    """One chunk's windows (zero-padded at the end), the onsets it owns, its error ("" when read) and its wave."""
     starts = np.asarray(chunk["starts"], dtype=float)
     read_start, duration = float(chunk["read_start"]), float(chunk["duration"])
     try:
@@ -176,7 +177,8 @@ def _read_chunk(path: str, chunk: dict, *, sample_rate: int, window: int, onset_
     if onset_detection and not error:
         onsets = chunk_onsets(wave, sample_rate, read_start=read_start, starts=starts, hop=float(chunk["hop"]),
                               duration=duration, threshold_db=onset_threshold_db)
-    return cut_windows(wave, sample_rate, read_start, starts, window), np.asarray(onsets, dtype=np.float64), error
+    return (cut_windows(wave, sample_rate, read_start, starts, window), np.asarray(onsets, dtype=np.float64), error,
+            wave)
 
 
 class _WindowRows:
@@ -237,8 +239,9 @@ def read_chunks(batch: dict[str, np.ndarray], *, sample_rate: int, window_second
     rows = _WindowRows(window)
     for i, path in enumerate(batch["path"]):
         chunk = {k: batch[k][i] for k in ("starts", "read_start", "read_end", "duration", "hop", "first_window")}
-        pieces, onsets, error = _read_chunk(str(path), chunk, sample_rate=sample_rate, window=window,
-                                            onset_detection=onset_detection, onset_threshold_db=onset_threshold_db)
+        pieces, onsets, error, _ = _read_chunk(str(path), chunk, sample_rate=sample_rate, window=window,
+                                               onset_detection=onset_detection,
+                                               onset_threshold_db=onset_threshold_db)
         rows.add(path, chunk, pieces, onsets, error, window_seconds)
     return rows.batch()
 
@@ -277,10 +280,12 @@ def plan_shards(batch: dict[str, np.ndarray], *, window_seconds: float, hop_seco
 
 
 def read_groups(batch: dict[str, np.ndarray], *, sample_rate: int, window_seconds: float, onset_detection: bool,
-                onset_threshold_db: float, s3: storage.S3Settings) -> dict[str, np.ndarray]:
+                onset_threshold_db: float, s3: storage.S3Settings,
+                pending: list[tuple[int, np.ndarray, dict]] | None = None) -> dict[str, np.ndarray]:
     """CPU task: read the chunks of each read group (`plan_shards`), each frame range once, cut into windows.
     One row per window, with its shard, the shard's row count and the file's duration; a file that cannot be
-    scored yields one row with index -1 and its error."""
+    scored yields one row with index -1 and its error. With `pending` (a list), shots are not detected here:
+    each read chunk's first row, wave and plan go into it, for `detect_where_heard` once its windows are scored."""
     storage.configure_s3(s3.endpoint_url, s3.region)
     window = int(round(window_seconds * sample_rate))
     rows = _WindowRows(window, extra=("shard", "shard_rows", "duration"))
@@ -291,27 +296,49 @@ def read_groups(batch: dict[str, np.ndarray], *, sample_rate: int, window_second
             if chunk.get("error"):
                 rows.marker(path, chunk["error"], duration=duration, **where)
                 continue
-            pieces, onsets, error = _read_chunk(path, chunk, sample_rate=sample_rate, window=window,
-                                                onset_detection=onset_detection,
-                                                onset_threshold_db=onset_threshold_db)
+            pieces, onsets, error, wave = _read_chunk(path, chunk, sample_rate=sample_rate, window=window,
+                                                      onset_detection=onset_detection and pending is None,
+                                                      onset_threshold_db=onset_threshold_db)
+            if pending is not None and onset_detection and not error:
+                pending.append((len(rows.columns["path"]), wave, chunk))
             rows.add(path, chunk, pieces, onsets, error, window_seconds, duration=duration, **where)
     return rows.batch()
 
 
+def detect_where_heard(scored: dict[str, np.ndarray], pending: list[tuple[int, np.ndarray, dict]], *,
+                       sample_rate: int, window_seconds: float, threshold: float, onset_threshold_db: float) -> None:
+    """The shots of each pending chunk (`read_groups`) onto its first row of `scored`, in place, where they can be
+    reported. A shot is reported only where the windows covering it reach `threshold` on average, so only where
+    one of them does: a chunk none of whose windows does is not searched, and the outputs are the same. That
+    holds unless another chunk's window covers its shots too (a file's later chunk with windows longer than
+    their hop); such a chunk is always searched."""
+    probs = scored["probs"]
+    for row, wave, chunk in pending:
+        starts = np.asarray(chunk["starts"], dtype=float)
+        shared = int(chunk["first_window"]) > 0 and float(chunk["hop"]) < window_seconds
+        if shared or np.max(probs[row:row + len(starts)]) >= threshold:
+            scored["onsets"][row] = chunk_onsets(wave, sample_rate, read_start=float(chunk["read_start"]),
+                                                 starts=starts, hop=float(chunk["hop"]),
+                                                 duration=float(chunk["duration"]), threshold_db=onset_threshold_db)
+
+
 class GroupScorer:
     """A CPU scorer actor that plans, reads and scores its own work: each call takes one unit of a shard,
-    plans it into read groups (`plan_shards`), then reads each group (`read_groups`) and scores its windows
-    (`inference.WindowScorer`), yielding the rows of a group at a time without their waveforms. Calls may run
+    plans it into read groups (`plan_shards`), then reads each group (`read_groups`), scores its windows
+    (`inference.WindowScorer`) and finds the shots of the chunks where the model heard a gunshot
+    (`detect_where_heard`: the others' shots would not be reported), yielding the rows of a group at a time
+    without their waveforms. Calls may run
     side by side in threads, one core each: one model and one torch in memory for all of a machine's cores.
     Planning inside the call, not as a stage of its own, means no task ever waits for CPUs the actor holds."""
 
-    def __init__(self, *, plan: dict, read: dict, model_files: list[str], mixed_precision: bool, batch_size: int):
+    def __init__(self, *, plan: dict, read: dict, model_files: list[str], mixed_precision: bool, batch_size: int,
+                 threshold: float):
         import torch
 
         from gunsound.inference import WindowScorer
 
         torch.set_num_threads(1)
-        self.plan, self.read = plan, read
+        self.plan, self.read, self.threshold = plan, read, threshold
         self.scorer = WindowScorer(model_files, mixed_precision=mixed_precision, batch_size=batch_size,
                                    s3=read["s3"])
 
@@ -320,7 +347,13 @@ class GroupScorer:
 
         groups = plan_shards(unit, **self.plan)
         for i in range(len(groups["chunks"])):
-            yield self.scorer(read_groups({k: v[i : i + 1] for k, v in groups.items()}, **self.read))
+            pending: list[tuple[int, np.ndarray, dict]] = []
+            scored = self.scorer(read_groups({k: v[i : i + 1] for k, v in groups.items()}, **self.read,
+                                             pending=pending))
+            detect_where_heard(scored, pending, sample_rate=self.read["sample_rate"],
+                               window_seconds=self.read["window_seconds"], threshold=self.threshold,
+                               onset_threshold_db=self.read["onset_threshold_db"])
+            yield scored
         return_freed_memory()
 
 
@@ -440,7 +473,7 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
             scorer_actors = pool // calls
             ds = ds.map_batches(GroupScorer, batch_size=1, batch_format="numpy",
                                 fn_constructor_kwargs={"plan": plan, "read": read, "model_files": model.files,
-                                                       **scorer},
+                                                       "threshold": s.threshold, **scorer},
                                 num_cpus=calls,
                                 compute=ray.data.ActorPoolStrategy(size=scorer_actors,
                                                                    max_tasks_in_flight_per_actor=calls,

@@ -18,6 +18,37 @@ from gunsound.windows import plan_chunks, window_starts
 from tests.conftest import LAPTOP_CONFIG
 
 
+@pytest.mark.parametrize(("hop", "heard"), [(2.0, (0.9, 0.2, 0.0)), (1.0, (0.9, 0.2, 0.0)), (2.0, (0.2, 0.2, 0.6))])
+def test_shots_are_searched_only_where_they_can_be_reported(tmp_path, hop, heard):
+    """A chunk none of whose windows reaches the threshold keeps no shots (none could be reported); one whose
+    window does gets exactly what the reader would have found; a later chunk whose shots the previous chunk's
+    window also covers (hop shorter than the window) is always searched."""
+    path = tmp_path / "archive.wav"
+    generate_archive(path, minutes=1, bursts_per_minute=6, seed=3)
+    chunks = plan_chunks(str(path), 60.0, window_seconds=2.0, hop_seconds=hop, read_seconds=20.0)[:3]
+    batch = {k: np.array([c[k] for c in chunks], dtype=object) for k in chunks[0]}
+    read = {"sample_rate": 48000, "window_seconds": 2.0, "onset_detection": True, "onset_threshold_db": 12.0,
+            "s3": storage.current_settings()}
+    always = scoring.read_chunks(batch, **read)
+    pending = []
+    groups = {"shard": np.array([0]), "shard_rows": np.array([len(always["path"])]),
+              "chunks": np.array([json.dumps([{**c, "starts": list(c["starts"])} for c in chunks])], dtype=object)}
+    scored = scoring.read_groups(groups, **read, pending=pending)
+    assert len(pending) == 3 and all(len(o) == 0 for o in scored["onsets"])
+    firsts = [row for row, _, _ in pending]
+    scored["probs"] = np.zeros((len(scored["path"]), 2), dtype=np.float32)
+    for row, level in zip(firsts, heard, strict=True):
+        scored["probs"][row + 1, 1] = level  # one window of the chunk, not its first
+    scoring.detect_where_heard(scored, pending, sample_rate=48000, window_seconds=2.0, threshold=0.5,
+                               onset_threshold_db=12.0)
+    expected_rows = np.flatnonzero([len(o) > 0 for o in always["onsets"]])
+    assert len(expected_rows) == 3  # every chunk of this archive holds shots
+    for k, (row, level) in enumerate(zip(firsts, heard, strict=True)):
+        searched = level >= 0.5 or (k > 0 and hop < 2.0)
+        expected = always["onsets"][expected_rows[k]] if searched else np.zeros(0)
+        np.testing.assert_array_equal(scored["onsets"][row], expected)
+
+
 @pytest.mark.parametrize(("audio_parameters", "window"), [("Auto", 2.0), ("Manual", 60.0)])
 def test_fix_windows_are_the_training_chunk_that_auto_chose(audio_parameters, window):
     # The seed's Fix/60 s around a model trained on the 2 s chunk Auto chose would score padding, not shots.
