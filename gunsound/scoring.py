@@ -166,7 +166,7 @@ def _read_chunk(path: str, chunk: dict, *, sample_rate: int, window: int, onset_
                 onset_threshold_db: float) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
     """One chunk's windows (zero-padded at the end), the onsets it owns, its error ("" when read) and its wave."""
     starts = np.asarray(chunk["starts"], dtype=float)
-    read_start, duration = float(chunk["read_start"]), float(chunk["duration"])
+    read_start = float(chunk["read_start"])
     try:
         wave, _ = audio.read(path, sample_rate, start=read_start, duration=float(chunk["read_end"]) - read_start)
         error = ""
@@ -175,10 +175,16 @@ def _read_chunk(path: str, chunk: dict, *, sample_rate: int, window: int, onset_
         wave = np.zeros(0, dtype=np.float32)
     onsets = np.zeros(0)
     if onset_detection and not error:
-        onsets = chunk_onsets(wave, sample_rate, read_start=read_start, starts=starts, hop=float(chunk["hop"]),
-                              duration=duration, threshold_db=onset_threshold_db)
+        onsets = _chunk_shots(wave, chunk, sample_rate=sample_rate, threshold_db=onset_threshold_db)
     return (cut_windows(wave, sample_rate, read_start, starts, window), np.asarray(onsets, dtype=np.float64), error,
             wave)
+
+
+def _chunk_shots(wave: np.ndarray, chunk: dict, *, sample_rate: int, threshold_db: float) -> np.ndarray:
+    """The shots (seconds in the file) that a read chunk owns, from its plan (`onsets.chunk_onsets`)."""
+    return chunk_onsets(wave, sample_rate, read_start=float(chunk["read_start"]),
+                        starts=np.asarray(chunk["starts"], dtype=float), hop=float(chunk["hop"]),
+                        duration=float(chunk["duration"]), threshold_db=threshold_db)
 
 
 class _WindowRows:
@@ -314,12 +320,9 @@ def detect_where_heard(scored: dict[str, np.ndarray], pending: list[tuple[int, n
     their hop); such a chunk is always searched."""
     probs = scored["probs"]
     for row, wave, chunk in pending:
-        starts = np.asarray(chunk["starts"], dtype=float)
         shared = int(chunk["first_window"]) > 0 and float(chunk["hop"]) < window_seconds
-        if shared or np.max(probs[row:row + len(starts)]) >= threshold:
-            scored["onsets"][row] = chunk_onsets(wave, sample_rate, read_start=float(chunk["read_start"]),
-                                                 starts=starts, hop=float(chunk["hop"]),
-                                                 duration=float(chunk["duration"]), threshold_db=onset_threshold_db)
+        if shared or np.max(probs[row:row + len(chunk["starts"])]) >= threshold:
+            scored["onsets"][row] = _chunk_shots(wave, chunk, sample_rate=sample_rate, threshold_db=onset_threshold_db)
 
 
 class GroupScorer:
