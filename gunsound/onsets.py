@@ -25,7 +25,7 @@ BAND_HZ = (200.0, 4000.0)  # below: wind and traffic rumble; above: the superson
 MEL_BANDS = 32
 FRAME_SECONDS = 0.005
 WINDOW_SECONDS = 0.02
-SHOT_DETECTOR = "onsets.find_shots 2026-11-29 (2)"  # the scoring job's detector, as scoring outputs record it
+SHOT_DETECTOR = "onsets.find_shots 2026-11-29 (3)"  # the scoring job's detector, as scoring outputs record it
 DECIMATED_HZ = 10_000  # the band (up to 4 kHz) stays well under half the decimated rate
 
 
@@ -123,7 +123,8 @@ def columns_rolling_quantile(values: np.ndarray, window: int, q: float) -> np.nd
 
 def noise_floor(level: np.ndarray, frames_per_second: int) -> np.ndarray:
     """Each band's floor: a low percentile of the past three seconds, in 50 ms steps (so that a long burst does
-    not raise its own floor); over the first second its own quietest part, so that a shot at time 0 counts."""
+    not raise its own floor); over the first second its own quietest part, or the level the wave starts at
+    where that is lower, so that a shot at time 0 counts."""
     step = max(1, frames_per_second // 20)
     blocks = len(level) // step
     if blocks == 0:
@@ -131,7 +132,9 @@ def noise_floor(level: np.ndarray, frames_per_second: int) -> np.ndarray:
     coarse = level[: blocks * step].reshape(blocks, step, -1).mean(axis=1)
     past = np.full_like(coarse, np.nan)
     past[1:] = columns_rolling_quantile(coarse, 60, 0.1)[:-1]
-    head = np.quantile(level[:frames_per_second], 0.2, axis=0)
+    # No past at the start: the first second's quieter part, or the quiet the wave opens with where the shot
+    # comes a few ms in and its own body fills that second (frame 0's window is half padding: +3 dB).
+    head = np.fmin(np.quantile(level[:frames_per_second], 0.2, axis=0), level[0] + 3.0)
     past[:20] = np.fmin(np.nan_to_num(past[:20], nan=np.inf), head)
     floor = np.repeat(past, step, axis=0)
     return np.concatenate([floor, np.repeat(floor[-1:], len(level) - len(floor), axis=0)])
@@ -196,12 +199,23 @@ def burst_shots(flux: np.ndarray, blast: np.ndarray, standing: np.ndarray, start
     return teeth
 
 
+def ring_through(loud: np.ndarray, start: int, *, gap: int) -> int:
+    """The last frame of a ring from `start`: the last `loud` frame before `loud` first lapses for more than
+    `gap` frames (a designed or reverberant tail dips between its swells without the shot having died)."""
+    end, k = start, start
+    while k + 1 < len(loud) and k - end <= gap:
+        k += 1
+        if loud[k]:
+            end = k
+    return end
+
+
 def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_db: float = 3.0,
                   ring_db: float = 3.0, echo_db: float = 6.0, echo_seconds: float = 1.0,
                   precursor_db: float = 6.0, precursor_seconds: float = 0.1, body_seconds: float = 0.17,
                   shortest_seconds: float = 0.04, min_correlation: float = 0.25, tooth_ratio: float = 0.3,
                   new_shot_ratio: float = 0.5, new_shot_db: float = 10.0, body_ratio: float = 0.8,
-                  tooth_db: float = 3.0) -> np.ndarray:
+                  tooth_db: float = 3.0, ring_gap_seconds: float = 0.015) -> np.ndarray:
     """Gunshots in seconds.
 
     Candidates: the log-mel rise (each band over its quietest of the last 15 ms, averaged) peaks above
@@ -211,8 +225,9 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
     is not the shot). Within `body_seconds` of it nothing else counts unless its rise spectrogram repeats at
     an interval of `shortest_seconds` or more (automatic fire, see burst_period): then every interval that
     brings an onset at least `tooth_ratio` as strong as the burst's own is a shot. Later, while the shot
-    rings, a new blast must come within `ring_db` of its peak; within `echo_seconds` after it died (a rumble
-    may roll on for seconds), within `echo_db`, so that echoes and reverberation are not shots. Either way it
+    rings, a new blast must come within `ring_db` of its peak; within `echo_seconds` after its tail died (a
+    rumble may roll on for seconds, and a tail that lapses for no more than `ring_gap_seconds` has not died),
+    within `echo_db`, so that echoes and reverberation are not shots. Either way it
     must rise `new_shot_ratio` as sharply as the shot did or `new_shot_db`, whichever is less: a second shot
     rises out of the first one's ring, not out of silence."""
     fps = int(round(1.0 / FRAME_SECONDS))
@@ -232,9 +247,10 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
     candidates = np.where((flux == maximum_filter1d(flux, size=5)) & (flux > rise_db)
                           & (standing > threshold_db))[0]
     body, shortest = int(body_seconds * fps), max(2, int(shortest_seconds * fps))
+    ring_gap = int(ring_gap_seconds * fps)
     echo, precursor = int(echo_seconds * fps), int(precursor_seconds * fps)
     onsets: list[int] = []
-    peak, strongest, new_shot, last, ring_end = -np.inf, 0.0, 0.0, -(10**9), -1
+    peak, strongest, new_shot, last, ring_end, tail_end = -np.inf, 0.0, 0.0, -(10**9), -1, -1
     for c in candidates:
         if c <= last or (onsets and c - onsets[-1] < shortest):
             continue
@@ -243,7 +259,7 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
             continue  # a layered transient of the shot; a second shot this soon rises almost as sharply
         if ringing and (blast[c] < peak - ring_db or flux[c] < new_shot):
             continue
-        if onsets and not ringing and c - ring_end <= echo and (blast[c] < peak - echo_db or flux[c] < new_shot):
+        if onsets and not ringing and c - tail_end <= echo and (blast[c] < peak - echo_db or flux[c] < new_shot):
             continue
         start = int(c)
         while True:  # a click or a bolt before the blast is not the shot: the loudest onset soon after is
@@ -262,9 +278,8 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
         peak, strongest = float(blast[start]), float(flux[start])
         new_shot = min(new_shot_ratio * strongest, new_shot_db)
         last = teeth[-1]
-        ring_end = last
-        while ring_end + 1 < frames and excess[ring_end + 1] > threshold_db:
-            ring_end += 1
+        ring_end = ring_through(excess > threshold_db, last, gap=0)
+        tail_end = ring_through(excess > threshold_db, last, gap=ring_gap)
     return np.array(onsets, dtype=np.float64) * frame_samples(sr) / sr
 
 
@@ -376,15 +391,18 @@ def run_span(shots: np.ndarray, blasts: np.ndarray, first: int, last: int, *, to
 
 
 def runs_to_take(shots: np.ndarray, blasts: np.ndarray, peaks: np.ndarray, runs: list[tuple[int, int]], *,
-                 min_shots: int, even_db: float, tolerance: float, before: float,
-                 after: float) -> list[tuple[int, int]]:
+                 min_shots: int, even_db: float, tolerance: float, before: float, after: float,
+                 reflections: float) -> list[tuple[int, int]]:
     """The steady runs of blasts (times, peak levels in dB) whose blasts are the shots in place of `shots`:
     - a quieter click before the first blast or a fading last one (`even_db` under the run's loudest) is left
       out first, as long as `min_shots` blasts stay; then every blast must come within `even_db` of the
       loudest (automatic fire is even);
     - one of `shots` lies within `tolerance` of one of its blasts (anchored), and none in the `before`
       seconds ahead of its first blast (then the run is that shot's layers, ring or echoes);
-    - `shots` holds fewer shots than the run over its span (to `after` past its last blast)."""
+    - `shots` holds fewer shots than the run over its span (to `after` past its last blast);
+    - a run of only `min_shots` blasts spans `reflections` seconds or more: shorter, it is one shot and its
+      first reflections off walls and buildings (paths up to ~45 m longer arrive within 130 ms, as loud
+      as the blast where the surfaces are near and hard), which `detect_shots` read as one shot."""
     taken = []
     for first, last in runs:
         loudest = peaks[first:last + 1].max()
@@ -397,14 +415,15 @@ def runs_to_take(shots: np.ndarray, blasts: np.ndarray, peaks: np.ndarray, runs:
         anchored = bool((np.abs(shots[:, None] - blasts[None, first:last + 1]) <= tolerance).any())
         after_shot = bool(((shots < start) & (shots >= start - before)).any())
         even = peaks[first:last + 1].min() >= loudest - even_db
-        if even and anchored and not after_shot and inside.sum() < last - first + 1:
+        reflected = last - first + 1 <= min_shots and blasts[last] - blasts[first] < reflections
+        if even and anchored and not after_shot and not reflected and inside.sum() < last - first + 1:
             taken.append((first, last))
     return taken
 
 
 def find_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, shortest: float = 0.04,
                longest: float = 0.25, spread: float = 1.3, min_shots: int = 3, even_db: float = 6.0,
-               tolerance: float = 0.015) -> np.ndarray:
+               tolerance: float = 0.015, reflections: float = 0.13) -> np.ndarray:
     """Gunshots in seconds: the scoring job's detector. The shots of `detect_shots`, except where the blasts
     of `detect_onsets` make a steady run (`steady_runs`: 240 to 1500 rounds per minute by default) that
     `detect_shots` reads as fewer shots: automatic fire whose first shot rose so sharply that it hid the next
@@ -420,7 +439,8 @@ def find_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, shortes
     runs = steady_runs(blasts, shortest=shortest, longest=longest, spread=spread, min_shots=min_shots,
                        slack=frame / sr / 2)
     for first, last in runs_to_take(shots, blasts, peaks, runs, min_shots=min_shots, even_db=even_db,
-                                    tolerance=tolerance, before=longest, after=shortest):
+                                    tolerance=tolerance, before=longest, after=shortest,
+                                    reflections=reflections):
         inside = run_span(shots, blasts, first, last, tolerance=tolerance, after=shortest)
         shots = np.concatenate([shots[~inside], blasts[first:last + 1]])
     return np.sort(shots)

@@ -108,6 +108,56 @@ def test_one_shot_with_a_long_echo_tail_is_one_shot(quiet_seconds, echo_delays, 
     assert len(onsets) == 1 and abs(onsets[0] - quiet_seconds) < 0.01
 
 
+def _band_noise(sr: int, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    from scipy.signal import butter, sosfilt
+
+    return sosfilt(butter(2, [200, 3000], btype="band", fs=sr, output="sos"), rng.standard_normal(int(seconds * sr)))
+
+
+@pytest.mark.parametrize("detector", [find_shots, detect_shots])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_shot_just_after_a_file_starts_over_its_own_long_body_counts_once(seed, detector):
+    """A file that starts 15 ms before a shot whose designed body stays loud for seconds: the first second's
+    usual floor (its quieter part) is that body, so the floor must come from the quiet the file starts in."""
+    sr = 32000
+    rng = np.random.default_rng(seed)
+    shot = _pistol_shot(sr, seed)
+    at = int(0.015 * sr)
+    wave = np.zeros(3 * sr)
+    wave[at:at + len(shot)] += shot
+    body = _band_noise(sr, 2.5, rng) * np.exp(-np.arange(int(2.5 * sr)) / (1.5 * sr))
+    body *= 0.6 * np.abs(shot).max() / np.abs(body).max()
+    wave[at + sr // 100:at + sr // 100 + len(body)] += body
+    wave += 1e-4 * rng.standard_normal(len(wave))
+    shots = detector(wave, sr)
+    assert len(shots) == 1 and abs(shots[0] - 0.015) < 0.01
+
+
+@pytest.mark.parametrize("detector", [find_shots, detect_shots])
+@pytest.mark.parametrize(("seed", "click_after"), [(0, 1.2), (1, 1.3), (2, 1.4)])
+def test_a_click_late_in_a_tail_that_dipped_once_is_not_a_shot(seed, click_after, detector):
+    """The tail dips under the floor's margin for 20 ms early on and then sounds on for 1.5 s: the echo
+    window runs from where the tail died, not from the dip, so neither its swells nor a click in it well
+    under the shot are shots."""
+    sr = 32000
+    rng = np.random.default_rng(seed)
+    shot = _pistol_shot(sr, seed)
+    start = sr // 2
+    wave = np.zeros(4 * sr)
+    wave[start:start + len(shot)] += shot
+    tail = _band_noise(sr, 1.5, rng) * np.exp(-np.arange(int(1.5 * sr)) / (2.0 * sr))
+    tail *= 0.1 * np.abs(shot).max() / np.abs(tail).max()
+    dip = int(0.1 * sr)
+    tail[dip:dip + sr // 50] = 0.0
+    wave[start + sr // 100:start + sr // 100 + len(tail)] += tail
+    click = _band_noise(sr, 0.03, rng)
+    at = int((0.5 + click_after) * sr)
+    wave[at:at + len(click)] += 0.2 * np.abs(shot).max() * click / np.abs(click).max()
+    wave += 1e-4 * rng.standard_normal(len(wave))
+    shots = detector(wave, sr)
+    assert len(shots) == 1 and abs(shots[0] - 0.5) < 0.01
+
+
 def _layered_shot(sr: int, seed: int = 0) -> np.ndarray:
     """A designed game gunshot: the generated blast, a mechanical layer 30 ms later (6 dB down, darker) and a
     sustained body of noise under both for 300 ms, the layering that energy detectors count as extra shots."""
@@ -299,7 +349,19 @@ RUN = np.array([1.0, 1.1, 1.2, 1.3])  # a steady run of four blasts
 ])
 def test_runs_to_take(shots, peaks, taken):
     assert runs_to_take(np.array(shots), RUN, np.array(peaks, dtype=float), [(0, 3)], min_shots=3, even_db=6.0,
-                        tolerance=0.015, before=0.25, after=0.04) == taken
+                        tolerance=0.015, before=0.25, after=0.04, reflections=0.13) == taken
+
+
+@pytest.mark.parametrize(("blasts", "taken"), [
+    ([1.0, 1.05, 1.1], []),  # three blasts within 130 ms of one shot: the shot and its first reflections
+    ([1.0, 1.06, 1.12], []),
+    ([1.0, 1.07, 1.14], [(0, 2)]),  # spanning more: three shots (900 rounds per minute)
+    ([1.0, 1.04, 1.08, 1.12], [(0, 3)]),  # four blasts are more than a shot's reflections
+])
+def test_runs_to_take_leaves_a_shot_and_its_first_reflections(blasts, taken):
+    peaks = np.full(len(blasts), -20.0)
+    assert runs_to_take(np.array([1.0]), np.array(blasts), peaks, [(0, len(blasts) - 1)], min_shots=3,
+                        even_db=6.0, tolerance=0.015, before=0.25, after=0.04, reflections=0.13) == taken
 
 
 @pytest.mark.parametrize(("sr", "rate"), [(96000, 12000), (48000, 12000), (44100, 11025), (32000, 16000),
