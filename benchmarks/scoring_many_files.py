@@ -35,7 +35,7 @@ from memory import PeakMemory, describe_roles, mib, private_by_role, scratch_dir
 
 from gunsound import scoring, storage, training
 from gunsound.config import load_config
-from gunsound.inference import WindowScorer, load_scoring_model
+from gunsound.inference import CPU_MODEL_WINDOWS, WindowScorer, load_scoring_model
 from gunsound.plan import prepare
 from gunsound.synthesis import generate_dataset
 
@@ -174,7 +174,8 @@ def main() -> None:
                                                 onset_threshold_db=12.0, s3=storage.current_settings())["wave"]
                             for p in paths[:200] for c in s.plan(str(p), sf.info(p).duration)])
     bound = model_bound(model, waves, batches=12)
-    print(f"model-bound (WindowScorer, batches of 64, this process): {bound:.1f} windows/s")
+    print(f"model-bound (WindowScorer, batches of 64 in model calls of {CPU_MODEL_WINDOWS}, this process): "
+          f"{bound:.1f} windows/s")
     with PeakMemory(pss_interval=5.0) as mem:
         loop_s, loop_windows = plain_loop(model, paths[:args.loop_files], s)
     print(f"plain loop, {args.loop_files} files: {args.loop_files / loop_s:.1f} files/s, {loop_windows / loop_s:.1f} "
