@@ -35,7 +35,7 @@ from memory import PeakMemory, describe_roles, mib, private_by_role, scratch_dir
 
 from gunsound import scoring, storage, training
 from gunsound.config import load_config
-from gunsound.inference import CPU_MODEL_WINDOWS, WindowScorer, load_scoring_model
+from gunsound.inference import WindowScorer, load_scoring_model
 from gunsound.plan import prepare
 from gunsound.synthesis import generate_dataset
 
@@ -64,14 +64,15 @@ def make_clips(folder: Path, count: int, sample_rate: int, seed: int = 0) -> lis
     return paths
 
 
-def model_bound(model, windows: np.ndarray, batches: int) -> float:
-    """Windows/s of the job's scorer fed batches of 64 windows in this process (no reading, no Ray)."""
+def model_bound(model, windows: np.ndarray, batches: int) -> tuple[float, int]:
+    """Windows/s of the job's scorer fed batches of 64 windows in this process (no reading, no Ray), and how
+    many windows it gives the model a call."""
     scorer = WindowScorer(model, batch_size=64)
     scorer({"wave": windows[:64].copy()})  # warm-up
     start = time.perf_counter()
     for i in range(batches):
         scorer({"wave": windows[(i * 64) % (len(windows) - 63):][:64].copy()})
-    return batches * 64 / (time.perf_counter() - start)
+    return batches * 64 / (time.perf_counter() - start), scorer.batch_size
 
 
 def plain_loop(model, paths: list[Path], s: scoring.ScoringSettings) -> tuple[float, int]:
@@ -173,8 +174,8 @@ def main() -> None:
                                                 window_seconds=s.window_seconds, onset_detection=False,
                                                 onset_threshold_db=12.0, s3=storage.current_settings())["wave"]
                             for p in paths[:200] for c in s.plan(str(p), sf.info(p).duration)])
-    bound = model_bound(model, waves, batches=12)
-    print(f"model-bound (WindowScorer, batches of 64 in model calls of {CPU_MODEL_WINDOWS}, this process): "
+    bound, per_call = model_bound(model, waves, batches=12)
+    print(f"model-bound (WindowScorer, batches of 64 in model calls of {per_call}, this process): "
           f"{bound:.1f} windows/s")
     with PeakMemory(pss_interval=5.0) as mem:
         loop_s, loop_windows = plain_loop(model, paths[:args.loop_files], s)

@@ -25,7 +25,7 @@ BAND_HZ = (200.0, 4000.0)  # below: wind and traffic rumble; above: the superson
 MEL_BANDS = 32
 FRAME_SECONDS = 0.005
 WINDOW_SECONDS = 0.02
-SHOT_DETECTOR = "onsets.find_shots 2026-11-29 (3)"  # the scoring job's detector, as scoring outputs record it
+SHOT_DETECTOR = "onsets.find_shots 2026-11-29 (4)"  # the scoring job's detector, as scoring outputs record it
 DECIMATED_HZ = 10_000  # the band (up to 4 kHz) stays well under half the decimated rate
 
 
@@ -121,21 +121,36 @@ def columns_rolling_quantile(values: np.ndarray, window: int, q: float) -> np.nd
     return out.reshape(columns, window + rows)[:, window:].T
 
 
+OPENING_JUMP_DB = 6.0
+SILENCE_DB = -90.0  # log_mel gives -100 dB for digital silence (its 1e-10 floor)
+
+
 def noise_floor(level: np.ndarray, frames_per_second: int) -> np.ndarray:
-    """Each band's floor: a low percentile of the past three seconds, in 50 ms steps (so that a long burst does
-    not raise its own floor); over the first second its own quietest part, or the level the wave starts at
-    where that is lower, so that a shot at time 0 counts."""
+    """Each band's floor: a low percentile of the past three seconds of sound, in 50 ms steps (so that a long
+    burst does not raise its own floor), or silence where none was heard; over the first second its own
+    quietest part, so that a shot at time 0 counts,
+    or, where the wave opens quiet and jumps `OPENING_JUMP_DB` over that quietest part within 50 ms (a shot a
+    few ms in whose own body fills the first second), the level it opens at."""
     step = max(1, frames_per_second // 20)
     blocks = len(level) // step
     if blocks == 0:
         return np.repeat(level.min(axis=0, keepdims=True), len(level), axis=0)
-    coarse = level[: blocks * step].reshape(blocks, step, -1).mean(axis=1)
+    # Digital silence (a file's leading zeros, a dropout) says nothing of the floor: averaged into a block it
+    # would drag that block far under the sound around it, and the quantile would keep it there for 3 s.
+    sound = level > SILENCE_DB
+    frames = blocks * step
+    counts = sound[:frames].reshape(blocks, step, -1).sum(axis=1)
+    sums = np.where(sound, level, 0.0)[:frames].reshape(blocks, step, -1).sum(axis=1)
+    coarse = np.where(2 * counts > step, sums / np.maximum(counts, 1), np.nan)  # mostly sound, or no sample
     past = np.full_like(coarse, np.nan)
     past[1:] = columns_rolling_quantile(coarse, 60, 0.1)[:-1]
-    # No past at the start: the first second's quieter part, or the quiet the wave opens with where the shot
-    # comes a few ms in and its own body fills that second (frame 0's window is half padding: +3 dB).
-    head = np.fmin(np.quantile(level[:frames_per_second], 0.2, axis=0), level[0] + 3.0)
-    past[:20] = np.fmin(np.nan_to_num(past[:20], nan=np.inf), head)
+    head = np.quantile(level[:frames_per_second], 0.2, axis=0)  # silence counts here: a shot after it stands
+    # Only after such a jump: a fade-in or a few ms of silence before steady sound opens quiet too, and that
+    # sound must not stand over a floor it never had (frame 0's window is half padding: +3 dB).
+    if level[:step].mean(axis=1).max() - head.mean() >= OPENING_JUMP_DB:
+        head = np.fmin(head, level[0] + 3.0)
+    past[:20] = np.fmin(past[:20], head)
+    past = np.where(np.isnan(past), SILENCE_DB, past)  # nothing heard yet: the floor is silence
     floor = np.repeat(past, step, axis=0)
     return np.concatenate([floor, np.repeat(floor[-1:], len(level) - len(floor), axis=0)])
 
@@ -248,6 +263,7 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
                           & (standing > threshold_db))[0]
     body, shortest = int(body_seconds * fps), max(2, int(shortest_seconds * fps))
     ring_gap = int(ring_gap_seconds * fps)
+    loud_frames = excess > threshold_db
     echo, precursor = int(echo_seconds * fps), int(precursor_seconds * fps)
     onsets: list[int] = []
     peak, strongest, new_shot, last, ring_end, tail_end = -np.inf, 0.0, 0.0, -(10**9), -1, -1
@@ -278,8 +294,8 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
         peak, strongest = float(blast[start]), float(flux[start])
         new_shot = min(new_shot_ratio * strongest, new_shot_db)
         last = teeth[-1]
-        ring_end = ring_through(excess > threshold_db, last, gap=0)
-        tail_end = ring_through(excess > threshold_db, last, gap=ring_gap)
+        ring_end = ring_through(loud_frames, last, gap=0)
+        tail_end = ring_through(loud_frames, last, gap=ring_gap)
     return np.array(onsets, dtype=np.float64) * frame_samples(sr) / sr
 
 
@@ -415,7 +431,8 @@ def runs_to_take(shots: np.ndarray, blasts: np.ndarray, peaks: np.ndarray, runs:
         anchored = bool((np.abs(shots[:, None] - blasts[None, first:last + 1]) <= tolerance).any())
         after_shot = bool(((shots < start) & (shots >= start - before)).any())
         even = peaks[first:last + 1].min() >= loudest - even_db
-        reflected = last - first + 1 <= min_shots and blasts[last] - blasts[first] < reflections
+        # Blasts fall on whole frames: a span of exactly `reflections` must not come out a hair under it.
+        reflected = last - first + 1 <= min_shots and blasts[last] - blasts[first] < reflections - 1e-9
         if even and anchored and not after_shot and not reflected and inside.sum() < last - first + 1:
             taken.append((first, last))
     return taken

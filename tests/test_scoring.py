@@ -155,11 +155,12 @@ def test_window_scorer_scores_any_number_of_windows_in_model_batches(trained_run
     model = load_scoring_model(str(trained_run))
     waves = np.random.default_rng(0).normal(0, 0.1, (150, int(model.chunk_seconds * model.features.sample_rate)))
     batch = {"index": np.arange(150), "wave": waves.astype(np.float32)}
-    scorer = WindowScorer(model, batch_size=64)
-    assert scorer.batch_size == CPU_MODEL_WINDOWS  # on a CPU the model takes a few windows at a time
+    scorer = WindowScorer(model, batch_size=64, mixed_precision=False)
+    # On a CPU the model takes a few windows at a time; a GPU takes the whole batch.
+    assert scorer.batch_size == (64 if scorer.device.type == "cuda" else CPU_MODEL_WINDOWS)
     split = scorer(dict(batch))
-    with torch.inference_mode():  # the whole batch in one call of the model
-        whole = model.build()(torch.from_numpy(batch["wave"])).numpy()
+    with torch.inference_mode():  # all 150 windows in one call of the same model
+        whole = scorer.model(torch.from_numpy(batch["wave"]).to(scorer.device)).float().cpu().numpy()
     assert split["probs"].shape == (150, len(model.classes)) and len(split["model_seconds"]) == 150
     np.testing.assert_allclose(split["probs"], whole, atol=1e-5)
 
