@@ -97,7 +97,7 @@ def _where(device: torch.device) -> str:
 
 
 # Windows per model call on a CPU. A resnet18's activations for 64 two-second windows take some 500 MB; 16 at a
-# time take a quarter of that and ran an hour-long file 5-10% faster (they stay in cache; scoring_archive.py,
+# time take a quarter of that and scored an hour-long file 10-15% faster (they stay in cache; scoring_archive.py,
 # 2026-11-29), with the scorer's memory on it steadier. A GPU takes the whole `batch_size`.
 CPU_MODEL_WINDOWS = 16
 

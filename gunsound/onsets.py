@@ -128,9 +128,9 @@ SILENCE_DB = -90.0  # log_mel gives -100 dB for digital silence (its 1e-10 floor
 def noise_floor(level: np.ndarray, frames_per_second: int) -> np.ndarray:
     """Each band's floor: a low percentile of the past three seconds of sound, in 50 ms steps (so that a long
     burst does not raise its own floor), or silence where none was heard; over the first second its own
-    quietest part, so that a shot at time 0 counts,
-    or, where the wave opens quiet and jumps `OPENING_JUMP_DB` over that quietest part within 50 ms (a shot a
-    few ms in whose own body fills the first second), the level it opens at."""
+    quietest part, so that a shot at time 0 counts, or, where the wave opens quiet and jumps `OPENING_JUMP_DB`
+    over that quietest part within 50 ms (a shot a few ms in whose own body fills the first second), the
+    level it opens at."""
     step = max(1, frames_per_second // 20)
     blocks = len(level) // step
     if blocks == 0:
