@@ -10,7 +10,7 @@ process tree beside the plain loop's. With --baseline-tree (a checkout of anothe
 on that code too, for a before/after in the same run.
 
     python benchmarks/scoring_many_files.py [--files 2000 20000] [--model RUN] [--workdir DIR]
-                                            [--baseline-tree DIR] [--baseline-files 2000]
+                                            [--baseline-tree DIR] [--baseline-files 2000] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def plain_loop(model, paths: list[Path], s: scoring.ScoringSettings) -> tuple[fl
     return time.perf_counter() - start, windows
 
 
-def run_job(run: Path, manifest: Path, out: Path, pythonpath: str | None) -> dict:
+def run_job(run: Path, manifest: Path, out: Path, pythonpath: str | None, overrides: list[str]) -> dict:
     """One `python -m ray_jobs.score` process: its summary, its driver's peak RSS, the peak RSS of its whole
     process tree, and when its first shard was committed (seconds from its start)."""
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
@@ -107,8 +107,9 @@ def run_job(run: Path, manifest: Path, out: Path, pythonpath: str | None) -> dic
     first_shard, driver_peak, stop = [None], [0], threading.Event()
     roles: list[dict[str, list[int]]] = [{}]  # private memory by role at the largest sample
     start = time.perf_counter()
+    sets = [arg for kv in overrides for arg in ("--set", kv)]
     proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.score", str(run), str(manifest), str(out),
-                             "--allow-outside"], env=env, cwd=pythonpath or ROOT,
+                             "--allow-outside", *sets], env=env, cwd=pythonpath or ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     driver = psutil.Process(proc.pid)
     # The job's own processes (its driver and the local Ray it starts), not this one's. Distinct pages every
@@ -154,6 +155,9 @@ def main() -> None:
     parser.add_argument("--loop-files", type=int, default=1000, help="files for the plain in-process loop")
     parser.add_argument("--baseline-tree", default=None, help="a checkout of other code to run the same jobs on")
     parser.add_argument("--baseline-files", type=int, nargs="*", default=[2000])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a scoring setting for the jobs and the loop, e.g. --set prediction.probability_threshold=0 "
+                             "(every window a gunshot, so shots are searched in every file)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = scratch_dir(args.workdir, "gunsound-many-files-")
@@ -162,7 +166,8 @@ def main() -> None:
         generate_dataset(work / "data", clips_per_class=20, seed=0)
         training.run(prepare(load_config(ROOT / "configs" / "laptop.yaml", MODEL), str(work / "data"), str(run)))
     model = load_scoring_model(str(run))
-    s = scoring.ScoringSettings.from_config(scoring.scoring_config(str(run), []), model_chunk_seconds=model.chunk_seconds)
+    s = scoring.ScoringSettings.from_config(scoring.scoring_config(str(run), args.overrides),
+                                            model_chunk_seconds=model.chunk_seconds)
     started = time.perf_counter()
     paths = make_clips(work / "clips", max(args.files), model.features.sample_rate)
     print(f"clips: {len(paths)} of 0.5-3 s at {model.features.sample_rate} Hz ({time.perf_counter() - started:.0f} s "
@@ -189,7 +194,7 @@ def main() -> None:
         manifest = work / f"clips_{count}.csv"
         pd.DataFrame({"path": [str(p) for p in paths[:count]]}).to_csv(manifest, index=False)
         out = work / f"scored-{count}-{int(time.time() * 1000)}"
-        result = run_job(run, manifest, out, tree)
+        result = run_job(run, manifest, out, tree, args.overrides)
         rows.append(("baseline" if tree else "this tree", count, result))
         summary = result["summary"]
         wall = summary["wall_seconds"]
