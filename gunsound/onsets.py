@@ -25,7 +25,7 @@ BAND_HZ = (200.0, 4000.0)  # below: wind and traffic rumble; above: the superson
 MEL_BANDS = 32
 FRAME_SECONDS = 0.005
 WINDOW_SECONDS = 0.02
-SHOT_DETECTOR = "onsets.find_shots 2026-11-29 (4)"  # the scoring job's detector, as scoring outputs record it
+SHOT_DETECTOR = "onsets.find_shots 2026-11-29 (5)"  # the scoring job's detector, as scoring outputs record it
 DECIMATED_HZ = 10_000  # the band (up to 4 kHz) stays well under half the decimated rate
 
 
@@ -230,11 +230,13 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
                   precursor_db: float = 6.0, precursor_seconds: float = 0.1, body_seconds: float = 0.17,
                   shortest_seconds: float = 0.04, min_correlation: float = 0.25, tooth_ratio: float = 0.3,
                   new_shot_ratio: float = 0.5, new_shot_db: float = 10.0, body_ratio: float = 0.8,
-                  tooth_db: float = 3.0, ring_gap_seconds: float = 0.015) -> np.ndarray:
+                  tooth_db: float = 3.0, ring_gap_seconds: float = 0.015, sharp_rise_db: float = 12.0,
+                  sharp_margin_db: float = 4.0) -> np.ndarray:
     """Gunshots in seconds.
 
     Candidates: the log-mel rise (each band over its quietest of the last 15 ms, averaged) peaks above
-    `rise_db` while the bands stand on average `threshold_db` above their noise floor.
+    `rise_db` while the bands stand on average `threshold_db` above their noise floor, or `sharp_margin_db`
+    less where the rise reaches `sharp_rise_db`.
 
     A shot is the loudest onset of its first `precursor_seconds` (a hammer click or a bolt before the blast
     is not the shot). Within `body_seconds` of it nothing else counts unless its rise spectrogram repeats at
@@ -259,8 +261,10 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
     blast = maximum_filter1d(loud, size=3, origin=-1)  # a blast may climb over more than one frame
     # A blast stands above the floor for tens of ms; a crackle or a click for a frame or two.
     standing = pd.Series(excess[::-1]).rolling(4, min_periods=1).median().to_numpy()[::-1]
-    candidates = np.where((flux == maximum_filter1d(flux, size=5)) & (flux > rise_db)
-                          & (standing > threshold_db))[0]
+    # A blast rises faster than anything of a bed: one that rises `sharp_rise_db` within 15 ms (averaged over
+    # the bands) counts at `sharp_margin_db` less over the floor, so that a shot just out of a loud bed counts.
+    stands = (standing > threshold_db) | ((standing > threshold_db - sharp_margin_db) & (flux > sharp_rise_db))
+    candidates = np.where((flux == maximum_filter1d(flux, size=5)) & (flux > rise_db) & stands)[0]
     body, shortest = int(body_seconds * fps), max(2, int(shortest_seconds * fps))
     ring_gap = int(ring_gap_seconds * fps)
     loud_frames = excess > threshold_db
