@@ -299,7 +299,7 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
         new_shot = min(new_shot_ratio * strongest, new_shot_db)
         last = teeth[-1]
         ring_end = ring_through(loud_frames, last, gap=0)
-        tail_end = ring_through(loud_frames, last, gap=ring_gap)
+        tail_end = ring_through(loud_frames, ring_end, gap=ring_gap)  # every frame up to ring_end is loud
     return np.array(onsets, dtype=np.float64) * frame_samples(sr) / sr
 
 
