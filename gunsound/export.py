@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from gunsound import decode, events, onsets, storage, windows
-from gunsound.inference import load_scoring_model
+from gunsound.inference import CPU_MODEL_WINDOWS, load_scoring_model
 from gunsound.scoring import ScoringSettings, scoring_config
 
 PACKAGE = Path(__file__).resolve().parent
@@ -51,6 +51,8 @@ def export_pipeline(run: str, out: str, overrides: list[str] | None = None) -> d
         "classes": model.classes,
         "sample_rate": model.features.sample_rate,
         "scoring": asdict(settings),  # method, window_seconds, hop_seconds, read_seconds, threshold, ...
+        # Windows per call of the model: the exported scorer runs on a CPU, so the job's CPU scorer's calls.
+        "model_windows": min(settings.batch_size, CPU_MODEL_WINDOWS),
         "features": asdict(model.features),
         # Which fold files went in, by their place in the run: the full source locations (bucket names,
         # home folders) stay with whoever exported, not with everyone the pipeline is handed to.

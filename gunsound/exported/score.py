@@ -53,9 +53,10 @@ def score_file(model: torch.nn.Module, spec: dict, path: str) -> tuple[pd.DataFr
             wave, _ = read(path, sr, start=read_start, duration=chunk["read_end"] - read_start)
             starts = np.asarray(chunk["starts"], dtype=float)
             pieces = cut_windows(wave, sr, read_start, starts, size)
+            calls = spec["model_windows"]
             with torch.inference_mode():
-                probs = np.concatenate([model(torch.from_numpy(pieces[i:i + s["batch_size"]])).numpy()
-                                        for i in range(0, len(pieces), s["batch_size"])])
+                probs = np.concatenate([model(torch.from_numpy(pieces[i:i + calls])).numpy()
+                                        for i in range(0, len(pieces), calls)])
             rows += [{"file": path, "start": float(st), "end": float(min(st + s["window_seconds"], duration)),
                       "probs": p} for st, p in zip(starts, probs, strict=True)]
             if s["onset_detection"]:
