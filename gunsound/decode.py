@@ -172,18 +172,67 @@ _UNKNOWN_LENGTH = 0x7FFF0000
 _SLOPPY_BYTES = 64
 
 
-def truncation(log: str) -> str:
-    """Why libsndfile's log (SoundFile.extra_info) shows a file cut short, or ""."""
+def truncation(log: str, fmt: str = "", frames: int = 0, channels: int = 1, subtype: str = "",
+               header: bytes = b"") -> str:
+    """Why libsndfile's log (SoundFile.extra_info) and, for NIST, the file's first bytes (`header`) show a file
+    of `frames` frames cut short, or "". Where a format's header claims a length, libsndfile takes the frames
+    the file holds and notes the claim, or says nothing of it: each such claim is compared here. IRCAM, PAF
+    and PVF headers state no length, so only a cut inside a frame shows there."""
     for name, claimed, holds in _SHOULD_BE.findall(log):
         if int(holds) + _SLOPPY_BYTES < int(claimed) < _UNKNOWN_LENGTH:
             return f"truncated: the header claims {claimed} bytes of audio ({name}) and the file holds {holds}"
     cut = _CUT_SHORT.search(log)
-    return f"truncated: {cut.group(0).strip()}" if cut else ""
+    if cut:
+        return f"truncated: {cut.group(0).strip()}"
+    claimed = _claimed_frames(log, fmt, header)
+    if claimed is not None and frames + _SLOPPY_FRAMES < claimed:
+        return f"truncated: the header claims {claimed} frames and the file holds {frames}"
+    length, width = re.search(r"^Length\s*:\s*(\d+)", log, re.MULTILINE), _SAMPLE_BYTES.get(subtype)
+    offset = _DATA_OFFSET.get(fmt) or (int(m.group(1)) if (m := re.search(r"Data Offset\s*:\s*(\d+)", log)) else 0)
+    if fmt in _DATA_OFFSET and length and width and (int(length.group(1)) - offset) % (width * channels):
+        return f"truncated: the file ends inside a frame ({int(length.group(1)) - offset} bytes of audio)"
+    return ""
 
 
-def _check_whole(path: str, f: sf.SoundFile) -> None:
+# Headers with no length: where their audio starts (PVF's log gives it).
+_DATA_OFFSET = {"IRCAM": 1024, "PAF": 2048, "PVF": 0}
+_SAMPLE_BYTES = {"PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8,
+                 "ULAW": 1, "ALAW": 1}
+_SLOPPY_FRAMES = 16
+
+
+def _claimed_frames(log: str, fmt: str, header: bytes) -> int | None:
+    """The frame count a header claims where libsndfile reads the length from the file's size instead."""
+    if fmt == "RF64" and (m := re.search(r"frame count \d+ does not match value from 'ds64' chunk of (\d+)", log)):
+        return int(m.group(1))
+    if fmt == "W64":  # its data chunk's size counts the chunk's own 24-byte header
+        size, align = re.search(r"^data\s*:\s*(\d+)\s*$", log, re.MULTILINE), re.search(r"Block Align\s*:\s*(\d+)", log)
+        if size and align and int(align.group(1)) and int(size.group(1)) < _UNKNOWN_LENGTH:
+            return (int(size.group(1)) - 24) // int(align.group(1))
+    if fmt == "AVR" and (m := re.search(r"^\s*Frames\s*:\s*(\d+)", log, re.MULTILINE)):
+        return int(m.group(1))
+    if fmt == "NIST" and (m := re.search(rb"sample_count\s+-i\s+(\d+)", header)):
+        return int(m.group(1))
+    return None
+
+
+def _first_bytes(handle: str | BinaryIO, count: int = 1024) -> bytes:
+    """A file's first `count` bytes, its position left where it was."""
+    if isinstance(handle, str):
+        with open(handle, "rb") as f:
+            return f.read(count)
+    at = handle.tell()
+    try:
+        handle.seek(0)
+        return handle.read(count) or b""
+    finally:
+        handle.seek(at)
+
+
+def _check_whole(path: str, f: sf.SoundFile, handle: str | BinaryIO) -> None:
     check_header(path, f.samplerate, f.channels, f.frames)
-    cut = truncation(f.extra_info)
+    cut = truncation(f.extra_info, f.format, f.frames, f.channels, f.subtype,
+                     _first_bytes(handle) if f.format == "NIST" else b"")
     if cut:
         raise AudioError(path, cut)
 
@@ -203,6 +252,7 @@ def info(path: str, source: Source | bytes | None = None) -> AudioInfo:
                 frames = sum(len(b) for b in f.blocks(_block_frames(f.channels), dtype="float32", always_2d=True))
             result = AudioInfo(path, f.samplerate, int(frames), f.channels, f.format, f.subtype)
             log = f.extra_info
+            header = _first_bytes(handle) if f.format == "NIST" else b""
         if guard is not None:
             guard.raise_failure(path, "unreadable audio")
     except AudioError:
@@ -212,7 +262,7 @@ def info(path: str, source: Source | bytes | None = None) -> AudioInfo:
             guard.raise_failure(path, "unreadable audio")
         raise AudioError(path, f"unreadable audio: {_reason(exc)}") from exc
     check_header(path, result.sample_rate, result.channels, result.frames)
-    cut = truncation(log)
+    cut = truncation(log, result.format, result.frames, result.channels, result.subtype, header)
     if cut:
         raise AudioError(path, cut)
     return result
@@ -315,7 +365,7 @@ def read(
         with sf.SoundFile(handle) as f:
             if guard is not None:  # a failed read while opening: that, not what libsndfile made of it
                 guard.raise_failure(path, "cannot decode audio")
-            _check_whole(path, f)
+            _check_whole(path, f, handle)
             sr, total = f.samplerate, f.frames
             first = max(0, int(round(start * sr)))
             wanted = None if duration is None else max(0, int(round(duration * sr)))

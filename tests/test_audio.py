@@ -240,6 +240,43 @@ def test_truncated_files_are_errors_in_every_format(tmp_path, fmt, subtype):
         audio.read(str(path))  # an MP3's header holds a frame count, not a byte count: found on decoding
 
 
+# Formats whose length libsndfile takes from the file's size, noting the header's claim (RF64, AVR), leaving it
+# in the log (W64) or out of it (NIST); and IRCAM, PAF and PVF, whose headers state no length.
+LENGTH_FROM_SIZE = ["RF64", "W64", "NIST", "AVR", "IRCAM", "PAF", "PVF"]
+
+
+@pytest.mark.parametrize(("fmt", "channels", "subtype"), [
+    (fmt, channels, subtype) for fmt in LENGTH_FROM_SIZE for channels, subtype in [(2, "PCM_16"), (1, "PCM_24"),
+                                                                                     (1, "PCM_32"), (3, "FLOAT")]
+    if sf.check_format(fmt, subtype)])
+def test_whole_files_of_formats_that_take_their_length_from_the_file_read_whole(tmp_path, fmt, channels, subtype):
+    path = tmp_path / f"whole.{fmt.lower()}"
+    sf.write(path, tone(16000, 3.0, channels=channels), 16000, format=fmt, subtype=subtype)
+    assert audio.info(str(path)).frames == 48000
+    assert len(audio.read(str(path))[0]) == 48000
+
+
+@pytest.mark.parametrize("fmt", LENGTH_FROM_SIZE)
+def test_cut_files_of_formats_that_take_their_length_from_the_file_are_truncated_errors(tmp_path, fmt):
+    out = io.BytesIO()
+    sf.write(out, tone(16000, 5.0, channels=2), 16000, format=fmt, subtype="PCM_16")
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(out.getvalue()[: len(out.getvalue()) * 6 // 10 | 1])  # odd: inside a 4-byte frame
+    for call in (audio.info, audio.read):
+        with pytest.raises(audio.AudioError, match=r"cut\.\w+: truncated"):
+            call(str(path))
+
+
+def test_a_cut_nist_file_read_from_an_open_stream_is_a_truncated_error(tmp_path):
+    out = io.BytesIO()
+    sf.write(out, tone(16000, 5.0), 16000, format="NIST", subtype="PCM_16")
+    cut = io.BytesIO(out.getvalue()[: len(out.getvalue()) // 2])
+    for call in (decode.info, decode.read):
+        cut.seek(0)
+        with pytest.raises(audio.AudioError, match=r"clip\.nist: truncated: the header claims 80000 frames"):
+            call("clip.nist", source=cut)
+
+
 def test_every_extension_libsndfile_reads_is_listed():
     assert {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".opus", ".caf", ".w64"} <= set(
         audio.AUDIO_EXTENSIONS)
