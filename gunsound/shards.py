@@ -282,16 +282,18 @@ def write_summary(output: str, scope: InputScope, *, skipped: int, started: floa
     """summary.json over the committed files of this input (`scope`; entries skipped as not audio are not
     files) (`started`: the job's time.perf_counter()), with the model and the settings that made them."""
     done = _read_parts(_parts(output, "files"))
-    events = _read_parts(_parts(output, "events"))
     if len(done):
         ours = scope.contains(pa.array(done["file"].astype(str), pa.string())).to_numpy(zero_copy_only=False)
         done = done[ours & (done["status"] != "skipped").to_numpy()]
     else:
-        done = pd.DataFrame({"file": [], "status": [], "duration": []})
+        done = pd.DataFrame({"file": [], "status": [], "duration": [], "shots": []})
     wall = time.perf_counter() - started
-    audio_s = float(done.loc[done["status"] == "ok", "duration"].sum())
-    summary = ScoreSummary(len(done), int((done["status"] == "ok").sum()), int((done["status"] != "ok").sum()),
-                           audio_s / 3600, len(events), wall, audio_s / max(wall, 1e-9), skipped, output,
+    ok = done["status"] == "ok"
+    audio_s = float(done.loc[ok, "duration"].sum())
+    # The shots of this input's files (their files/ rows count them): OUTPUT may also hold another input's.
+    shots = int(done.loc[ok, "shots"].sum())
+    summary = ScoreSummary(len(done), int(ok.sum()), int((~ok).sum()),
+                           audio_s / 3600, shots, wall, audio_s / max(wall, 1e-9), skipped, output,
                            model_seconds, scorer_actors, devices, retried, model or {}, settings or {},
                            scorers or [], skipped_entries, calls_per_actor)
     storage.write_text(storage.join(output, "summary.json"), json.dumps(asdict(summary), indent=1))

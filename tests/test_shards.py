@@ -131,3 +131,23 @@ def test_a_rerun_takes_the_error_rows_of_its_input_out_to_score_them_again(tmp_p
     committer.finish()
     files = pd.read_parquet(tmp_path / "files").set_index("file")
     assert sorted(files.index) == ["a.wav", "bad.wav", "other.wav"] and files.loc["bad.wav", "status"] == "ok"
+
+
+def test_the_summary_counts_the_shots_of_this_inputs_files_only(tmp_path):
+    """Two inputs scored into one OUTPUT: the second run's summary counts its own files' shots, not the
+    first input's rows beside them."""
+    from gunsound.shards import InputScope, write_summary
+
+    (tmp_path / "files").mkdir()
+    (tmp_path / "events").mkdir()
+    rows = [("/a/1.wav", "ok", 3), ("/a/2.wav", "ok", 4), ("/b/1.wav", "ok", 2), ("/b/2.wav", "error", 0)]
+    for k, (file, status, shots) in enumerate(rows):
+        pd.DataFrame({"file": [file], "status": [status], "duration": [5.0], "shots": [shots]}).to_parquet(
+            tmp_path / "files" / f"shard-{k:05d}.parquet")
+        pd.DataFrame({"file": [file] * shots, "time": np.arange(shots, dtype=float)}).to_parquet(
+            tmp_path / "events" / f"shard-{k:05d}.parquet")
+    summary = write_summary(str(tmp_path), InputScope(folder="/b"), skipped=0, started=0.0, model_seconds=0.0,
+                            scorer_actors=1, devices=["cpu"])
+    assert (summary.files, summary.files_ok, summary.errors, summary.events) == (2, 1, 1, 2)
+    assert write_summary(str(tmp_path), InputScope(files=frozenset({"/a/1.wav", "/a/2.wav"})), skipped=0,
+                         started=0.0, model_seconds=0.0, scorer_actors=1, devices=["cpu"]).events == 7
