@@ -444,8 +444,11 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
         # A run of fewer shards than scorers (a few long files) plans each shard in several units (at most 8),
         # each keeping its share of the read groups, so a long file is scored by every actor; a larger archive
         # keeps its scorers busy with whole shards. Either way each header is read once: by the driver where
-        # it sized the pool from the files' chunks (a small run), else by the shard's planner.
+        # it sized the pool from the files' chunks (a small run) or where a shard has several units (so that
+        # they plan from the same headers), else by the shard's planner.
         parts = _planning_parts(pool, listed.shards)
+        if parts > 1 and not known:  # every unit of a shard plans from the same headers, read once
+            known = read_headers(held)
         held_units = [_unit_block([(k, j, parts, paths, json.dumps({p: known[p] for p in paths}) if known else "")])
                       for k, paths in enumerate(listed.held) for j in range(parts)]
         ds = ray.data.from_arrow_refs(held_units + listed.blocks)

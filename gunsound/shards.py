@@ -124,6 +124,7 @@ class ShardCommitter:
         self.summary = {"window_seconds": window_seconds, "method": method, "threshold": threshold}
         self.open: dict[int, _OpenShard] = {}
         self.committed: set[int] = set()
+        self.disagreeing: dict[int, set[int]] = {}  # shards whose rows named different row counts: never committed
         self.peak_open = 0  # most shards held at once (the driver's state)
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
@@ -133,7 +134,14 @@ class ShardCommitter:
             if k in self.committed:  # delivered again after its shard was written
                 continue
             take = np.flatnonzero(shard_ids == k)
-            state = self.open.setdefault(k, _OpenShard(int(rows["shard_rows"][take[0]])))
+            counts = {int(c) for c in np.asarray(rows["shard_rows"])[take]}
+            state = self.open.setdefault(k, _OpenShard(min(counts)))
+            # Units of one shard planned from different headers (a file that changed or failed to read in
+            # between) would commit a file with windows missing: the shard stays uncommitted instead.
+            if k in self.disagreeing or counts != {state.expected}:
+                self.disagreeing.setdefault(k, {state.expected}).update(counts)
+                self.open.pop(k, None)
+                continue
             self.peak_open = max(self.peak_open, len(self.open))
             fresh = []
             for i in take:
@@ -153,9 +161,11 @@ class ShardCommitter:
         missing = sorted(set(range(self.shards)) - self.committed)
         if missing:
             lost = sum(self.open[k].expected - len(self.open[k].seen) for k in missing if k in self.open)
+            disagreeing = "".join(f"; shard {k} was planned as {sorted(n)} rows by its units (its files' headers "
+                                  "read differently: changed or failed files?)" for k, n in self.disagreeing.items())
             raise RuntimeError(f"scoring ended with shard(s) {missing[:20]}{' ...' if len(missing) > 20 else ''} "
-                               f"incomplete ({lost} row(s) missing in the shards that started); their files were "
-                               "not committed and a rerun will score them")
+                               f"incomplete ({lost} row(s) missing in the shards that started{disagreeing}); "
+                               "their files were not committed and a rerun will score them")
 
     def _commit(self, k: int, state: _OpenShard) -> None:
         columns = {c: np.concatenate([part[c] for part in state.parts]) for c in (*WINDOW_COLUMNS, "duration")}

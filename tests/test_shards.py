@@ -133,6 +133,23 @@ def test_a_rerun_takes_the_error_rows_of_its_input_out_to_score_them_again(tmp_p
     assert sorted(files.index) == ["a.wav", "bad.wav", "other.wav"] and files.loc["bad.wav", "status"] == "ok"
 
 
+@pytest.mark.parametrize("order", [[2, 0, 3, 1], [2, 3, 0, 1], [0, 2, 1, 3]])
+def test_a_shard_whose_units_planned_different_rows_is_never_committed(tmp_path, order):
+    """Two units of one shard that read c.wav's header differently (the file changed in between): one planned
+    its 4 windows (a shard of 6 rows), the other 2 (4 rows). Committing when 4 rows were in would keep c.wav
+    with 2 windows; the shard stays out, and finish() says why. (The driver now gives a shard's units the
+    headers it read, so they agree; this is what a disagreement would still meet, once seen.)"""
+    chunks = {f: _chunks(f, d, 2.0, 4.0) for f, d in (("b.wav", 4.0), ("c.wav", 8.0))}
+    committer = _committer(str(tmp_path / "out"), 1)
+    batches = [_rows("b.wav", chunks["b.wav"][0], [0, 1], 0, 4), _rows("c.wav", chunks["c.wav"][0], [0, 1], 0, 4),
+               _rows("c.wav", chunks["c.wav"][0], [0, 1], 0, 6), _rows("c.wav", chunks["c.wav"][1], [2, 3], 0, 6)]
+    for k in order:
+        committer.add(batches[k])
+    assert not (tmp_path / "out" / "files").exists()
+    with pytest.raises(RuntimeError, match=r"shard 0 was planned as \[4, 6\] rows by its units"):
+        committer.finish()
+
+
 def test_the_summary_counts_the_shots_of_this_inputs_files_only(tmp_path):
     """Two inputs scored into one OUTPUT: the second run's summary counts its own files' shots, not the
     first input's rows beside them."""
