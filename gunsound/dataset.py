@@ -83,12 +83,18 @@ def _existing_suffix(root: str, configured: str) -> str | None:
     return None
 
 
+def is_system_entry(name: str) -> bool:
+    """A name that an operating system or a tool adds, not the user's data: macOS Finder's `__MACOSX/` folder
+    and `._NAME` resource forks in every zip it makes, `.DS_Store`, and other hidden (dot) names."""
+    return name == "__MACOSX" or name.startswith(".")
+
+
 def _zip_root(archive: str) -> str:
     """A zip's root folder, read in place (so every node of a cluster reads the same archive); a zip that
     holds one folder and nothing else (as zipping a folder makes) is entered."""
     root = storage.zip_location(archive)
     fs, path = storage.resolve(root)
-    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    entries = [e for e in fs.get_file_info(pafs.FileSelector(path, recursive=False)) if not is_system_entry(e.base_name)]
     if len(entries) == 1 and entries[0].type == pafs.FileType.Directory:
         root = storage.join(root, entries[0].base_name)
     log.info("reading %s in place as %s", archive, root)
@@ -148,7 +154,7 @@ def _folder_per_class_frame(root: str) -> pd.DataFrame:
     for uri in files:
         rel = storage.relative(uri, root)
         parts = rel.split("/")
-        if len(parts) < 2:
+        if len(parts) < 2 or any(is_system_entry(part) for part in parts):
             continue
         if not rel.lower().endswith(audio.AUDIO_EXTENSIONS):
             left_out.append(rel)

@@ -1,4 +1,5 @@
 import shutil
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -47,7 +48,10 @@ def test_zip_of_the_layout_is_read_in_place(cfg, synth_dir, tmp_path, monkeypatc
     np.testing.assert_array_equal(window, original[start:start + len(window)])
 
 
-def test_folder_per_class_zip_with_one_top_folder(cfg, tmp_path):
+@pytest.mark.parametrize("made_by", ["zip", "macOS Finder"])
+def test_folder_per_class_zip_with_one_top_folder(cfg, tmp_path, made_by):
+    """Finder's Compress adds `__MACOSX/` beside the top folder, `._NAME` resource forks and `.DS_Store`: they
+    are not data (with them counted, the top folder became the one class)."""
     rng = np.random.default_rng(0)
     root = tmp_path / "gunshot audio"
     for cls in ("AK-12", "IMI Desert Eagle"):
@@ -55,6 +59,12 @@ def test_folder_per_class_zip_with_one_top_folder(cfg, tmp_path):
         for i in range(2):
             sf.write(root / cls / f"{i}.wav", rng.normal(0, 0.1, 4800), 48000)
     archive = zip_folder(root, tmp_path / "gunshot audio.zip", prefix="gunshot audio/")
+    if made_by == "macOS Finder":
+        with zipfile.ZipFile(archive, "a") as zf:
+            zf.writestr("gunshot audio/.DS_Store", b"\0\0\0\1Bud1")
+            zf.writestr("gunshot audio/AK-12/._0.wav", b"\0\5\26\7 resource fork")
+            for member in ("__MACOSX/gunshot audio/._AK-12", "__MACOSX/gunshot audio/AK-12/._0.wav"):
+                zf.writestr(member, b"\0\5\26\7 resource fork")
     manifest = load_manifest(cfg, str(archive))
     assert manifest.classes == ["AK-12", "IMI Desert Eagle"]
     assert sorted(manifest.frame["rel_path"]) == ["AK-12/0.wav", "AK-12/1.wav",
