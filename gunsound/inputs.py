@@ -147,4 +147,4 @@ def entry_reason(uri: str, info: pafs.FileInfo) -> str | None:
         if uri.lower().endswith(audio.AUDIO_EXTENSIONS):
             return "a folder named like an audio file (the files in it are listed on their own)"
         return None
-    return "not a readable file (a broken link?)"
+    return getattr(info, "reason", "") or "not a readable file (a broken link?)"

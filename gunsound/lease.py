@@ -25,7 +25,6 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlparse
 
 import psutil
 
@@ -137,8 +136,7 @@ class _LocalLease:
 
 class _S3Lease:
     def __init__(self, folder: str):
-        parsed = urlparse(storage.join(folder, LEASE_FILE))
-        self.bucket, self.key = parsed.netloc, parsed.path.lstrip("/")
+        self.bucket, self.key = storage.split_s3(storage.join(folder, LEASE_FILE))
         self.client = storage.s3_client()
 
     @staticmethod

@@ -78,6 +78,13 @@ def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
+def split_s3(uri: str) -> tuple[str, str]:
+    """(bucket, key) of an s3:// URI, split as text: the bucket up to the first "/", the key the rest as it is.
+    A key is opaque, and urlparse would cut it at a "#" (a fragment) or a "?" (a query) that S3 keeps."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
 ZIP_SCHEME = "zip://"
 
 
@@ -328,8 +335,8 @@ def s3_client(settings: S3Settings | None = None):
 
 def _resolve_plain(uri: str, settings: S3Settings) -> tuple[pafs.FileSystem, str]:
     if is_s3(uri):
-        parsed = urlparse(uri)
-        return s3_filesystem(settings), f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+        bucket, key = split_s3(uri)
+        return s3_filesystem(settings), f"{bucket}/{key}".rstrip("/")
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
 
 
@@ -409,8 +416,9 @@ def entry_pages(uri: str, recursive: bool = True,
     """Everything under a folder (files, folders, broken links) as (URI of the same kind as `uri`, info), a page
     at a time, so that a listing of millions of entries is never held whole: on S3 a page is one ListObjectsV2
     request (keys in S3's order, folders inferred from the keys as Arrow infers them); a local folder is walked
-    a folder at a time, each folder's entries sorted; a zip's directory, read whole anyway, is paged. Nothing
-    under `uri`: no pages."""
+    a folder at a time, each folder's entries sorted, and a link to a folder the listing holds anyway is
+    reported (a SkippedEntry) but not entered (see `_listed_already`); a zip's directory, read whole anyway, is
+    paged. Nothing under `uri`: no pages."""
     page_entries = page_entries or LIST_PAGE_ENTRIES
     if is_s3(uri):
         yield from _s3_pages(uri, recursive, page_entries)
@@ -424,15 +432,20 @@ def entry_pages(uri: str, recursive: bool = True,
         return
     page: list[tuple[str, pafs.FileInfo]] = []
     folders = [root]
+    real_root, root_key = os.path.realpath(root), _folder_key(root)
+    listed = {root_key} if root_key else set()
     while folders:
         folder = folders.pop()
         infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))
         infos += _broken_links(folder, {info.path for info in infos})
         below = []
         for info in sorted(infos, key=lambda info: info.path):
-            page.append((join(uri, os.path.relpath(info.path, root)), info))
             if recursive and info.type == pafs.FileType.Directory:
-                below.append(info.path)
+                if reason := _listed_already(info.path, folder, real_root, listed):
+                    info = SkippedEntry(info.path, reason)
+                else:
+                    below.append(info.path)
+            page.append((join(uri, os.path.relpath(info.path, root)), info))
             if len(page) >= page_entries:
                 yield page
                 page = []
@@ -441,9 +454,52 @@ def entry_pages(uri: str, recursive: bool = True,
         yield page
 
 
+class SkippedEntry(pafs.FileInfo):
+    """An entry that a listing reports but does not enter, with the reason (Arrow's FileInfo has no field for
+    one); its type is Unknown, so it is neither a file nor a folder to readers that only look at the type."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, pafs.FileType.Unknown)
+        self.reason = reason
+
+
+def _folder_key(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the folder a path leads to, links followed; None where it cannot be read."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _listed_already(path: str, folder: str, real_root: str, listed: set[tuple[int, int]]) -> str:
+    """Why the folder `path` (an entry of `folder`) is not entered in the listing of the root whose real path is
+    `real_root`; "" to enter it, its key then added to `listed` (the folders entered so far). A link whose
+    target is listed anyway (under its own name, below the root) or holds the link is not entered: a link to
+    "." or ".." would list the same files again without end. A link to a folder outside the root is entered,
+    once."""
+    key = _folder_key(path)
+    link = os.path.islink(path)
+    if key in listed:
+        return "a link to a folder already listed" if link else "a folder already listed under another name"
+    if link:
+        target = os.path.realpath(path)
+        if _within(target, real_root):
+            return "a link to a folder already listed"
+        if _within(os.path.realpath(folder), target):
+            return "a link to a folder above it (a loop)"
+    if key is not None:
+        listed.add(key)
+    return ""
+
+
 def _s3_pages(uri: str, recursive: bool, page_entries: int) -> Iterator[list[tuple[str, pafs.FileInfo]]]:
-    parsed = urlparse(uri)
-    bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    bucket, prefix = split_s3(uri)
+    prefix = prefix.rstrip("/")
     prefix = f"{prefix}/" if prefix else ""
     client = s3_client()
     request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_entries}

@@ -122,6 +122,17 @@ def test_the_lease_on_s3_is_a_conditional_put(s3_out):
         assert holder()["pid"] == os.getpid()
 
 
+def test_the_lease_of_an_s3_output_whose_name_holds_a_hash_is_its_own(s3_out):
+    """S3 keys are opaque: the lease of `run#2` is `run#2/lease.json`, not `run`'s (a URL parser cut the name
+    at the "#" as a fragment)."""
+    client, out = s3_out
+    with OutputLease(out + "#2", "gunsound score"):
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket="gunsound-leases")["Contents"]]
+        assert keys == ["run#2/lease.json"]
+        with OutputLease(out, "gunsound score"):  # another output: not held
+            pass
+
+
 def test_an_output_is_claimed_by_its_fingerprint_and_overwrite_removes_only_gunsound_outputs(s3_out):
     client, out = s3_out
     for name in ("files/part-1.parquet", "summary.json", "notes/mine.txt", "filesystem.txt"):
