@@ -142,10 +142,7 @@ def locate(cfg: DatasetConfig, data: str | None) -> DatasetLocation:
 
 
 def read_dataframe(uri: str) -> pd.DataFrame:
-    with storage.open_input(uri) as f:
-        if uri.lower().endswith(".csv"):
-            return pd.read_csv(f, dtype=str, keep_default_na=False)
-        return pd.read_parquet(f)
+    return storage.read_table(uri, keep_blank_lines=False)
 
 
 def _folder_per_class_frame(root: str) -> pd.DataFrame:

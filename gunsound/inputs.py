@@ -56,11 +56,10 @@ def _manifest_location(base: str, text: str) -> str:
 
 
 def _manifest_inputs(location: str, allow_outside: bool) -> Inputs:
-    with storage.open_input(location) as f:
-        if location.lower().endswith(".csv"):  # as text (NA and 0012 are names), a blank line an empty row
-            frame = pd.read_csv(f, dtype=str, keep_default_na=False, skip_blank_lines=False)
-        else:
-            frame = pd.read_parquet(f)
+    try:
+        frame = storage.read_table(location)  # a blank line is an empty row: reported as one
+    except ValueError as exc:
+        raise InputManifestError(str(exc)) from exc
     if "path" not in frame.columns:
         raise InputManifestError(f"{location}: a scoring manifest needs a 'path' column; its columns are "
                                  f"{list(frame.columns)}")

@@ -38,8 +38,18 @@ def _parts(output: str, table: str) -> list[str]:
     return [u for u in storage.list_files(folder) if u.endswith(".parquet")] if storage.exists(folder) else []
 
 
+def _read_part(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One committed part; one that is cut or not Parquet (a partial copy or sync) names itself and the way
+    out, rather than failing every rerun with pyarrow's '<Buffer>'."""
+    try:
+        return storage.read_arrow_table(uri, columns)
+    except ValueError as exc:
+        raise ValueError(f"{exc}: a part of an earlier run that cannot be read; remove it (its files are then "
+                         "scored again) or rerun with --overwrite") from exc
+
+
 def _read_parts(uris: list[str]) -> pd.DataFrame:
-    frames = [storage.read_parquet(u) for u in uris]
+    frames = [_read_part(u).to_pandas() for u in uris]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -85,7 +95,7 @@ def resume(output: str, scope: InputScope | list[str]) -> Resume:
     done: set[str] = set()
     retried: set[str] = set()
     for uri in _parts(output, "files"):
-        part = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["file", "status"])
+        part = _read_part(uri, columns=["file", "status"])
         retry = pc.and_(pc.equal(part["status"], "error"), scope.contains(part["file"]))
         retried.update(part.filter(retry)["file"].to_pylist())
         done.update(part.filter(pc.invert(retry))["file"].to_pylist())
@@ -99,7 +109,7 @@ def take_out_errors(output: str, files: set[str]) -> None:
         return
     scope = InputScope(files=frozenset(files))
     for uri in _parts(output, "files"):
-        part = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        part = _read_part(uri)
         retry = pc.and_(pc.equal(part["status"], "error"), scope.contains(part["file"]))
         if pc.any(retry).as_py():
             buffer = io.BytesIO()

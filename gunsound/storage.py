@@ -630,10 +630,47 @@ def write_parquet(frame, uri: str, schema=None) -> None:
     write_bytes(uri, buffer.getvalue())
 
 
-def read_parquet(uri: str):
+def read_arrow_table(uri: str, columns: list[str] | None = None):
+    """A Parquet file as a pyarrow Table (`columns`: those only). A file that is not readable Parquet, or lacks
+    a column, is a ValueError naming it; a failed read stays an OSError (see `refusal`)."""
+    import pyarrow.parquet as pq
+
+    data = read_bytes(uri)
+    try:
+        return pq.read_table(io.BytesIO(data), columns=columns)
+    except Exception as exc:
+        raise refusal(uri, exc, f"not a readable Parquet file{' with columns ' + str(columns) if columns else ''}") \
+            from exc
+
+
+def read_parquet(uri: str, columns: list[str] | None = None):
+    """A Parquet file as a pandas DataFrame; errors as `read_arrow_table`'s."""
+    return read_arrow_table(uri, columns).to_pandas()
+
+
+def read_table(uri: str, *, keep_blank_lines: bool = True):
+    """A CSV (every cell as text: NA and 0012 are names; with `keep_blank_lines` a blank line is an empty row)
+    or Parquet table as a pandas DataFrame. A file that cannot be parsed is a ValueError naming it and saying
+    what it is not (pandas and pyarrow name neither), a failed read an OSError."""
     import pandas as pd
 
-    return pd.read_parquet(io.BytesIO(read_bytes(uri)))
+    data = read_bytes(uri)
+    if not uri.lower().endswith(".csv"):
+        try:
+            return pd.read_parquet(io.BytesIO(data))
+        except Exception as exc:
+            raise refusal(uri, exc, "not a readable Parquet table") from exc
+    try:
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, skip_blank_lines=not keep_blank_lines)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{uri}: not a readable CSV table: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         "save it as UTF-8") from exc
+    except pd.errors.EmptyDataError as exc:
+        raise ValueError(f"{uri}: not a readable CSV table: it is empty (no header row)") from exc
+    except pd.errors.ParserError as exc:  # its text names the line; the file is ours to name
+        raise ValueError(f"{uri}: not a readable CSV table: {' '.join(str(exc).split())}") from exc
+    except Exception as exc:
+        raise refusal(uri, exc, "not a readable CSV table") from exc
 
 
 def _check_writable(uri: str) -> None:

@@ -1,5 +1,7 @@
 """Shard commits: a shard is written once all of its windows are in, in any order, each window once."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -102,6 +104,26 @@ def test_a_read_error_in_any_chunk_makes_the_file_an_error_row_without_windows(t
     row = pd.read_parquet(tmp_path / "files").iloc[0]
     assert row["status"] == "error" and row["error"] == "decode failed: a.wav: truncated: 3 of 4 s"
     assert len(pd.read_parquet(tmp_path / "windows")) == 0 and len(pd.read_parquet(tmp_path / "events")) == 0
+
+
+@pytest.mark.parametrize("read", ["resume", "take_out_errors", "summary"])
+def test_a_committed_part_cut_short_names_itself_and_the_way_out(tmp_path, read):
+    """A files/ part cut by a partial copy or sync: every rerun failed with pyarrow's '<Buffer>', naming no
+    part among thousands."""
+    from gunsound.shards import InputScope, write_summary
+
+    chunks = _chunks("a.wav", 2.0, 2.0, 60.0)
+    committer = _committer(str(tmp_path), 1)
+    committer.add(_join(_rows("a.wav", chunks[0], [0], 0, 2), _marker("bad.wav", "unreadable: not audio", 0, 2)))
+    committer.finish()
+    (part,) = (tmp_path / "files").glob("*.parquet")
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    calls = {"resume": lambda: resume(str(tmp_path), ["a.wav"]),
+             "take_out_errors": lambda: take_out_errors(str(tmp_path), {"bad.wav"}),
+             "summary": lambda: write_summary(str(tmp_path), InputScope(files=frozenset({"a.wav"})), skipped=0,
+                                              started=0.0, model_seconds=0.0, scorer_actors=1, devices=["cpu"])}
+    with pytest.raises(ValueError, match=re.escape(str(part)) + r": not a readable Parquet file.* remove it .*--overwrite"):
+        calls[read]()
 
 
 def test_a_rerun_takes_the_error_rows_of_its_input_out_to_score_them_again(tmp_path):

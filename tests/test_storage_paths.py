@@ -7,11 +7,13 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import re
 import zipfile
 from pathlib import Path
 
 import boto3
 import numpy as np
+import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 import soundfile as sf
@@ -153,3 +155,31 @@ def test_a_local_listing_that_is_not_recursive_reports_links_to_folders_as_folde
     entries = [(Path(uri).name, info.type) for page in storage.entry_pages(str(tmp_path), recursive=False)
                for uri, info in page]
     assert entries == [("a.wav", pafs.FileType.File), ("self", pafs.FileType.Directory)]
+
+
+BAD_TABLES = {  # name: (bytes, what the error says)
+    "ragged.csv": (b"path,label\na.wav,x\nb.wav,x,extra\n", "Expected 2 fields in line 3, saw 3"),
+    "utf16.csv": ("path\na.wav\n".encode("utf-16"), "not UTF-8 text"),
+    "empty.csv": (b"", "it is empty"),
+    "cut.parquet": (None, "Parquet table (ArrowInvalid"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_TABLES))
+def test_a_table_that_cannot_be_parsed_is_named_by_every_reader(tmp_path, name):
+    """A scoring manifest, a training dataframe and storage's own reader all name the file (pandas and pyarrow
+    name a line, or '<Buffer>')."""
+    from gunsound.dataset import read_dataframe
+    from gunsound.inputs import InputManifestError
+
+    data, says = BAD_TABLES[name]
+    if data is None:
+        whole = io.BytesIO()
+        pd.DataFrame({"path": ["a.wav"] * 50}).to_parquet(whole)
+        data = whole.getvalue()[: len(whole.getvalue()) // 2]
+    path = tmp_path / name
+    path.write_bytes(data)
+    for read, error in ((storage.read_table, ValueError), (read_dataframe, ValueError),
+                        (list_inputs, InputManifestError)):
+        with pytest.raises(error, match=re.escape(f"{path}: not a readable") + ".*" + re.escape(says)):
+            read(str(path))
