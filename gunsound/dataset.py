@@ -226,7 +226,12 @@ def load_manifest(cfg: Config, data: str | None = None, drop_bad_rows: bool = Fa
         if known is not None and label not in known:
             problems.append(Problem(i, rel, f"unknown label {label!r} (dataset.classes: {sorted(dcfg.classes)})"))
             continue
-        group = str(row[group_col]) if group_col else norm
+        group = row[group_col] if group_col else norm
+        if group is None or (pd.api.types.is_scalar(group) and pd.isna(group)) or not str(group).strip():
+            # str(NaN) would make every clip without a group one group, all on one side of every split
+            problems.append(Problem(i, rel, f"empty dataset.group_fold_column ({group_col!r}) value"))
+            continue
+        group = str(group)
         rows.append({"row": i, "rel_path": norm, "path": storage.join(loc.data_folder, *norm.split("/")),
                      "label": label, "group": group})
 

@@ -5,7 +5,7 @@ parameters."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -96,13 +96,50 @@ def prepare(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = Fa
     if resolved.dataset.validation_dataframe:
         manifest, folds = _with_validation_dataframe(resolved, manifest, data, drop_bad_rows)
         notes.append(f"note            validation from {resolved.dataset.validation_dataframe} (one split, fold 0)")
-        return TrainingPlan(resolved, manifest, folds, choice, params, output, [0], notes)
-    k = num_folds(resolved.dataset)
-    bad = [f for f in resolved.dataset.folds if f >= k]
-    if bad:
-        raise ConfigError(f"dataset.folds {bad}: validation_size {resolved.dataset.validation_size} gives folds 0..{k - 1}")
-    folds = assign_folds(manifest, resolved.dataset, resolved.environment.seed)
-    return TrainingPlan(resolved, manifest, folds, choice, params, output, list(resolved.dataset.folds), notes)
+        fold_ids = [0]
+    else:
+        k = num_folds(resolved.dataset)
+        bad = [f for f in resolved.dataset.folds if f >= k]
+        if bad:
+            raise ConfigError(f"dataset.folds {bad}: validation_size {resolved.dataset.validation_size} gives "
+                              f"folds 0..{k - 1}")
+        folds = assign_folds(manifest, resolved.dataset, resolved.environment.seed)
+        fold_ids = list(resolved.dataset.folds)
+    if resolved.dataset.data_sample < 1:
+        manifest, folds, note = _sampled(manifest, folds, fraction=resolved.dataset.data_sample,
+                                         sides=resolved.dataset.data_sample_choice,
+                                         split=bool(resolved.dataset.validation_dataframe),
+                                         seed=resolved.environment.seed)
+        notes.append(note)
+    return TrainingPlan(resolved, manifest, folds, choice, params, output, fold_ids, notes)
+
+
+def _sampled(manifest: Manifest, folds: np.ndarray, *, fraction: float, sides: list[str], split: bool,
+             seed: int) -> tuple[Manifest, np.ndarray, str]:
+    """`dataset.data_sample`: a share of the clips, drawn in each class (and side) alike, after the folds were
+    assigned on the whole dataset (so a sample's folds keep their groups apart). With a validation dataframe
+    the sides are its clips (Validation) and the training dataframe's (Train); with k folds every clip trains
+    in some folds and validates in its own, so only both sides together can be sampled."""
+    chosen = {side.lower() for side in sides}
+    if not chosen <= {"train", "validation"} or not chosen:
+        raise ConfigError(f"dataset.data_sample_choice {sides}: the sides are Train and Validation")
+    if not split and chosen != {"train", "validation"}:
+        raise ConfigError(f"dataset.data_sample_choice {sides}: with k folds every clip trains in some folds and "
+                          "validates in one, so gunsound samples clips for both: [Train, Validation] (or set a "
+                          "validation_dataframe to sample one side)")
+    side = np.where(folds < 0, "train", "validation")
+    frame = manifest.frame.assign(_side=side)
+    rng = np.random.default_rng(seed)
+    keep = np.ones(len(frame), dtype=bool)
+    for (_, name), rows in frame.groupby(["label", "_side"]).indices.items():
+        if name in chosen:
+            keep[rows] = False
+            keep[rng.choice(rows, max(1, int(round(fraction * len(rows)))), replace=False)] = True
+    frame = manifest.frame[keep].reset_index(drop=True)
+    note = (f"note            dataset.data_sample {fraction:g} of {' and '.join(sorted(chosen))}: "
+            f"{int(keep.sum())} of {len(keep)} clips")
+    log.info("%s", note.removeprefix("note").strip())
+    return replace(manifest, frame=frame), folds[keep], note
 
 
 def _with_validation_dataframe(cfg: Config, train: Manifest, data: str | None,

@@ -185,3 +185,45 @@ def test_fewer_groups_than_folds_is_a_clear_error(synth_dir, tmp_path):
     manifest = load_manifest(cfg, str(tmp_path / "data"))
     with pytest.raises(ValueError, match="5 folds .* need at least 5 groups of dataset.group_fold_column='package'"):
         assign_folds(manifest, cfg.dataset, seed=0)
+
+
+@pytest.mark.parametrize("empty", [None, ""])
+def test_a_clip_without_a_group_is_a_problem_row_not_one_big_group(synth_dir, tmp_path, empty):
+    """str(NaN) made every clip without a package one group 'nan', all on one side of every split."""
+    shutil.copytree(synth_dir, tmp_path / "data")
+    frame = pd.read_parquet(tmp_path / "data" / "train.pq")
+    frame["package"] = [f"pkg{i % 7}" if i % 2 else empty for i in range(len(frame))]
+    frame.to_parquet(tmp_path / "data" / "train.pq")
+    cfg = load_config(SEED_CONFIG, ["dataset.group_fold_column=package"])
+    with pytest.raises(ManifestError, match=r"row 0: .*empty dataset.group_fold_column \('package'\) value") as caught:
+        load_manifest(cfg, str(tmp_path / "data"))
+    assert len(caught.value.problems) == (len(frame) + 1) // 2
+    kept = load_manifest(cfg, str(tmp_path / "data"), drop_bad_rows=True)
+    assert len(kept.frame) == len(frame) // 2 and set(kept.frame["group"]) == {f"pkg{i}" for i in range(7)}
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5])
+def test_data_sample_keeps_that_share_of_each_class_on_the_full_datasets_folds(synth_dir, tmp_path, fraction):
+    from gunsound.plan import prepare
+
+    seeded = ["architecture.pretrained=false", "environment.seed=3"]
+    full = prepare(load_config(SEED_CONFIG, seeded), str(synth_dir), str(tmp_path / "a"))
+    cfg = load_config(SEED_CONFIG, [*seeded, f"dataset.data_sample={fraction}"])
+    sampled = prepare(cfg, str(synth_dir), str(tmp_path / "b"))
+    counts = sampled.manifest.frame["label"].value_counts()
+    assert (counts == full.manifest.frame["label"].value_counts().mul(fraction).round().clip(lower=1)).all()
+    fold_of = dict(zip(full.manifest.frame["row"], full.folds, strict=True))
+    assert [fold_of[r] for r in sampled.manifest.frame["row"]] == list(sampled.folds)  # the same folds
+    again = prepare(cfg, str(synth_dir), str(tmp_path / "c"))
+    assert list(again.manifest.frame["row"]) == list(sampled.manifest.frame["row"])  # one seed, one sample
+    assert any(f"dataset.data_sample {fraction:g}" in note for note in sampled.notes)
+
+
+def test_data_sample_of_one_side_needs_a_validation_dataframe(synth_dir, tmp_path):
+    from gunsound.config import ConfigError
+    from gunsound.plan import prepare
+
+    cfg = load_config(SEED_CONFIG, ["architecture.pretrained=false", "dataset.data_sample=0.5",
+                                    "dataset.data_sample_choice=[Train]"])
+    with pytest.raises(ConfigError, match=r"dataset.data_sample_choice \['Train'\]: with k folds"):
+        prepare(cfg, str(synth_dir), str(tmp_path / "out"))
