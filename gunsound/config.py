@@ -9,6 +9,7 @@ the file. Configuration is data: the code reads these objects, never the raw YAM
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -192,6 +193,7 @@ class Config:
 
 # Hydrogen Torch writes missing values as the string "None".
 _NONE_STRINGS = {"None", "none", "null", ""}
+_INT_STRING = re.compile(r"[+-]?[0-9]+")
 
 
 def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
@@ -227,8 +229,9 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
             fail("true or false")
         return value
     if annotation is int:
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)  # Hydrogen Torch quotes fold numbers: folds: ['4']
+        # Hydrogen Torch quotes fold numbers (folds: ['4']). ASCII digits only: str.isdigit() also takes '²'.
+        if isinstance(value, str) and _INT_STRING.fullmatch(value.strip()):
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             fail("an integer")
         return value
@@ -323,6 +326,34 @@ def check_logger_installed(lg: LoggingConfig, source: str) -> None:
                           f"{', '.join(missing)} package(s): {install}")
 
 
+def check_dataset_sources(ds: DatasetConfig, source: str) -> None:
+    """The dataframes a config names must be ones gunsound reads, and validation_strategy must say what
+    plan.prepare does (a validation_dataframe, whenever one is set, replaces the folds). Checked on the config a
+    user writes, not on a run's saved config.yaml, which earlier versions wrote unchecked and which must still
+    load for scoring and reports."""
+    for key, value in [("dataset.test_dataframe", ds.test_dataframe),
+                       ("dataset.unlabeled_dataframe", ds.unlabeled_dataframe)]:
+        if value is not None:
+            raise ConfigError(f"{source}: key '{key}' must be left out (None): gunsound does not use it "
+                              f"(got {value!r}); to score a test set, run `gunsound score`")
+    if ds.validation_strategy == "custom" and not ds.validation_dataframe:
+        raise ConfigError(f"{source}: key 'dataset.validation_strategy' is custom, which needs "
+                          "dataset.validation_dataframe (or use kfold: folds of validation_size)")
+    if ds.validation_strategy == "kfold" and ds.validation_dataframe:
+        raise ConfigError(f"{source}: key 'dataset.validation_dataframe' is set, which needs "
+                          "dataset.validation_strategy: custom (kfold splits the training data instead)")
+
+
+def _repeated(values: list[Any]) -> Any:
+    """The first value listed twice, or None."""
+    seen: set[Any] = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    return None
+
+
 def _validate(cfg: Config, source: str) -> None:
     checks = [
         ("training.epochs", cfg.training.epochs >= 1, "at least 1"),
@@ -343,6 +374,18 @@ def _validate(cfg: Config, source: str) -> None:
         ("prediction.probability_threshold", 0 <= cfg.prediction.probability_threshold <= 1, "in [0, 1]"),
         ("augmentation.mix_probability", 0 <= cfg.augmentation.mix_probability <= 1, "in [0, 1]"),
         ("environment.cpus_per_worker", cfg.environment.cpus_per_worker > 0, "positive"),
+        ("environment.workers_per_fold", cfg.environment.workers_per_fold is None or cfg.environment.workers_per_fold >= 1,
+         "at least 1 (or left out for one per GPU)"),
+        ("architecture.dropout", 0 <= cfg.architecture.dropout < 1, "in [0, 1)"),
+        ("augmentation.mix_concentration", cfg.augmentation.mix_concentration > 0, "positive"),
+        ("training.warmup_epochs", cfg.training.warmup_epochs >= 0, "at least 0"),
+        ("training.weight_decay", cfg.training.weight_decay >= 0, "at least 0"),
+        ("training.gradient_clip", cfg.training.gradient_clip >= 0, "at least 0 (0: no clipping)"),
+        ("prediction.inference_chunk_seconds", cfg.prediction.inference_chunk_seconds > 0, "positive"),
+        ("prediction.max_inference_chunk_seconds", cfg.prediction.max_inference_chunk_seconds > 0, "positive"),
+        ("dataset.classes", cfg.dataset.classes is None or cfg.dataset.background_label not in cfg.dataset.classes,
+         f"a list without dataset.background_label {cfg.dataset.background_label!r} (its clips have all-zero "
+         "targets: that output would never see a positive)"),
         *_scoring_checks(cfg.scoring),
         *_logging_checks(cfg.logging),
     ]
@@ -351,6 +394,11 @@ def _validate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: key '{key}' must be {what}")
     if any(f < 0 for f in cfg.dataset.folds):
         raise ConfigError(f"{source}: key 'dataset.folds' must list fold numbers from 0")
+    # A class listed twice gets two outputs, one never trained; a fold listed twice trains and ensembles twice.
+    if (twice := _repeated(cfg.dataset.classes or [])) is not None:
+        raise ConfigError(f"{source}: key 'dataset.classes' lists {twice!r} twice")
+    if (twice := _repeated(cfg.dataset.folds)) is not None:
+        raise ConfigError(f"{source}: key 'dataset.folds' lists fold {twice} twice")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
@@ -368,7 +416,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
     return path, value
@@ -378,11 +426,88 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for text in overrides:
         path, value = parse_override(text)
         node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
+        for depth, part in enumerate(path[:-1], 1):
+            if node.get(part) is None:  # absent, or an empty section (`logging:` alone reads as None)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+                raise ConfigError(f"override {text!r}: '{'.'.join(path[:depth])}' is not a section")
         node[path[-1]] = value
+    return data
+
+
+class _RepeatedKeyError(yaml.YAMLError):
+    def __init__(self, key: str, first: int, second: int) -> None:
+        super().__init__(f"key '{key}' appears twice (lines {first} and {second})")
+
+
+def _mapping_paths(root: yaml.Node) -> dict[int, str]:
+    """The dotted key path of every mapping node under `root` (by id), to name a repeated key in full."""
+    paths: dict[int, str] = {}
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:  # an alias: the anchor's path names it
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            paths[id(node)] = path
+            for key_node, value_node in node.value:
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                stack.append((value_node, f"{path}.{name}" if path else name))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+    return paths
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key repeated within one mapping, where yaml.safe_load silently keeps the
+    last: a second `training:` block appended to a config would drop every setting of the first."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._paths: dict[int, str] = {}
+        self._checked: set[int] = set()
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._paths, self._checked = _mapping_paths(node), set()
+        return super().construct_document(node)
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Every mapping passes here before its `<<` merges are spliced in, so the check sees the keys as
+        # written; a key that overrides a merged one is not a repeat.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            self._refuse_repeated_keys(node)
+        super().flatten_mapping(node)
+
+    def _refuse_repeated_keys(self, node: yaml.MappingNode) -> None:
+        prefix = self._paths.get(id(node), "")
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise _RepeatedKeyError(f"{prefix}.{key}" if prefix else str(key), lines[key], line)
+            lines[key] = line
+
+
+def parse_config_yaml(text: str, source: str) -> dict[str, Any]:
+    """A config's text as its mapping of sections, a repeated key refused: for a file, or a config.yaml read
+    from storage (`source` names it in errors)."""
+    try:
+        data = yaml.load(text, Loader=UniqueKeyLoader)
+    except _RepeatedKeyError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
     return data
 
 
@@ -392,21 +517,18 @@ def read_config_data(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return data
+    return parse_config_yaml(text, str(path))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a config file, apply `section.key=value` overrides, and validate the result."""
-    data = apply_overrides(read_config_data(path), overrides or [])
+    data = read_config_data(path)
+    try:
+        apply_overrides(data, overrides or [])
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     source = f"{path}" + (f" (with overrides {', '.join(overrides)})" if overrides else "")
     cfg = config_from_dict(data, source)
+    check_dataset_sources(cfg.dataset, source)
     check_logger_installed(cfg.logging, source)
     return cfg

@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import pandas as pd
 import yaml
@@ -29,6 +30,43 @@ from gunsound.training import featurize, fold_datasets, make_trainer, planned_wo
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("loguniform", "uniform", "randint", "choice", "quniform")
+
+
+def _sampler_bounds(key: str, sampler: str, args: Any) -> list[Any]:
+    """Check a sampler's arguments as Ray Tune will take them, here rather than inside a trial; return the
+    values that bound what it draws (every choice; a range's extremes), each to be checked against the key."""
+
+    def fail(what: str) -> NoReturn:
+        raise ConfigError(f"search_space.{key}: {sampler} {what}, got {args!r}")
+
+    if sampler == "choice":
+        if not isinstance(args, list) or not args:
+            fail("needs a list of at least one value")
+        return list(args)
+    form = "[low, high, q]" if sampler == "quniform" else "[low, high]"
+    if not isinstance(args, list) or len(args) != form.count(",") + 1:
+        fail(f"needs a list {form}")
+    if sampler == "randint":
+        if not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+            fail("needs integers")
+    elif not all(isinstance(a, int | float) and not isinstance(a, bool) and math.isfinite(a) for a in args):
+        fail("needs numbers")
+    low, high = args[0], args[1]
+    if not low < high:
+        fail(f"low {low} must be below high {high}")
+    if sampler == "randint":
+        return [low, high - 1]  # high is exclusive
+    if sampler == "loguniform" and low <= 0:
+        fail("needs low > 0")
+    if sampler == "quniform":
+        q = args[2]
+        if q <= 0:
+            fail("needs q > 0")
+        if not all(math.isclose(b / q, round(b / q)) for b in (low, high)):
+            fail("needs low and high to be multiples of q")
+        return [float(low), float(high)]  # quantizing makes high reachable
+    # uniform and loguniform draw from [low, high): a key whose range ends below high (dropout < 1) still fits.
+    return [float(low), math.nextafter(float(high), float(low))]
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
@@ -47,11 +85,13 @@ def search_space(cfg: Config) -> dict[str, Any]:
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS):
             raise ConfigError(f"search_space.{key}: must be one of {{{', '.join(SAMPLERS)}: [...]}}, got {spec!r}")
         # Every searched key must exist and accept the sampler's values.
-        sample = next(iter(spec.values()))[0]
-        try:
-            config_from_dict(apply_overrides(cfg.to_dict(), [f"{key}={json.dumps(sample)}"]))
-        except ConfigError as exc:
-            raise ConfigError(f"search_space.{key}: {exc}") from exc
+        sampler, args = next(iter(spec.items()))
+        for value in _sampler_bounds(key, sampler, args):
+            try:
+                config_from_dict(apply_overrides(cfg.to_dict(), [f"{key}={json.dumps(value)}"]),
+                                 f"{sampler} value {json.dumps(value)}")
+            except ConfigError as exc:
+                raise ConfigError(f"search_space.{key}: {exc}") from exc
     return space
 
 

@@ -1,7 +1,9 @@
+import re
+
 import pytest
 import yaml
 
-from gunsound.config import ConfigError, load_config
+from gunsound.config import ConfigError, config_from_dict, load_config, parse_config_yaml
 from tests.conftest import LAPTOP_CONFIG, REPO, SEED_CONFIG
 
 
@@ -126,3 +128,112 @@ def test_a_logger_whose_package_is_missing_fails_at_config_time():
 def test_scoring_batch_and_shard_sizes_must_be_positive(key, value):
     with pytest.raises(ConfigError, match=rf"'{key}' must be at least 1"):
         load_config(SEED_CONFIG, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("override", ["logging.number_of_audios=3", "storage.region=eu-west-1"])
+def test_an_empty_section_takes_overrides(tmp_path, override):
+    # `logging:` with nothing under it is YAML's None; _build reads it as the defaults, and so must --set.
+    path = tmp_path / "exp.yaml"
+    path.write_text("logging:\nstorage:\ntraining:\n    epochs: 2\n")
+    cfg = load_config(path, [override])
+    section, key = override.split("=")[0].split(".")
+    assert str(getattr(getattr(cfg, section), key)) == override.split("=")[1]
+
+
+def test_an_override_below_a_plain_value_names_the_key_and_file(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("experiment_name: guns\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml.*'experiment_name' is not a section"):
+        load_config(path, ["experiment_name.x=1"])
+
+
+@pytest.mark.parametrize("value", ["--16", "²", "-²", "٣"])
+def test_an_integer_key_refuses_a_string_that_is_not_a_plain_integer(value):
+    with pytest.raises(ConfigError, match=r"gun_sound_resnet50\.yaml.*'training\.batch_size' must be an integer"):
+        load_config(SEED_CONFIG, [f"training.batch_size={value}"])
+
+
+@pytest.mark.parametrize(("text", "key", "lines"), [
+    ("training:\n    epochs: 30\narchitecture:\n    backbone: resnet18\ntraining:\n    epochs: 2\n", "training", (1, 5)),
+    ("architecture:\n    backbone: resnet18\n    backbone: resnet50\n", "architecture.backbone", (2, 3)),
+    ("dataset:\n    folds: [0]\n    'folds': [1]\n", "dataset.folds", (2, 3)),
+    ("search_space: {training.epochs: {choice: [1]}, training.epochs: {choice: [2]}}\n",
+     "search_space.training.epochs", (1, 1)),
+])
+def test_a_repeated_key_is_refused_with_both_lines(tmp_path, text, key, lines):
+    # yaml.safe_load keeps the last of two equal keys: the first block's settings would vanish without a word.
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"exp\.yaml: key '{re.escape(key)}' appears twice "
+                                          rf"\(lines {lines[0]} and {lines[1]}\)"):
+        load_config(path)
+
+
+def test_a_repeated_key_in_an_override_value_is_refused():
+    with pytest.raises(ConfigError, match="key 'a' appears twice"):
+        load_config(SEED_CONFIG, ['search_space={"a": {"choice": [1]}, "a": {"choice": [2]}}'])
+
+
+def test_a_merge_key_may_be_overridden_by_its_mapping():
+    # `<<: *base` then an explicit key is YAML's way to override a merged value, not a repeated key.
+    data = parse_config_yaml("base: &b {x: 1, y: 2}\nderived:\n    <<: *b\n    x: 3\n", "exp.yaml")
+    assert data["derived"] == {"x": 3, "y": 2}
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("architecture.dropout=1.5", "'architecture.dropout' must be in [0, 1)"),
+    ("architecture.dropout=1", "'architecture.dropout' must be in [0, 1)"),
+    ("architecture.dropout=-0.1", "'architecture.dropout' must be in [0, 1)"),
+    ("prediction.inference_chunk_seconds=0", "'prediction.inference_chunk_seconds' must be positive"),
+    ("prediction.max_inference_chunk_seconds=-1", "'prediction.max_inference_chunk_seconds' must be positive"),
+    ("augmentation.mix_concentration=0", "'augmentation.mix_concentration' must be positive"),
+    ("training.warmup_epochs=-1", "'training.warmup_epochs' must be at least 0"),
+    ("training.weight_decay=-0.01", "'training.weight_decay' must be at least 0"),
+    ("training.gradient_clip=-1", "'training.gradient_clip' must be at least 0"),
+    ("environment.workers_per_fold=0", "'environment.workers_per_fold' must be at least 1"),
+])
+def test_numbers_the_workers_would_refuse_fail_at_load(override, message):
+    with pytest.raises(ConfigError, match=r"gun_sound_resnet50\.yaml.*" + re.escape(message)):
+        load_config(SEED_CONFIG, [override])
+
+
+def test_numbers_at_their_limits_load():
+    cfg = load_config(SEED_CONFIG, ["architecture.dropout=0.99", "training.warmup_epochs=0", "training.weight_decay=0",
+                                    "training.gradient_clip=0", "environment.workers_per_fold=1",
+                                    "augmentation.mix_concentration=0.1", "prediction.inference_chunk_seconds=0.5"])
+    assert cfg.architecture.dropout == 0.99 and cfg.environment.workers_per_fold == 1
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["dataset.classes=[AK-12, M4, AK-12]"], "'dataset.classes' lists 'AK-12' twice"),
+    (["dataset.classes=[AK-12, background]"], "'dataset.classes' must be a list without dataset.background_label 'background'"),
+    (["dataset.background_label=silence", "dataset.classes=[silence, M4]"],
+     "'dataset.classes' must be a list without dataset.background_label 'silence'"),
+    (["dataset.folds=[0, 1, 0]"], "'dataset.folds' lists fold 0 twice"),
+])
+def test_repeated_classes_or_folds_and_a_background_class_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=r"gun_sound_resnet50\.yaml.*" + re.escape(message)):
+        load_config(SEED_CONFIG, overrides)
+
+
+@pytest.mark.parametrize("key", ["dataset.test_dataframe", "dataset.unlabeled_dataframe"])
+def test_dataframes_gunsound_does_not_read_are_refused(key):
+    with pytest.raises(ConfigError, match=rf"gun_sound_resnet50\.yaml.*'{re.escape(key)}'.*gunsound does not use it"
+                                          r".*gunsound score"):
+        load_config(SEED_CONFIG, [f"{key}=data/other.pq"])
+    assert getattr(load_config(SEED_CONFIG, [f"{key}=None"]).dataset, key.split(".")[1]) is None
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["dataset.validation_strategy=custom"],
+     "'dataset.validation_strategy' is custom, which needs dataset.validation_dataframe"),
+    (["dataset.validation_dataframe=data/valid.pq"],
+     "'dataset.validation_dataframe' is set, which needs dataset.validation_strategy: custom"),
+])
+def test_validation_strategy_must_agree_with_validation_dataframe(overrides, message):
+    with pytest.raises(ConfigError, match=r"gun_sound_resnet50\.yaml.*" + re.escape(message)):
+        load_config(SEED_CONFIG, overrides)
+    cfg = load_config(SEED_CONFIG, ["dataset.validation_strategy=custom", "dataset.validation_dataframe=data/valid.pq"])
+    assert cfg.dataset.validation_dataframe == "data/valid.pq"
+    # A run's saved config.yaml, written before this check, still loads for scoring and reports.
+    assert config_from_dict({"dataset": {"validation_dataframe": "v.pq"}}).dataset.validation_strategy == "kfold"
