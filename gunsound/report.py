@@ -16,10 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from gunsound import audio, storage  # noqa: E402
-from gunsound.config import config_from_dict  # noqa: E402
+from gunsound.config import config_from_dict, parse_config_yaml  # noqa: E402
 from gunsound.features import FeatureParams, LogMelSpectrogram  # noqa: E402
 from gunsound.metrics import METRIC_KEYS  # noqa: E402
 from gunsound.model import ModelArtifact  # noqa: E402
@@ -217,8 +216,8 @@ def write_report(out: str, live: bool = False) -> str:
     """Write OUT/report.html and its charts from what a run wrote under OUT; returns the report's URI.
 
     With `live`, while folds still train: the curves from every fold's per-epoch metrics.json so far."""
-    cfg = config_from_dict(yaml.safe_load(storage.read_text(storage.join(out, "config.yaml"))),
-                           storage.join(out, "config.yaml"))
+    saved = storage.join(out, "config.yaml")
+    cfg = config_from_dict(parse_config_yaml(storage.read_text(saved), saved), saved)
     if live:
         folds = sorted(u.rsplit("/", 2)[-2].removeprefix("fold_") for u in storage.list_files(out)
                        if u.endswith("/metrics.json") and u.rsplit("/", 2)[-2].startswith("fold_"))

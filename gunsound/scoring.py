@@ -125,20 +125,26 @@ class ScoringSettings:
 def scoring_config(model_location: str, overrides: list[str]) -> Config:
     """The settings scoring uses: the training run's resolved config.yaml when MODEL is a run, else the
     defaults, with --set overrides on top."""
-    import yaml
-
-    from gunsound.config import apply_overrides, config_from_dict
+    from gunsound.config import apply_overrides, config_from_dict, parse_config_yaml
 
     data: dict = {}
+    source = f"the default settings (no config.yaml beside {model_location})"
     location = model_location.rstrip("/")
     for folder in dict.fromkeys([location, location.rsplit("/", 1)[0], location.rsplit("/", 2)[0]]):
-        if storage.exists(storage.join(folder, "config.yaml")):
-            data = yaml.safe_load(storage.read_text(storage.join(folder, "config.yaml")))
+        if storage.exists(found := storage.join(folder, "config.yaml")):
+            data, source = parse_config_yaml(storage.read_text(found), found), found
+            if not data:  # a run writes its resolved settings there: an empty one is cut, not "the defaults"
+                raise ConfigError(f"{found}: empty; a run's config.yaml holds the settings it was trained with")
             break
     saved_scoring = data.get("scoring") or {}
-    if "chunk_seconds" in saved_scoring:  # a run resolved before the key was renamed scoring.read_seconds
+    if isinstance(saved_scoring, dict) and "chunk_seconds" in saved_scoring:  # before it was named read_seconds
         saved_scoring.setdefault("read_seconds", saved_scoring.pop("chunk_seconds"))
-    return config_from_dict(apply_overrides(data, overrides), f"{model_location}/config.yaml")
+    source += f" (with overrides {', '.join(overrides)})" if overrides else ""
+    try:
+        apply_overrides(data, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+    return config_from_dict(data, source)
 
 
 def read_headers(paths: list[str]) -> dict[str, tuple[float, str]]:

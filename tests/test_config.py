@@ -237,3 +237,29 @@ def test_validation_strategy_must_agree_with_validation_dataframe(overrides, mes
     assert cfg.dataset.validation_dataframe == "data/valid.pq"
     # A run's saved config.yaml, written before this check, still loads for scoring and reports.
     assert config_from_dict({"dataset": {"validation_dataframe": "v.pq"}}).dataset.validation_strategy == "kfold"
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("", "run/config.yaml: empty"),
+    ("audio: [unclosed\n", "run/config.yaml: not valid YAML"),
+    ("- a list\n", "run/config.yaml: the top level must be a mapping"),
+    ("training:\n  epochs: 2\ntraining:\n  epochs: 3\n", "run/config.yaml: key 'training' appears twice"),
+    ("training:\n  epochz: 2\n", "run/config.yaml: unknown key"),
+])
+def test_a_runs_config_that_cannot_be_used_is_named_where_it_lies(tmp_path, text, says):
+    """Scoring reads the run's config.yaml one or two folders above a fold's model file: its errors name that
+    file (they named MODEL/config.yaml, which does not exist), and a cut one is not "the defaults"."""
+    from gunsound.scoring import scoring_config
+
+    (tmp_path / "run" / "fold_0").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path / says))):
+        scoring_config(str(tmp_path / "run" / "fold_0"), [])
+
+
+def test_a_bad_scoring_override_without_a_run_config_names_the_override(tmp_path):
+    from gunsound.scoring import scoring_config
+
+    with pytest.raises(ConfigError, match=r"the default settings \(no config.yaml beside .*\) \(with overrides "
+                                          r"scoring.hop_seconds=-1\): key 'scoring.hop_seconds' must be positive"):
+        scoring_config(str(tmp_path / "model.pt"), ["scoring.hop_seconds=-1"])
