@@ -12,7 +12,7 @@ import torch
 from gunsound import storage
 from gunsound.features import FeatureParams, LogMelSpectrogram
 from gunsound.model import ModelArtifact
-from gunsound.model_files import ModelDescription, model_files
+from gunsound.model_files import ModelDescription, check_ensemble, model_files
 
 
 class Ensemble(torch.nn.Module):
@@ -35,7 +35,8 @@ class Ensemble(torch.nn.Module):
 
 @dataclass(frozen=True)
 class ScoringModel:
-    """The fold models scored together: one or more model artifacts with the same classes and front end."""
+    """The fold models scored together: one or more model artifacts with the same classes, front end, loss
+    and clip length (`model_files.check_ensemble`)."""
 
     artifacts: list[ModelArtifact]
     sources: list[str] = field(default_factory=list)  # where each artifact was read from
@@ -43,11 +44,10 @@ class ScoringModel:
     def __post_init__(self) -> None:
         if not self.artifacts:
             raise ValueError("a scoring model needs at least one model artifact")
-        first = self.artifacts[0]
         names = self.sources or [f"model {i}" for i in range(len(self.artifacts))]
-        for other, name in zip(self.artifacts[1:], names[1:], strict=False):
-            if other.classes != first.classes or other.features != first.features:
-                raise ValueError(f"{name}: classes or features differ from {names[0]}; cannot ensemble")
+        check_ensemble([(name, {"classes": a.classes, "features": a.features, "loss_function": a.loss_function,
+                                "chunk_seconds": a.chunk_seconds})
+                        for a, name in zip(self.artifacts, names, strict=False)])
 
     @property
     def classes(self) -> list[str]:

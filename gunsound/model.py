@@ -101,26 +101,73 @@ def _create_backbone(name: str, pretrained: bool, **kwargs) -> nn.Module:
         raise
 
 
+def _first_convs(backbone: nn.Module) -> tuple[str, ...]:
+    """The stem convolutions whose RGB weights timm's loader folds into the one input channel."""
+    from timm.models import get_model_traits
+
+    convs = get_model_traits(backbone).get("first_conv", backbone.pretrained_cfg.get("first_conv"))
+    return (convs,) if isinstance(convs, str) else tuple(convs or ())
+
+
+def check_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], name: str, uri: str) -> None:
+    """Refuse weights that are not the backbone's: timm loads non-strictly once it has dropped the classifier,
+    so a file of another model would leave tensors at their random initialisation (a name missing), or be
+    taken in part (resnet34's file holds every resnet18 name with resnet18's shapes), with only a log line;
+    and torch's refusal of other shapes names neither the setting nor the file. What timm's loader adapts is
+    allowed: the ImageNet classifier (a fresh head replaces it) and the stem's input channels."""
+    cfg = backbone.pretrained_cfg
+    head = cfg.get("classifier")
+    head = {f"{h}.{p}" for h in ((head,) if isinstance(head, str) else head or ()) for p in ("weight", "bias")}
+    source_channels = (cfg.get("input_size") or (3,))[0]
+    stems = {f"{conv}.weight" for conv in _first_convs(backbone)}
+    own = backbone.state_dict()
+    # BatchNorm's step counter is left out of many published checkpoints, and a missing one stays at 0 harmlessly
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and k not in head]
+    reshaped = []
+    for k, tensor in state.items():
+        if k not in own or tensor.shape == own[k].shape:
+            continue
+        want = own[k].shape
+        folds = (k in stems and tensor.ndim == 4 and tensor.shape[:1] + tensor.shape[2:] == want[:1] + want[2:]
+                 and tensor.shape[1] == source_channels * want[1])
+        if not folds:
+            reshaped.append(f"{k} {tuple(tensor.shape)} in the file, {tuple(want)} in {name}")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of its {len(own)} tensors missing, first {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} of the file's {len(state)} tensors not in it, first {unexpected[0]}")
+    if reshaped:
+        problems.append(f"{len(reshaped)} tensors of another shape, first {reshaped[0]}")
+    if problems:
+        raise ValueError(f"architecture.pretrained_weights {uri}: not weights of {name} ({'; '.join(problems)})")
+
+
 def build_backbone(arch: ArchitectureConfig, pretrained: bool | None = None) -> nn.Module:
     """The timm backbone (one input channel, no classifier). Pretrained weights come from the timm model hub,
-    or from `architecture.pretrained_weights`; timm's own loader folds an RGB stem into one channel and drops
-    the ImageNet classifier either way."""
+    or from `architecture.pretrained_weights`, checked against the backbone (`check_backbone_weights`) before
+    timm's own loader folds an RGB stem into one channel and drops the ImageNet classifier."""
     pretrained = arch.pretrained if pretrained is None else pretrained
     if not (pretrained and arch.pretrained_weights):
         if pretrained:
             log.info("backbone %s: weights from the timm model hub", arch.backbone)
         return _create_backbone(arch.backbone, pretrained)
-    state = read_backbone_weights(arch.pretrained_weights)
-    names = set(state)
-    backbone = _create_backbone(arch.backbone, True, pretrained_cfg_overlay={"state_dict": state})
-    backbone.pretrained_cfg.pop("state_dict", None)  # the model holds the weights now; keep no second copy
-    # timm loads non-strictly once it has dropped the classifier: a file of another model would leave the
-    # backbone at its random initialisation with only a log line, so every tensor must come from the file.
-    missing = sorted(set(backbone.state_dict()) - names)
-    if missing:
-        raise ValueError(f"architecture.pretrained_weights {arch.pretrained_weights}: not weights of "
-                         f"{arch.backbone} ({len(missing)} of its tensors missing, e.g. {missing[0]})")
-    log.info("backbone %s: weights from %s", arch.backbone, arch.pretrained_weights)
+    from timm.models import load_pretrained
+
+    uri = arch.pretrained_weights
+    state = read_backbone_weights(uri)
+    backbone = _create_backbone(arch.backbone, False)
+    check_backbone_weights(backbone, state, arch.backbone, uri)
+    # The file's tensors only: an hf-hub: backbone's config names the hub as its source, which timm prefers.
+    cfg = {k: v for k, v in backbone.pretrained_cfg.items() if k != "source"}
+    try:
+        load_pretrained(backbone, {**cfg, "state_dict": state}, num_classes=0, in_chans=1)
+    except RuntimeError as exc:  # what the check above does not foresee: a stem timm cannot fold, say
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"architecture.pretrained_weights {uri}: cannot be loaded into {arch.backbone} "
+                         f"({type(exc).__name__}: {first})") from exc
+    log.info("backbone %s: weights from %s", arch.backbone, uri)
     return backbone
 
 

@@ -62,6 +62,20 @@ def model_files(location: str) -> list[str]:
     raise FileNotFoundError(f"{location}: not a training run (ensemble.json), a fold folder or a model.pt file")
 
 
+def check_ensemble(members: list[tuple[str, dict]]) -> None:
+    """Refuse members (each its file and its values) that cannot be scored as one model: the ensemble averages
+    their probabilities per class, all made by one front end, through the output function of one loss (a
+    sigmoid for BCE, a softmax otherwise), over windows of one length (the clip length they learned)."""
+    (first, ours), *others = members
+    for uri, theirs in others:
+        if theirs["classes"] != ours["classes"] or theirs["features"] != ours["features"]:
+            raise ValueError(f"{uri}: classes or features differ from {first}; cannot ensemble")
+        for key in ("loss_function", "chunk_seconds"):
+            if theirs[key] != ours[key]:
+                raise ValueError(f"{uri}: {key} {theirs[key]!r} differs from {ours[key]!r} in {first}; "
+                                 "cannot ensemble")
+
+
 def describe_model(files: list[str]) -> ModelDescription:
     """The classes and input of the model these files make together (an ensemble's members must agree), read
     without torch: each file's values come from the pickle inside its torch.save archive, its tensors left
@@ -72,15 +86,16 @@ def describe_model(files: list[str]) -> ModelDescription:
         saved = _saved_values(uri)
         try:
             features = dict(saved["features"])
-            described.append((list(saved["classes"]), features, int(features["sample_rate"]),
-                              float(saved["chunk_seconds"])))
+            described.append((uri, {"classes": list(saved["classes"]), "features": features,
+                                    "sample_rate": int(features["sample_rate"]),
+                                    "chunk_seconds": float(saved["chunk_seconds"]),
+                                    "loss_function": str(saved["loss_function"])}))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{uri}: model file lacks or misnames a field ({exc!r})") from exc
-    for (classes, features, *_), uri in zip(described[1:], files[1:], strict=True):
-        if classes != described[0][0] or features != described[0][1]:
-            raise ValueError(f"{uri}: classes or features differ from {files[0]}; cannot ensemble")
-    classes, _, sample_rate, chunk_seconds = described[0]
-    return ModelDescription(classes=classes, sample_rate=sample_rate, chunk_seconds=chunk_seconds, files=list(files))
+    check_ensemble(described)
+    first = described[0][1]
+    return ModelDescription(classes=first["classes"], sample_rate=first["sample_rate"],
+                            chunk_seconds=first["chunk_seconds"], files=list(files))
 
 
 def _saved_values(uri: str) -> dict:

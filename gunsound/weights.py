@@ -31,6 +31,11 @@ class PretrainedWeightsError(RuntimeError):
     """The pretrained weights a config asks for cannot be had."""
 
 
+class PretrainedWeightsFileError(PretrainedWeightsError, ValueError):
+    """`architecture.pretrained_weights` names no file of the backbone's weights: a bad config, so a ValueError
+    too (the CLI's exit status for bad config), unlike a hub that cannot be reached."""
+
+
 def copy_location(output: str, backbone: str) -> str:
     """Where a run keeps its copy of the backbone weights."""
     return storage.join(output, "pretrained", f"{backbone.replace('/', '_')}.pt")
@@ -84,7 +89,11 @@ def fetch_backbone(arch: ArchitectureConfig) -> tuple[torch.nn.Module, str]:
         try:
             return build_backbone(arch, pretrained=True), arch.pretrained_weights
         except (FileNotFoundError, ValueError) as exc:
-            raise PretrainedWeightsError(f"{exc}; {WAYS_OUT}") from exc
+            raise PretrainedWeightsFileError(f"{exc}; {WAYS_OUT}") from exc
+        except RuntimeError as exc:  # torch's or timm's refusal to load the tensors: the same bad setting
+            raise PretrainedWeightsFileError(f"architecture.pretrained_weights {arch.pretrained_weights}: cannot "
+                                             f"be loaded into {arch.backbone} ({_first_line(exc)}); {WAYS_OUT}"
+                                             ) from exc
     hub_id, url = _hub_source(arch.backbone)
     source = f"the timm model hub ({hub_id or url})"
     try:

@@ -1,5 +1,6 @@
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -10,11 +11,12 @@ from gunsound.model import ModelArtifact, build_model
 from gunsound.model_files import describe_model, model_files
 
 
-def _run_with_models(root, names: list[str]) -> None:
+def _run_with_models(root, names: list[str], **changes: object) -> None:
     arch = ArchitectureConfig(backbone="resnet18", pretrained=False)
     artifact = ModelArtifact(classes=["a", "b"], features=FeatureParams(16000, 512, 160, 32, 50.0, 7000.0, False),
                              chunk_seconds=1.0, architecture=arch, loss_function="BCE",
                              state_dict=build_model(arch, 2).state_dict())
+    artifact = replace(artifact, **changes)
     for name in names:
         artifact.save(str(root / name))
 
@@ -25,6 +27,24 @@ def test_a_run_loads_the_models_its_ensemble_lists(tmp_path):
     (run / "ensemble.json").write_text(json.dumps({"models": ["fold_0/model.pt", "fold_1/model.pt"]}))
     model = load_scoring_model(str(run))
     assert [s.rsplit("/", 2)[-2] for s in model.sources] == ["fold_0", "fold_1"]
+
+
+@pytest.mark.parametrize(("change", "shown"), [
+    ({"loss_function": "CrossEntropy"}, "loss_function 'CrossEntropy' differs from 'BCE'"),
+    ({"chunk_seconds": 3.0}, "chunk_seconds 3.0 differs from 1.0"),
+])
+def test_members_trained_with_another_loss_or_clip_length_are_refused(tmp_path, change, shown):
+    """The ensemble puts every member's logits through the first member's output function (a CrossEntropy
+    fold's through a sigmoid) and cuts windows of the first member's length: members must agree on both."""
+    run = tmp_path / "run"
+    _run_with_models(run, ["fold_0/model.pt"])
+    _run_with_models(run, ["fold_1/model.pt"], **change)
+    (run / "ensemble.json").write_text(json.dumps({"models": ["fold_0/model.pt", "fold_1/model.pt"]}))
+    expected = f"^{run}/fold_1/model.pt: {shown} in {run}/fold_0/model.pt; cannot ensemble$"
+    with pytest.raises(ValueError, match=expected):
+        load_scoring_model(str(run))
+    with pytest.raises(ValueError, match=expected):
+        describe_model(model_files(str(run)))
 
 
 @pytest.mark.parametrize("member", ["../elsewhere/model.pt", "/tmp/model.pt", "s3://bucket/model.pt",

@@ -13,12 +13,12 @@ import pytest
 import timm
 import torch
 
-from gunsound import storage
+from gunsound import cli, storage, weights
 from gunsound.config import ArchitectureConfig, load_config
 from gunsound.features import FeatureParams
 from gunsound.model import ModelArtifact, build_model
 from gunsound.weights import PretrainedWeightsError, copy_location, resolve_pretrained
-from tests.conftest import REPO, SEED_CONFIG
+from tests.conftest import REPO, SEED_CONFIG, train_args
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,73 @@ def test_weights_of_another_backbone_are_refused_not_silently_skipped(tmp_path, 
     with pytest.raises(PretrainedWeightsError, match=r"not weights of resnet34.*architecture\.pretrained: false"):
         resolve_pretrained(arch, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_weights_of_a_deeper_backbone_holding_all_its_tensors_are_refused(tmp_path):
+    """resnet34's file holds every resnet18 name with resnet18's shapes: taken, it would half-load another
+    network with only timm's 'may be expected' log line."""
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet34", pretrained=False, num_classes=1000).state_dict(), tmp_path / "r34.pth")
+    arch = ArchitectureConfig(backbone="resnet18", pretrained_weights=str(tmp_path / "r34.pth"))
+    with pytest.raises(PretrainedWeightsError, match=(
+            rf"^architecture\.pretrained_weights {tmp_path / 'r34.pth'}: not weights of resnet18 \(96 of the "
+            r"file's 218 tensors not in it, first layer1\.2\.conv1\.weight\);.*architecture\.pretrained: false")):
+        resolve_pretrained(arch, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_weights_with_the_backbones_names_but_other_shapes_are_refused_by_name(tmp_path):
+    """mobilenetv3_small_075's tensors bear mobilenetv3_small_050's names: torch's refusal (a line per tensor)
+    names neither the setting nor the file. The backbone's own ImageNet weights (RGB stem, a classifier named
+    `classifier`) still load."""
+    torch.manual_seed(0)
+    torch.save(timm.create_model("mobilenetv3_small_075", pretrained=False).state_dict(), tmp_path / "075.pth")
+    own = timm.create_model("mobilenetv3_small_050", pretrained=False).eval()
+    torch.save(own.state_dict(), tmp_path / "050.pth")
+    arch = ArchitectureConfig(backbone="mobilenetv3_small_050", pretrained_weights=str(tmp_path / "075.pth"))
+    with pytest.raises(PretrainedWeightsError) as refused:
+        resolve_pretrained(arch, str(tmp_path / "run"))
+    message = str(refused.value)
+    assert message.startswith(
+        f"architecture.pretrained_weights {tmp_path / '075.pth'}: not weights of mobilenetv3_small_050 (192 tensors "
+        "of another shape, first blocks.0.0.conv_pw.weight (16, 16, 1, 1) in the file, (8, 16, 1, 1) in "
+        "mobilenetv3_small_050);"), message
+    assert "size mismatch" not in message and "\n" not in message
+    resolved = resolve_pretrained(replace(arch, pretrained_weights=str(tmp_path / "050.pth")), str(tmp_path / "run"))
+    backbone = build_model(resolved, 2).backbone
+    torch.testing.assert_close(backbone.conv_stem.weight, own.conv_stem.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(backbone.conv_head.weight, own.conv_head.weight)
+
+
+@pytest.mark.parametrize("where", ["timm's loader", "the backbone build"])
+def test_a_load_that_fails_anyway_is_the_same_one_line_error(tmp_path, imagenet_resnet18, monkeypatch, where):
+    """Past the check, torch or timm may still refuse the tensors (a RuntimeError of many lines): still a bad
+    `architecture.pretrained_weights`, named with its file."""
+    torch.save(imagenet_resnet18.state_dict(), tmp_path / "resnet18.pth")
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("Error(s) in loading state_dict for ResNet:\n\tsize mismatch for conv1.weight: ...")
+
+    monkeypatch.setattr(*(("timm.models.load_pretrained", refuse) if where == "timm's loader"
+                          else (weights, "build_backbone", refuse)))
+    arch = ArchitectureConfig(backbone="resnet18", pretrained_weights=str(tmp_path / "resnet18.pth"))
+    with pytest.raises(PretrainedWeightsError, match=(
+            rf"^architecture\.pretrained_weights {tmp_path / 'resnet18.pth'}: cannot be loaded into resnet18 "
+            r"\(RuntimeError: Error\(s\) in loading state_dict for ResNet:\);.*pretrained: false")) as refused:
+        resolve_pretrained(arch, str(tmp_path / "run"))
+    assert "size mismatch" not in str(refused.value)
+
+
+def test_train_with_weights_of_another_backbone_exits_as_bad_config(tmp_path, synth_dir, capsys):
+    """A weights file that is not the backbone's is a bad setting: exit 2, one line, before Ray starts."""
+    torch.save(timm.create_model("resnet34", pretrained=False).state_dict(), tmp_path / "r34.pth")
+    code = cli.main(train_args(synth_dir, tmp_path / "run", "--set", "dataset.validation_size=0.5",
+                               "--set", "architecture.backbone=resnet18", "--set", "architecture.pretrained=true",
+                               "--set", f"architecture.pretrained_weights={tmp_path / 'r34.pth'}"))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == cli.EXIT_USAGE
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: architecture.pretrained_weights {tmp_path / 'r34.pth'}: not weights of resnet18"), errors
 
 
 @pytest.mark.parametrize("content", [b"not a torch file", None])
