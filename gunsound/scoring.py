@@ -502,7 +502,7 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
     return write_summary(output, scope, skipped=listed.finished, started=started, model_seconds=model_seconds,
                          scorer_actors=scorer_actors, calls_per_actor=calls, devices=sorted(devices), retried=len(listed.retried),
                          model=made.model, settings=made.settings, scorers=sorted(scorers),
-                         skipped_entries=listed.skipped)
+                         skipped_entries=listed.skipped, scored_seconds=committer.audio_seconds)
 
 
 @dataclass

@@ -135,6 +135,7 @@ class ShardCommitter:
         self.open: dict[int, _OpenShard] = {}
         self.committed: set[int] = set()
         self.disagreeing: dict[int, set[int]] = {}  # shards whose rows named different row counts: never committed
+        self.audio_seconds = 0.0  # of the files this run committed ok (a resumed run's own rate)
         self.peak_open = 0  # most shards held at once (the driver's state)
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
@@ -187,8 +188,8 @@ class ShardCommitter:
         windows = index >= 0
         frame = pd.DataFrame({c: columns[c][windows] if c != "probs" else list(columns[c][windows])
                               for c in WINDOW_COLUMNS})
-        commit_shard(self.output, f"part-{self.run_id}-{k:05d}.parquet", sorted(headers), headers, frame,
-                     self.classes, **self.summary)
+        self.audio_seconds += commit_shard(self.output, f"part-{self.run_id}-{k:05d}.parquet", sorted(headers),
+                                           headers, frame, self.classes, **self.summary)
         self.committed.add(k)
         log.info("shard %d: %d files committed", k, len(headers))
 
@@ -224,9 +225,10 @@ EVENT_SCHEMA = pa.schema([("file", pa.string()), ("time", pa.float64()), ("class
 
 def commit_shard(output: str, name: str, shard: list[str], headers: dict[str, tuple[float, str]],
                  windows: pd.DataFrame, classes: list[str], *, window_seconds: float, method: str,
-                 threshold: float) -> None:
+                 threshold: float) -> float:
     """Write a shard's windows/, events/ and, last, files/ parts under OUTPUT as `name`. `windows` holds the
-    shard's scored windows (WINDOW_COLUMNS, in any order); a file's (duration, error) come from `headers`."""
+    shard's scored windows (WINDOW_COLUMNS, in any order); a file's (duration, error) come from `headers`.
+    Returns the audio seconds of its files that are ok."""
     if len(windows):
         windows = windows.sort_values(["path", "index"], kind="stable", ignore_index=True)
     path_of = windows["path"].to_numpy(dtype=object)
@@ -263,6 +265,7 @@ def commit_shard(output: str, name: str, shard: list[str], headers: dict[str, tu
                           EVENT_SCHEMA)
     files = pd.DataFrame(rows).astype({"file": str, "status": str, "error": str, "top_class": str, "note": str})
     storage.write_parquet(files, storage.join(output, "files", name))  # last: the shard's commit
+    return float(files.loc[files["status"] == "ok", "duration"].sum())
 
 
 @dataclass
@@ -298,9 +301,12 @@ class ScoreSummary:
 def write_summary(output: str, scope: InputScope, *, skipped: int, started: float, model_seconds: float,
                   scorer_actors: int, devices: list[str], retried: int = 0, model: dict | None = None,
                   settings: dict | None = None, scorers: list[str] | None = None,
-                  skipped_entries: int = 0, calls_per_actor: int = 1) -> ScoreSummary:
+                  skipped_entries: int = 0, calls_per_actor: int = 1,
+                  scored_seconds: float | None = None) -> ScoreSummary:
     """summary.json over the committed files of this input (`scope`; entries skipped as not audio are not
-    files) (`started`: the job's time.perf_counter()), with the model and the settings that made them."""
+    files) (`started`: the job's time.perf_counter()), with the model and the settings that made them. The
+    rate is of the audio this run scored (`scored_seconds`; by default all of the input's), not of files an
+    earlier run finished."""
     done = _read_parts(_parts(output, "files"))
     if len(done):
         ours = scope.contains(pa.array(done["file"].astype(str), pa.string())).to_numpy(zero_copy_only=False)
@@ -313,7 +319,8 @@ def write_summary(output: str, scope: InputScope, *, skipped: int, started: floa
     # The shots of this input's files (their files/ rows count them): OUTPUT may also hold another input's.
     shots = int(done.loc[ok, "shots"].sum())
     summary = ScoreSummary(len(done), int(ok.sum()), int((~ok).sum()),
-                           audio_s / 3600, shots, wall, audio_s / max(wall, 1e-9), skipped, output,
+                           audio_s / 3600, shots, wall, (audio_s if scored_seconds is None else scored_seconds)
+                           / max(wall, 1e-9), skipped, output,
                            model_seconds, scorer_actors, devices, retried, model or {}, settings or {},
                            scorers or [], skipped_entries, calls_per_actor)
     storage.write_text(storage.join(output, "summary.json"), json.dumps(asdict(summary), indent=1))

@@ -1,6 +1,7 @@
 """Shard commits: a shard is written once all of its windows are in, in any order, each window once."""
 
 import re
+import time
 
 import numpy as np
 import pandas as pd
@@ -190,3 +191,8 @@ def test_the_summary_counts_the_shots_of_this_inputs_files_only(tmp_path):
     assert (summary.files, summary.files_ok, summary.errors, summary.events) == (2, 1, 1, 2)
     assert write_summary(str(tmp_path), InputScope(files=frozenset({"/a/1.wav", "/a/2.wav"})), skipped=0,
                          started=0.0, model_seconds=0.0, scorer_actors=1, devices=["cpu"]).events == 7
+    # A resumed run's rate is of the audio it scored itself, not of the files an earlier run finished.
+    started = time.perf_counter() - 2.0
+    resumed = write_summary(str(tmp_path), InputScope(folder="/a"), skipped=1, started=started, model_seconds=0.0,
+                            scorer_actors=1, devices=["cpu"], scored_seconds=5.0)
+    assert resumed.audio_hours * 3600 == 10.0 and 2.0 < 5.0 / resumed.audio_seconds_per_second < 3.0
