@@ -1,14 +1,18 @@
 """The exported pipeline: real files shipped beside score.py, run without Ray or gunsound, scoring a file as
 `predict_file` does (the Ray job's comparison is in test_scoring.py)."""
 
+import csv
+import io
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import pytest
 import soundfile as sf
 import torch
 
@@ -122,3 +126,79 @@ def test_exported_scorer_writes_file_by_file_resumes_after_a_crash_and_escapes_f
     refused = scorer(other, names[0])
     _, stderr = refused.communicate(timeout=240)
     assert refused.returncode != 0 and "another pipeline" in stderr
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory) -> SimpleNamespace:
+    """An exported pipeline (untrained weights), three recordings with shots, and the tables one uninterrupted
+    run writes for them: what a resumed run must end with."""
+    root = tmp_path_factory.mktemp("resumable")
+    cfg = load_config(LAPTOP_CONFIG, FAST)
+    torch.manual_seed(0)
+    ModelArtifact(classes=["a", "b"], features=FeatureParams.from_config(cfg.audio, sample_rate=16000),
+                  chunk_seconds=1.0, architecture=cfg.architecture, loss_function="BCE",
+                  state_dict=build_model(cfg.architecture, 2, pretrained=False).state_dict(),
+                  ).save(str(root / "model.pt"))
+    export_pipeline(str(root / "model.pt"), str(root / "pipeline"), SETTINGS)
+    names = ["one.wav", "two.wav", "three.wav"]
+    for seed, name in enumerate(names):
+        generate_archive(root / "audio" / name, minutes=0.1, bursts_per_minute=30, sample_rate=16000, seed=seed)
+    setup = SimpleNamespace(pipeline=root / "pipeline", audio=root / "audio", names=names)
+    clean = score_into(setup, root / "clean", *names)
+    assert clean.returncode == 0, clean.stderr
+    setup.tables = read_tables(root / "clean")
+    assert len(setup.tables["events"]) > 0  # so that a duplicated shot would show
+    return setup
+
+
+def score_into(setup: SimpleNamespace, out: Path, *names: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(setup.pipeline / "score.py"), *names, "--out", str(out)],
+                          cwd=setup.audio, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(GUARD)},
+                          capture_output=True, text=True, timeout=240)
+
+
+def read_tables(out: Path) -> dict[str, pd.DataFrame]:
+    """The three tables as text, rows in a fixed order (a resumed run scores files in another order)."""
+    tables = {t: pd.read_csv(out / f"{t}.csv", dtype=str, keep_default_na=False) for t in ("windows", "files", "events")}
+    return {t: table.sort_values(list(table.columns)).reset_index(drop=True) for t, table in tables.items()}
+
+
+def assert_whole_rows_once(out: Path, names: list[str]) -> None:
+    """files.csv: every row on a line of its own with every column, each file once, ending with a line end."""
+    text = (out / "files.csv").read_text()
+    assert text.endswith("\n")
+    header, *rows = list(csv.reader(io.StringIO(text, newline="")))
+    assert [len(r) for r in rows] == [len(header)] * len(rows)
+    assert sorted(r[header.index("file")] for r in rows) == sorted(names)
+
+
+def test_exported_scorer_resumes_from_an_empty_files_table(resumable):
+    out = resumable.audio.parent / "out_empty"
+    assert score_into(resumable, out, resumable.names[0]).returncode == 0
+    (out / "files.csv").write_bytes(b"")  # a kill between opening files.csv and writing its first row
+    resumed = score_into(resumable, out, *resumable.names)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [line.split(":")[0] for line in resumed.stdout.splitlines()] == resumable.names  # none was committed
+    assert_whole_rows_once(out, resumable.names)
+    for table, clean in resumable.tables.items():  # one.wav's windows and shots once, as an uninterrupted run
+        pd.testing.assert_frame_equal(read_tables(out)[table], clean)
+
+
+def test_exported_scorer_scores_again_a_file_whose_files_row_was_cut(resumable):
+    out = resumable.audio.parent / "out_cut"
+    one, two, three = resumable.names
+    assert score_into(resumable, out, one, two).returncode == 0
+    text = (out / "files.csv").read_bytes()
+    last = text.rstrip(b"\n").rsplit(b"\n", 1)[1]
+    assert last.startswith(two.encode())
+    (out / "files.csv").write_bytes(text[:len(text) - 1 - len(last) // 2])  # a kill half-way through two's row
+    resumed = score_into(resumable, out, *resumable.names)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [line.split(":")[0] for line in resumed.stdout.splitlines()] == [two, three]  # two is no commit
+    assert_whole_rows_once(out, resumable.names)
+    for table, clean in resumable.tables.items():  # two's windows and shots once, its cut row gone
+        pd.testing.assert_frame_equal(read_tables(out)[table], clean)
+    again = score_into(resumable, out, *resumable.names)
+    assert (again.returncode, again.stdout) == (0, ""), again.stderr  # every file committed
+    for table, clean in resumable.tables.items():
+        pd.testing.assert_frame_equal(read_tables(out)[table], clean)

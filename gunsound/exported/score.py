@@ -15,12 +15,15 @@ holds the classes, the sample rate and the scoring settings.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
+import io
 import json
 import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -35,6 +38,7 @@ from onsets import chunk_onsets  # noqa: E402
 from windows import cut_windows, plan_chunks  # noqa: E402
 
 EVENT_COLUMNS = ["file", "time", "class", "probability", "burst", "shots_in_burst", "rounds_per_minute"]
+STATUSES = ("ok", "error")  # the statuses a files.csv row can have (events.summarize_file)
 
 
 def score_file(model: torch.nn.Module, spec: dict, path: str) -> tuple[pd.DataFrame, dict, list[dict]]:
@@ -85,11 +89,22 @@ def read_back(value: str) -> str:
     return value[1:] if value.startswith("'") else value
 
 
+def whole_rows(data: bytes) -> int:
+    """How many bytes of a CSV table hold whole rows: every row ends with a line end, so what follows the last
+    line end outside a quoted cell is a row a kill cut short."""
+    end = data.rfind(b"\n")
+    while end >= 0 and data.count(b'"', 0, end) % 2:  # odd: the line end is inside a quoted cell (a file name)
+        end = data.rfind(b"\n", 0, end)
+    return end + 1
+
+
 class Tables:
     """windows.csv, files.csv and events.csv in OUT, appended file by file: a file's windows and shots first,
     its files.csv row last, as its commit. A crash loses at most the file being scored; run again with the
-    same OUT, the files already committed are skipped and the rows of the one cut short are dropped. OUT keeps
-    the identity of the pipeline that wrote it, so two pipelines never mix in one table."""
+    same OUT, the files already committed are skipped and the rows of the one cut short are dropped. A
+    files.csv row commits its file only when it is whole (every column, a known status): a kill can leave a
+    table empty or end it inside a row. OUT keeps the identity of the pipeline that wrote it, so two pipelines
+    never mix in one table."""
 
     def __init__(self, out: Path, pipeline_id: str):
         self.out = out
@@ -99,26 +114,67 @@ class Tables:
             raise SystemExit(f"{out}: holds tables of another pipeline ({marker}); choose another --out")
         marker.write_text(pipeline_id + "\n")
         self.done: set[str] = set()
-        if (out / "files.csv").exists():
-            files = pd.read_csv(out / "files.csv", dtype=str, keep_default_na=False)
-            self.done = {read_back(f) for f in files["file"]}
+        text = self.whole("files")
+        if text:
+            try:
+                header, *rows = list(csv.reader(io.StringIO(text, newline="")))
+            except csv.Error as exc:
+                self.unreadable("files", exc)
+            if "file" not in header or "status" not in header:
+                self.unreadable("files", f"its header {header} has no file and status columns")
+            name, status = header.index("file"), header.index("status")
+            complete = [r for r in rows if len(r) == len(header) and r[status] in STATUSES and r[name]]
+            if len(complete) < len(rows):  # not commits: their files are scored again
+                self.replace("files", pd.DataFrame(complete, columns=header, dtype=str))
+            self.done = {read_back(r[name]) for r in complete}
         for table in ("windows", "events"):
-            path = out / f"{table}.csv"
-            if path.exists() and path.stat().st_size:
-                rows = pd.read_csv(path, dtype=str, keep_default_na=False)
-                kept = rows[rows["file"].map(read_back).isin(self.done)]
-                if len(kept) < len(rows):
-                    tmp = path.with_name(f".{path.name}.tmp")
-                    kept.to_csv(tmp, index=False)
-                    os.replace(tmp, path)
+            text = self.whole(table)
+            if not text:
+                continue
+            try:
+                rows = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+            except ValueError as exc:  # pandas.errors.ParserError among them
+                self.unreadable(table, exc)
+            if "file" not in rows.columns:
+                self.unreadable(table, f"its header {list(rows.columns)} has no file column")
+            kept = rows[rows["file"].map(read_back).isin(self.done)]
+            if len(kept) < len(rows):
+                self.replace(table, kept)
+
+    def whole(self, table: str) -> str:
+        """The table's whole rows as text, header first ('' when it has none: missing, empty or cut inside its
+        header). A row a kill cut short is cut off the file too, so that the next row starts a line of its own."""
+        path = self.out / f"{table}.csv"
+        if not path.exists():
+            return ""
+        data = path.read_bytes()
+        end = whole_rows(data)
+        try:
+            text = data[:end].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.unreadable(table, exc)
+        if end < len(data):
+            os.truncate(path, end)
+        return text
+
+    def unreadable(self, table: str, why: object) -> NoReturn:
+        raise SystemExit(f"{self.out / table}.csv: cannot be read back to resume ({why}); remove windows.csv, "
+                         f"files.csv and events.csv from {self.out} to score every file again, or choose another "
+                         "--out")
+
+    def replace(self, table: str, frame: pd.DataFrame) -> None:
+        path = self.out / f"{table}.csv"
+        tmp = path.with_name(f".{path.name}.tmp")
+        frame.to_csv(tmp, index=False, lineterminator="\n")
+        os.replace(tmp, path)
 
     def append(self, table: str, frame: pd.DataFrame) -> None:
         path = self.out / f"{table}.csv"
         new = not path.exists() or path.stat().st_size == 0
         if not new:  # the columns in the order the file already has
             frame = frame.reindex(columns=pd.read_csv(path, nrows=0).columns)
-        with open(path, "a", newline="") as f:
-            spreadsheet_safe(frame).to_csv(f, header=new, index=False)
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            spreadsheet_safe(frame).to_csv(f, header=new, index=False, lineterminator="\n")
             f.flush()
             os.fsync(f.fileno())
 
