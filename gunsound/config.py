@@ -327,8 +327,8 @@ def check_logger_installed(lg: LoggingConfig, source: str) -> None:
 
 
 def check_dataset_sources(ds: DatasetConfig, source: str) -> None:
-    """The dataframes a config names must be ones gunsound reads, and validation_strategy must say what
-    plan.prepare does (a validation_dataframe, whenever one is set, replaces the folds). Checked on the config a
+    """The class and fold lists must be without repeats, the dataframes a config names ones gunsound reads, and
+    validation_strategy must say what plan.prepare does (a validation_dataframe, whenever one is set, replaces the folds). Checked on the config a
     user writes, not on a run's saved config.yaml, which earlier versions wrote unchecked and which must still
     load for scoring and reports."""
     for key, value in [("dataset.test_dataframe", ds.test_dataframe),
@@ -336,6 +336,15 @@ def check_dataset_sources(ds: DatasetConfig, source: str) -> None:
         if value is not None:
             raise ConfigError(f"{source}: key '{key}' must be left out (None): gunsound does not use it "
                               f"(got {value!r}); to score a test set, run `gunsound score`")
+    # A class listed twice gets two outputs, one never trained; a fold listed twice trains and ensembles twice;
+    # the background label as a class is an output that never sees a positive (its clips' targets are zeros).
+    if (twice := _repeated(ds.classes or [])) is not None:
+        raise ConfigError(f"{source}: key 'dataset.classes' lists {twice!r} twice")
+    if ds.classes and ds.background_label in ds.classes:
+        raise ConfigError(f"{source}: key 'dataset.classes' must be a list without dataset.background_label "
+                          f"{ds.background_label!r} (its clips have all-zero targets)")
+    if (twice := _repeated(ds.folds)) is not None:
+        raise ConfigError(f"{source}: key 'dataset.folds' lists fold {twice} twice")
     if ds.validation_strategy == "custom" and not ds.validation_dataframe:
         raise ConfigError(f"{source}: key 'dataset.validation_strategy' is custom, which needs "
                           "dataset.validation_dataframe (or use kfold: folds of validation_size)")
@@ -383,9 +392,6 @@ def _validate(cfg: Config, source: str) -> None:
         ("training.gradient_clip", cfg.training.gradient_clip >= 0, "at least 0 (0: no clipping)"),
         ("prediction.inference_chunk_seconds", cfg.prediction.inference_chunk_seconds > 0, "positive"),
         ("prediction.max_inference_chunk_seconds", cfg.prediction.max_inference_chunk_seconds > 0, "positive"),
-        ("dataset.classes", cfg.dataset.classes is None or cfg.dataset.background_label not in cfg.dataset.classes,
-         f"a list without dataset.background_label {cfg.dataset.background_label!r} (its clips have all-zero "
-         "targets: that output would never see a positive)"),
         *_scoring_checks(cfg.scoring),
         *_logging_checks(cfg.logging),
     ]
@@ -394,11 +400,6 @@ def _validate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: key '{key}' must be {what}")
     if any(f < 0 for f in cfg.dataset.folds):
         raise ConfigError(f"{source}: key 'dataset.folds' must list fold numbers from 0")
-    # A class listed twice gets two outputs, one never trained; a fold listed twice trains and ensembles twice.
-    if (twice := _repeated(cfg.dataset.classes or [])) is not None:
-        raise ConfigError(f"{source}: key 'dataset.classes' lists {twice!r} twice")
-    if (twice := _repeated(cfg.dataset.folds)) is not None:
-        raise ConfigError(f"{source}: key 'dataset.folds' lists fold {twice} twice")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:

@@ -189,7 +189,9 @@ def truncation(log: str, fmt: str = "", frames: int = 0, channels: int = 1, subt
         return f"truncated: the header claims {claimed} frames and the file holds {frames}"
     length, width = re.search(r"^Length\s*:\s*(\d+)", log, re.MULTILINE), _SAMPLE_BYTES.get(subtype)
     offset = _DATA_OFFSET.get(fmt) or (int(m.group(1)) if (m := re.search(r"Data Offset\s*:\s*(\d+)", log)) else 0)
-    if fmt in _DATA_OFFSET and length and width and (int(length.group(1)) - offset) % (width * channels):
+    # libsndfile writes 24-bit PAF in blocks of 10 frames, 32 bytes per channel: the unit a cut shows in
+    unit = 32 * channels if (fmt, subtype) == ("PAF", "PCM_24") else (width or 0) * channels
+    if fmt in _DATA_OFFSET and length and unit and (int(length.group(1)) - offset) % unit:
         return f"truncated: the file ends inside a frame ({int(length.group(1)) - offset} bytes of audio)"
     return ""
 

@@ -116,14 +116,17 @@ def check_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], 
     and torch's refusal of other shapes names neither the setting nor the file. What timm's loader adapts is
     allowed: the ImageNet classifier (a fresh head replaces it) and the stem's input channels."""
     cfg = backbone.pretrained_cfg
-    head = cfg.get("classifier")
-    head = {f"{h}.{p}" for h in ((head,) if isinstance(head, str) else head or ()) for p in ("weight", "bias")}
+    # The classifier's module, and where it is one layer of a head module (LeViT's head.linear beside head.bn),
+    # that whole head: a backbone without classes has none of it, and a fresh head replaces it.
+    classifiers = cfg.get("classifier")
+    heads = tuple(c.rsplit(".", 1)[0] if "." in c else c
+                  for c in ((classifiers,) if isinstance(classifiers, str) else classifiers or ()))
     source_channels = (cfg.get("input_size") or (3,))[0]
     stems = {f"{conv}.weight" for conv in _first_convs(backbone)}
     own = backbone.state_dict()
     # BatchNorm's step counter is left out of many published checkpoints, and a missing one stays at 0 harmlessly
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own and k not in head]
+    unexpected = [k for k in state if k not in own and not any(k.startswith(h + ".") for h in heads)]
     reshaped = []
     for k, tensor in state.items():
         if k not in own or tensor.shape == own[k].shape:

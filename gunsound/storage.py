@@ -469,7 +469,7 @@ def _folder_key(path: str) -> tuple[int, int] | None:
         stat = os.stat(path)
     except OSError:
         return None
-    return stat.st_dev, stat.st_ino
+    return (stat.st_dev, stat.st_ino) if stat.st_ino else None  # 0: the file system gives no identity
 
 
 def _within(path: str, folder: str) -> bool:
@@ -635,12 +635,12 @@ def read_arrow_table(uri: str, columns: list[str] | None = None):
     a column, is a ValueError naming it; a failed read stays an OSError (see `refusal`)."""
     import pyarrow.parquet as pq
 
-    data = read_bytes(uri)
+    data = read_bytes(uri)  # a failed read raises here; past it, whatever the parser says is about the bytes
     try:
         return pq.read_table(io.BytesIO(data), columns=columns)
-    except Exception as exc:
-        raise refusal(uri, exc, f"not a readable Parquet file{' with columns ' + str(columns) if columns else ''}") \
-            from exc
+    except Exception as exc:  # pyarrow calls corrupt data an OSError too
+        what = f"not a readable Parquet file{' with columns ' + str(columns) if columns else ''}"
+        raise ValueError(f"{uri}: {what} ({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
 
 
 def read_parquet(uri: str, columns: list[str] | None = None):
@@ -654,12 +654,13 @@ def read_table(uri: str, *, keep_blank_lines: bool = True):
     what it is not (pandas and pyarrow name neither), a failed read an OSError."""
     import pandas as pd
 
-    data = read_bytes(uri)
+    data = read_bytes(uri)  # a failed read raises here; past it, whatever a parser says is about the bytes
     if not uri.lower().endswith(".csv"):
         try:
             return pd.read_parquet(io.BytesIO(data))
         except Exception as exc:
-            raise refusal(uri, exc, "not a readable Parquet table") from exc
+            raise ValueError(f"{uri}: not a readable Parquet table ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())})") from exc
     try:
         return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, skip_blank_lines=not keep_blank_lines)
     except UnicodeDecodeError as exc:
@@ -670,7 +671,8 @@ def read_table(uri: str, *, keep_blank_lines: bool = True):
     except pd.errors.ParserError as exc:  # its text names the line; the file is ours to name
         raise ValueError(f"{uri}: not a readable CSV table: {' '.join(str(exc).split())}") from exc
     except Exception as exc:
-        raise refusal(uri, exc, "not a readable CSV table") from exc
+        raise ValueError(f"{uri}: not a readable CSV table ({type(exc).__name__}: {' '.join(str(exc).split())})") \
+            from exc
 
 
 def _check_writable(uri: str) -> None:

@@ -263,3 +263,17 @@ def test_a_bad_scoring_override_without_a_run_config_names_the_override(tmp_path
     with pytest.raises(ConfigError, match=r"the default settings \(no config.yaml beside .*\) \(with overrides "
                                           r"scoring.hop_seconds=-1\): key 'scoring.hop_seconds' must be positive"):
         scoring_config(str(tmp_path / "model.pt"), ["scoring.hop_seconds=-1"])
+
+
+def test_a_runs_saved_config_with_repeated_folds_still_loads_for_scoring(tmp_path):
+    """Repeated folds or classes are refused in a config a user writes, not in a run's saved config.yaml,
+    which earlier versions wrote unchecked and which scoring and reports must still read."""
+    from gunsound.scoring import scoring_config
+
+    saved = yaml.safe_load(SEED_CONFIG.read_text())
+    saved["dataset"]["folds"] = [0, 0]
+    (tmp_path / "run" / "fold_0").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert scoring_config(str(tmp_path / "run" / "fold_0"), []).dataset.folds == [0, 0]
+    with pytest.raises(ConfigError, match="key 'dataset.folds' lists fold 0 twice"):
+        load_config(tmp_path / "run" / "config.yaml")

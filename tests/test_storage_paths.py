@@ -183,3 +183,21 @@ def test_a_table_that_cannot_be_parsed_is_named_by_every_reader(tmp_path, name):
                         (list_inputs, InputManifestError)):
         with pytest.raises(error, match=re.escape(f"{path}: not a readable") + ".*" + re.escape(says)):
             read(str(path))
+
+
+def test_a_file_system_without_inode_numbers_lists_every_folder(tmp_path, monkeypatch):
+    """Some network and Windows file systems give every folder inode 0: were that an identity, every folder
+    after the first would count as one already listed."""
+    for folder in ("a", "b", "b/c"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.wav").write_bytes(b"x")
+    real_stat = os.stat
+
+    def no_inodes(path, *args, **kwargs):
+        st = real_stat(path, *args, **kwargs)
+        return os.stat_result((st.st_mode, 0, *tuple(st)[2:]))
+
+    monkeypatch.setattr(storage.os, "stat", no_inodes)
+    files = sorted(Path(uri).relative_to(tmp_path).as_posix() for page in storage.entry_pages(str(tmp_path))
+                   for uri, info in page if info.type == pafs.FileType.File)
+    assert files == ["a/x.wav", "b/c/x.wav", "b/x.wav"]

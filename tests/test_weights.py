@@ -120,6 +120,17 @@ def test_weights_with_the_backbones_names_but_other_shapes_are_refused_by_name(t
     torch.testing.assert_close(backbone.conv_head.weight, own.conv_head.weight)
 
 
+@pytest.mark.parametrize("backbone", ["levit_128s", "efficientnet_b0"])
+def test_a_backbones_own_file_with_a_head_of_several_layers_loads(tmp_path, backbone):
+    """LeViT's head holds a BatchNorm beside its `head.linear` classifier: a backbone without classes has none
+    of it, and the whole head is what a fresh one replaces, not tensors of another model."""
+    from gunsound.model import build_backbone
+
+    torch.manual_seed(0)
+    torch.save(timm.create_model(backbone, pretrained=False).state_dict(), tmp_path / "own.pth")
+    build_backbone(ArchitectureConfig(backbone=backbone, pretrained=True, pretrained_weights=str(tmp_path / "own.pth")))
+
+
 @pytest.mark.parametrize("where", ["timm's loader", "the backbone build"])
 def test_a_load_that_fails_anyway_is_the_same_one_line_error(tmp_path, imagenet_resnet18, monkeypatch, where):
     """Past the check, torch or timm may still refuse the tensors (a RuntimeError of many lines): still a bad
