@@ -261,10 +261,12 @@ def test_a_killed_scoring_job_run_again_ends_with_each_file_once(trained_run, ar
     root, _ = archive
     out = tmp_path / "scored"
     args = [str(trained_run), str(root), str(out), "--set", "scoring.shard_files=1"]
-    run_then_kill(["ray_jobs.score", *args], lambda: len(list((out / "files").glob("*.parquet"))) >= 2,
+    # Killed at its first commit: shards come out of the pipeline in bursts (three, then two, within a second
+    # on 2 cores), so waiting for a second one could see the last burst land before the kill.
+    run_then_kill(["ray_jobs.score", *args], lambda: len(list((out / "files").glob("*.parquet"))) >= 1,
                    tmp_path / "job.log")
     committed = len(list((out / "files").glob("*.parquet")))
-    assert 2 <= committed < 5
+    assert 1 <= committed < 5
     ok_before = int((pd.read_parquet(out / "files")["status"] == "ok").sum())
     assert main(["score", *args]) == 0  # the killed job's lease is recovered: its process is gone
     files = pd.read_parquet(out / "files")
