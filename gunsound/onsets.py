@@ -25,7 +25,7 @@ BAND_HZ = (200.0, 4000.0)  # below: wind and traffic rumble; above: the superson
 MEL_BANDS = 32
 FRAME_SECONDS = 0.005
 WINDOW_SECONDS = 0.02
-SHOT_DETECTOR = "onsets.find_shots 2026-11-29 (5)"  # the scoring job's detector, as scoring outputs record it
+SHOT_DETECTOR = "onsets.find_shots 2026-11-30 (6)"  # the scoring job's detector, as scoring outputs record it
 DECIMATED_HZ = 10_000  # the band (up to 4 kHz) stays well under half the decimated rate
 
 
@@ -467,11 +467,11 @@ def find_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, shortes
     return np.sort(shots)
 
 
-def chunk_onsets(wave: np.ndarray, sr: int, *, read_start: float, starts: np.ndarray, hop: float,
-                 duration: float, threshold_db: float) -> np.ndarray:
-    """The shots (seconds in the file) that a chunk owns: from its first window's start up to where the next
-    chunk's first window starts, or to the file's end for the last chunk; so each shot is found once."""
-    owned_end = starts[-1] + hop
+def chunk_onsets(wave: np.ndarray, sr: int, *, read_start: float, owned_start: float, owned_end: float,
+                 threshold_db: float) -> np.ndarray:
+    """The shots (seconds in the file) that a chunk owns, in [owned_start, owned_end): from its first window's
+    start to the next chunk's, or to the file's end for the last chunk (`windows.plan_chunks`), so each shot is
+    found once. The wave, read from `read_start`, reaches past that span on both sides: a shot's tail at the
+    span's start is heard as the tail of a shot before it, not as a shot at the start of the read."""
     found = find_shots(wave, sr, threshold_db=threshold_db) + read_start
-    last_chunk = owned_end >= duration
-    return found[(found >= starts[0]) & ((found < owned_end) | last_chunk) & (found < duration)]
+    return found[(found >= owned_start) & (found < owned_end)]

@@ -189,8 +189,8 @@ def _read_chunk(path: str, chunk: dict, *, sample_rate: int, window: int, onset_
 def _chunk_shots(wave: np.ndarray, chunk: dict, *, sample_rate: int, threshold_db: float) -> np.ndarray:
     """The shots (seconds in the file) that a read chunk owns, from its plan (`onsets.chunk_onsets`)."""
     return chunk_onsets(wave, sample_rate, read_start=float(chunk["read_start"]),
-                        starts=np.asarray(chunk["starts"], dtype=float), hop=float(chunk["hop"]),
-                        duration=float(chunk["duration"]), threshold_db=threshold_db)
+                        owned_start=float(chunk["starts"][0]), owned_end=float(chunk["owned_end"]),
+                        threshold_db=threshold_db)
 
 
 class _WindowRows:
@@ -250,7 +250,8 @@ def read_chunks(batch: dict[str, np.ndarray], *, sample_rate: int, window_second
     window = int(round(window_seconds * sample_rate))
     rows = _WindowRows(window)
     for i, path in enumerate(batch["path"]):
-        chunk = {k: batch[k][i] for k in ("starts", "read_start", "read_end", "duration", "hop", "first_window")}
+        chunk = {k: batch[k][i] for k in ("starts", "read_start", "read_end", "owned_end", "duration", "hop",
+                                          "first_window")}
         pieces, onsets, error, _ = _read_chunk(str(path), chunk, sample_rate=sample_rate, window=window,
                                                onset_detection=onset_detection,
                                                onset_threshold_db=onset_threshold_db)

@@ -1,8 +1,10 @@
 """Where scoring windows fall in a file, which chunk of work owns each, and cutting them out of a read.
 
 A file is split into chunks (units of work, each read as one frame range) and every chunk into windows. A
-window belongs to the chunk where it starts; a chunk reads one window length past its end, so windows at chunk
-edges are scored once, never lost and never counted twice.
+window belongs to the chunk where it starts; a chunk reads one window length past its last window's start, so
+windows at chunk edges are scored once, never lost and never counted twice. A shot belongs to the chunk whose
+span it falls in (from its first window's start to the next chunk's); each chunk's read reaches a little past
+that span on both sides, so that a shot at an edge is judged by the same sound in both chunks.
 
 This module imports no gunsound module and no Ray: the exported scorer ships it as it is (numpy only).
 """
@@ -22,16 +24,29 @@ def window_starts(duration: float, window: float, hop: float) -> np.ndarray:
     return np.arange(count) * hop
 
 
+# What a chunk reads around the span whose shots it owns: before it, the shot detector's noise floor looks back
+# 3 s, and a shot, ring or burst that began before the edge must be heard as one (not as a new shot at the
+# read's start); after it, a shot just before the edge is judged on its first 100 ms. Reads start on the
+# detector's 5 ms frame grid, so that both chunks place a shot at the same instant.
+SHOT_CONTEXT_BEFORE = 3.0
+SHOT_CONTEXT_AFTER = 0.25
+_FRAME = 0.005
+
+
 def plan_chunks(path: str, duration: float, *, window_seconds: float, hop_seconds: float,
                 read_seconds: float) -> list[dict]:
-    """Chunks of a file: each owns the windows starting inside [start, start + read_seconds)."""
+    """Chunks of a file: each owns the windows starting inside [start, start + read_seconds), and the shots from
+    its first window's start to the next chunk's (`owned_end`; the file's end for the last chunk)."""
     starts = window_starts(duration, window_seconds, hop_seconds)
     chunks = []
     per_chunk = max(1, int(round(read_seconds / hop_seconds)))
     for i in range(0, len(starts), per_chunk):
         owned = starts[i:i + per_chunk]
+        owned_end = float(starts[i + per_chunk]) if i + per_chunk < len(starts) else float(duration)
+        read_start = 0.0 if i == 0 else max(0.0, math.floor((owned[0] - SHOT_CONTEXT_BEFORE) / _FRAME + 1e-6) * _FRAME)
+        read_end = max(float(owned[-1] + window_seconds), min(float(duration), owned_end + SHOT_CONTEXT_AFTER))
         chunks.append({"path": path, "chunk": i // per_chunk, "first_window": i, "starts": owned.tolist(),
-                       "read_start": float(owned[0]), "read_end": float(owned[-1] + window_seconds),
+                       "read_start": read_start, "read_end": read_end, "owned_end": owned_end,
                        "duration": duration, "hop": hop_seconds})
     return chunks
 

@@ -16,7 +16,8 @@ from gunsound.onsets import (
     runs_to_take,
     steady_runs,
 )
-from gunsound.synthesis import generate_archive
+from gunsound.synthesis import WEAPONS, _shot, generate_archive
+from gunsound.windows import plan_chunks
 
 
 def test_onset_detector_recall_and_timing_on_generated_archive(tmp_path):
@@ -36,12 +37,55 @@ def test_onset_detector_recall_and_timing_on_generated_archive(tmp_path):
     assert np.mean([np.abs(truth["time"] - t).min() > 0.02 for t in shots]) <= 0.05
 
     # A chunk finds the shots it owns, and threshold_db decides what counts as one.
-    starts = np.arange(59) * 1.0
-    found = {db: chunk_onsets(wave[: 60 * sr], sr, read_start=0.0, starts=starts, hop=1.0, duration=180.0,
+    found = {db: chunk_onsets(wave[: 60 * sr], sr, read_start=0.0, owned_start=0.0, owned_end=59.0,
                               threshold_db=db) for db in (12.0, 200.0)}
     in_chunk = truth["time"][truth["time"] < 59.0]
     assert len(found[12.0]) >= 0.9 * len(in_chunk) > 0 and len(found[200.0]) == 0
     assert found[12.0].max() < 59.0
+
+
+def _chunked_shots(wave: np.ndarray, sr: int, duration: float, *, window: float, hop: float,
+                   read: float) -> list[float]:
+    """The shots of a file as the scoring job finds them: chunk by chunk, each read as planned."""
+    found: list[float] = []
+    for c in plan_chunks("f.wav", duration, window_seconds=window, hop_seconds=hop, read_seconds=read):
+        a, b = int(round(c["read_start"] * sr)), int(round(c["read_end"] * sr))
+        found += chunk_onsets(wave[a:b], sr, read_start=c["read_start"], owned_start=c["starts"][0],
+                              owned_end=c["owned_end"], threshold_db=12.0).tolist()
+    return sorted(found)
+
+
+@pytest.mark.parametrize(("window", "hop"), [(2.0, 2.0), (2.0, 1.0)])
+@pytest.mark.parametrize("offset", [-0.1, -0.05, -0.02, -0.005, 0.0, 0.005, 0.03])
+def test_a_shot_at_a_chunk_edge_is_found_once(window, hop, offset):
+    """A chunk's read began at its first window, so the tail of a shot fired just before that edge read as a
+    shot at the start of the read: counted by both chunks (a two-shot 'burst' at thousands of rounds per
+    minute). Every shot near the edge is found once, where the whole file finds it."""
+    sr, duration = 32000, 12.0
+    rng = np.random.default_rng(int(offset * 1000) % 97)
+    blast, onset = _shot(WEAPONS["AK-47"], sr, 30.0, rng)
+    blast = blast[int(round(onset * sr)):]
+    wave = 1e-4 * np.random.default_rng(7).standard_normal(int(duration * sr))
+    for t in (1.5, 4.0 + offset, 8.5):
+        at = int(round(t * sr))
+        wave[at:at + len(blast)] += blast[: len(wave) - at]
+    chunked = _chunked_shots(wave.astype(np.float32), sr, duration, window=window, hop=hop, read=4.0)
+    whole = find_shots(wave.astype(np.float32), sr)
+    assert len(chunked) == len(whole) == 3, (chunked, whole)
+    np.testing.assert_allclose(chunked, whole, atol=0.006)
+
+
+@pytest.mark.parametrize(("duration", "shot"), [(10.0, 9.3), (1.5, 1.2), (9.5, 9.2)])
+def test_a_shot_in_the_last_stretch_of_a_file_is_found_with_sliding_windows(duration, shot):
+    """With windows longer than their hop, the last chunk owned shots only up to its last window's start plus a
+    hop: a shot in the file's last (window - hop) seconds, which the last window covers, belonged to no chunk."""
+    sr = 32000
+    blast, onset = _shot(WEAPONS["M4"], sr, 30.0, np.random.default_rng(1))
+    wave = 1e-4 * np.random.default_rng(2).standard_normal(int(duration * sr))
+    at = int(round((shot - onset) * sr))
+    wave[at:at + len(blast)] += blast[: len(wave) - at]
+    found = _chunked_shots(wave.astype(np.float32), sr, duration, window=2.0, hop=1.0, read=4.0)
+    assert len(found) == 1 and abs(found[0] - shot) < 0.01, found
 
 
 def test_bursts_group_shots_and_give_the_rate_of_fire():

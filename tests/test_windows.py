@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gunsound.windows import cut_windows, plan_chunks, window_starts
+from gunsound.windows import SHOT_CONTEXT_AFTER, SHOT_CONTEXT_BEFORE, cut_windows, plan_chunks, window_starts
 
 
 @pytest.mark.parametrize(("duration", "window", "hop", "read"), [
@@ -16,8 +16,14 @@ def test_chunks_own_every_window_exactly_once(duration, window, hop, read):
     owned = np.concatenate([c["starts"] for c in chunks])
     np.testing.assert_allclose(owned, expected)  # none lost, none twice, in order
     assert expected[-1] + window >= duration and (len(expected) == 1 or expected[-1] < duration)
-    for c in chunks:  # each chunk reads exactly the span its windows need
-        assert c["read_start"] == c["starts"][0] and c["read_end"] == c["starts"][-1] + window
+    # The shots' spans tile the file: each chunk's from its first window's start to the next chunk's.
+    assert [c["starts"][0] for c in chunks[1:]] == [c["owned_end"] for c in chunks[:-1]]
+    assert chunks[0]["starts"][0] == 0.0 and chunks[-1]["owned_end"] == duration
+    for c in chunks:  # each chunk reads its windows and the shot detector's context around its span
+        assert c["read_start"] == max(0.0, c["starts"][0] - SHOT_CONTEXT_BEFORE) or c["starts"][0] - c["read_start"] \
+            == pytest.approx(SHOT_CONTEXT_BEFORE, abs=0.005)
+        assert round(c["read_start"] / 0.005, 6) % 1 == 0  # on the detector's 5 ms frame grid
+        assert c["read_end"] == max(c["starts"][-1] + window, min(duration, c["owned_end"] + SHOT_CONTEXT_AFTER))
 
 
 def test_cut_windows_are_zero_padded_where_the_audio_ends():

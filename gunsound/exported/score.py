@@ -64,8 +64,8 @@ def score_file(model: torch.nn.Module, spec: dict, path: str) -> tuple[pd.DataFr
             rows += [{"file": path, "start": float(st), "end": float(min(st + s["window_seconds"], duration)),
                       "probs": p} for st, p in zip(starts, probs, strict=True)]
             if s["onset_detection"]:
-                onsets.append(chunk_onsets(wave, sr, read_start=read_start, starts=starts, hop=chunk["hop"],
-                                           duration=duration, threshold_db=s["onset_threshold_db"]))
+                onsets.append(chunk_onsets(wave, sr, read_start=read_start, owned_start=float(starts[0]),
+                                           owned_end=chunk["owned_end"], threshold_db=s["onset_threshold_db"]))
     except (AudioError, OSError) as exc:
         row, _ = summarize_file(path, 0.0, pd.DataFrame(), np.zeros(0), classes, **summary, error=str(exc))
         return pd.DataFrame(columns=["file", "start", "end", "probs"]), row, []
