@@ -33,14 +33,25 @@ def true_labels(targets: np.ndarray, classes: list[str], background: str) -> lis
     return [classes[int(t.argmax())] if t.max() > 0 else background for t in targets]
 
 
+def has_background(targets: np.ndarray) -> bool:
+    """Whether any row is a background clip (all-zero target)."""
+    return bool(len(targets)) and bool((targets.max(axis=1) == 0).any())
+
+
 def classification_metrics(
-    probs: np.ndarray, targets: np.ndarray, classes: list[str], threshold: float = 0.5, background: str = "background"
+    probs: np.ndarray, targets: np.ndarray, classes: list[str], threshold: float = 0.5, background: str = "background",
+    predict_background: bool | None = None,
 ) -> dict[str, float]:
     """Macro one-vs-rest ROC AUC (over classes with both positives and negatives), accuracy, macro F1 and
-    log loss of the multi-class probabilities."""
-    has_background = bool((targets.max(axis=1) == 0).any())
+    log loss of the multi-class probabilities.
+
+    `predict_background`: whether a row under the threshold is predicted as background. Decide it once for the
+    dataset: left None it follows these targets, so a fold without background clips would score the same
+    predictions differently from the pooled set."""
+    if predict_background is None:
+        predict_background = has_background(targets)
     truth = true_labels(targets, classes, background)
-    pred = predicted_labels(probs, classes, threshold, background if has_background else None)
+    pred = predicted_labels(probs, classes, threshold, background if predict_background else None)
     scorable = [c for c in range(len(classes)) if 0 < targets[:, c].sum() < len(targets)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -56,13 +67,17 @@ def classification_metrics(
 
 
 def per_class_report(
-    probs: np.ndarray, targets: np.ndarray, classes: list[str], threshold: float = 0.5, background: str = "background"
+    probs: np.ndarray, targets: np.ndarray, classes: list[str], threshold: float = 0.5, background: str = "background",
+    predict_background: bool | None = None,
 ) -> dict:
-    """Per-class precision, recall, F1 and support, and the confusion matrix (rows true, columns predicted)."""
-    has_background = bool((targets.max(axis=1) == 0).any())
+    """Per-class precision, recall, F1 and support, and the confusion matrix (rows true, columns predicted);
+    `predict_background` as in `classification_metrics`."""
+    if predict_background is None:
+        predict_background = has_background(targets)
     truth = true_labels(targets, classes, background)
-    pred = predicted_labels(probs, classes, threshold, background if has_background else None)
-    labels = list(classes) + ([background] if has_background or background in pred else [])
+    pred = predicted_labels(probs, classes, threshold, background if predict_background else None)
+    in_play = predict_background or has_background(targets) or background in pred
+    labels = list(classes) + ([background] if in_play else [])
     precision, recall, f1, support = precision_recall_fscore_support(truth, pred, labels=labels, zero_division=0)
     return {
         "labels": labels,
@@ -79,17 +94,20 @@ def mean_and_spread(values: list[float]) -> dict[str, float]:
 
 
 def cross_validated_metrics(oof: pd.DataFrame, classes: list[str], threshold: float = 0.5,
-                            background: str = "background") -> dict:
+                            background: str = "background", predict_background: bool | None = None) -> dict:
     """The cross-validated metrics of out-of-fold predictions (columns `fold`, `prob_<class>`, `true_<class>`):
     each fold's metrics, their mean and spread over folds, the pooled metrics, per-class report and confusion
-    matrix."""
+    matrix. Every fold and the pooled set predict background alike: `predict_background`, or else whether the
+    out-of-fold set as a whole holds background clips."""
     prob_columns, true_columns = [f"prob_{c}" for c in classes], [f"true_{c}" for c in classes]
     probs, targets = oof[prob_columns].to_numpy(), oof[true_columns].to_numpy()
+    if predict_background is None:
+        predict_background = has_background(targets)
     per_fold = {str(k): classification_metrics(part[prob_columns].to_numpy(), part[true_columns].to_numpy(),
-                                               classes, threshold, background)
+                                               classes, threshold, background, predict_background)
                 for k, part in oof.groupby("fold")}
     summary = {name: mean_and_spread([m[name] for m in per_fold.values()])
                for name in ("roc_auc", "accuracy", "f1", "log_loss")}
     return {"per_fold": per_fold, "mean_over_folds": summary,
-            "pooled": classification_metrics(probs, targets, classes, threshold, background),
-            **per_class_report(probs, targets, classes, threshold, background)}
+            "pooled": classification_metrics(probs, targets, classes, threshold, background, predict_background),
+            **per_class_report(probs, targets, classes, threshold, background, predict_background)}

@@ -13,9 +13,16 @@ def make_optimizer(model: torch.nn.Module, *, kind: Literal["AdamW", "Adam", "SG
                    weight_decay: float = 0.0, differential_layers: Sequence[str] = (),
                    differential_learning_rate: float = 0.001) -> torch.optim.Optimizer:
     """Parameters whose names start with one of `differential_layers` get `differential_learning_rate`, the rest
-    `learning_rate`."""
+    `learning_rate`. An entry that names no parameter is refused: a typo would otherwise train every layer at
+    `learning_rate` without a word."""
+    named = list(model.named_parameters())
+    unmatched = [layer for layer in differential_layers if not any(name.startswith(layer) for name, _ in named)]
+    if unmatched:
+        prefixes = sorted({name.split(".")[0] for name, _ in named})
+        raise ValueError(f"training.differential_learning_rate_layers: {unmatched} match no parameter of the "
+                         f"model; its parameter names start with {prefixes}")
     special, base = [], []
-    for name, p in model.named_parameters():
+    for name, p in named:
         (special if any(name.startswith(layer) for layer in differential_layers) else base).append(p)
     groups = [{"params": base, "lr": learning_rate}]
     if special:

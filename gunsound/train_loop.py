@@ -3,8 +3,9 @@ the latest checkpoint, then per epoch train, validate (rank 0), report and check
 
 Rank 0 writes under the fold's folder while it trains:
     metrics.json                 every epoch's metrics so far
-    best_state.pt                the best epoch's weights (training.save_best_checkpoint)
-    valid_predictions.parquet    the last epoch's validation probabilities
+    best_state.pt                the best epoch's weights (training.save_best_checkpoint), after its checkpoint
+    valid_predictions.parquet    at the last epoch: the validation probabilities of the weights the fold exports
+                                 (the best epoch's with training.save_best_checkpoint, else the last epoch's)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import posixpath
 import tempfile
 import time
@@ -78,6 +80,7 @@ class LoopSettings:
     metric: Literal["ROC_AUC", "Accuracy", "F1", "LogLoss"] = "ROC_AUC"
     probability_threshold: float = 0.5
     background_label: str = "background"
+    predict_background: bool = False  # decided once for the dataset: does it hold background clips
     cache_shards: bool = False
     run_dir: str | None = None  # where the live report is refreshed after every epoch; None: no live report
     tracking: TrackingSettings | None = None  # rank 0 logs every epoch to the command's tracked run
@@ -86,7 +89,8 @@ class LoopSettings:
 
     @classmethod
     def from_config(cls, cfg: Config, *, classes: Iterable[str], fold_dir: str, optimizer_steps_per_epoch: int,
-                    cache_shards: bool = False, run_dir: str | None = None) -> LoopSettings:
+                    cache_shards: bool = False, run_dir: str | None = None,
+                    predict_background: bool = False) -> LoopSettings:
         t, a, env = cfg.training, cfg.augmentation, cfg.environment
         return cls(
             classes=tuple(classes), fold_dir=fold_dir, architecture=cfg.architecture, seed=env.seed,
@@ -103,14 +107,15 @@ class LoopSettings:
             mix_iterations=a.mix_iterations if a.mix_audio == "Mixup" else 0, mix_probability=a.mix_probability,
             mix_concentration=a.mix_concentration, mix_target=a.mix_target, metric=cfg.prediction.metric,
             probability_threshold=cfg.prediction.probability_threshold,
-            background_label=cfg.dataset.background_label, cache_shards=cache_shards, run_dir=run_dir,
+            background_label=cfg.dataset.background_label, predict_background=predict_background,
+            cache_shards=cache_shards, run_dir=run_dir,
             tracking=TrackingSettings.from_config(cfg, run_dir) if run_dir else None,
             endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
         )
 
     def metrics_of(self, probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         return classification_metrics(probs, targets, list(self.classes), self.probability_threshold,
-                                      self.background_label)
+                                      self.background_label, self.predict_background)
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
@@ -132,7 +137,9 @@ def training_precision(device: torch.device, mixed_precision: bool) -> tuple[boo
 
 @dataclass
 class TrainState:
-    """What a checkpoint holds: the model (unwrapped), optimizer, schedule, loss scaler and the epochs so far.
+    """What a checkpoint holds: the model (unwrapped), optimizer, schedule, loss scaler and the epochs so far,
+    and with training.save_best_checkpoint the best epoch's weights and validation predictions (in the
+    checkpoint, so that a resume never keeps those of an epoch it discarded).
     Its `state_dict` holds tensors and plain values only, so it loads with `torch.load(weights_only=True)`."""
 
     model: torch.nn.Module
@@ -143,6 +150,8 @@ class TrainState:
     next_epoch: int = 0
     best_score: float | None = None
     best_epoch: int | None = None
+    best_model: dict[str, torch.Tensor] | None = None
+    best_predictions: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def create(cls, s: LoopSettings, device: torch.device, amp: bool, amp_dtype: torch.dtype) -> TrainState:
@@ -160,7 +169,8 @@ class TrainState:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.next_epoch - 1, "history": self.history, "best_score": self.best_score,
-                "best_epoch": self.best_epoch}
+                "best_epoch": self.best_epoch, "best_model": self.best_model,
+                "best_predictions": self.best_predictions}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -169,6 +179,7 @@ class TrainState:
         self.scaler.load_state_dict(state["scaler"])
         self.history, self.next_epoch = state["history"], state["epoch"] + 1
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.best_model, self.best_predictions = state.get("best_model"), state.get("best_predictions")
 
 
 def save_bytes(state: dict) -> bytes:
@@ -193,7 +204,8 @@ def train_one_epoch(model: torch.nn.Module, state: TrainState, batches: Iterable
     optimizer, scheduler, scaler = state.optimizer, state.scheduler, state.scaler
     batch_losses, seen, train_probs, train_targets = [], 0, [], []
     optimizer.zero_grad(set_to_none=True)
-    for step, batch in enumerate(batches):
+    pending = 0  # batches whose gradients wait for the next optimizer step
+    for batch in batches:
         x = batch["features"].to(device, non_blocking=True).unsqueeze(1)
         y = batch["target"].to(device, non_blocking=True)
         x = spec_augment(x, time_mask_frames=s.time_mask_frames, frequency_mask_bins=s.frequency_mask_bins)
@@ -203,14 +215,10 @@ def train_one_epoch(model: torch.nn.Module, state: TrainState, batches: Iterable
             logits = model(x).float()
             loss = loss_fn(logits, y, s.loss_function)
         scaler.scale(loss / s.grad_accumulation).backward()
-        if (step + 1) % s.grad_accumulation == 0:
-            if s.gradient_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.gradient_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+        pending += 1
+        if pending == s.grad_accumulation:
+            _optimizer_step(model, state, s, pending)
+            pending = 0
         batch_losses.append(loss.item())
         seen += len(y)
         if rows_trained is not None and "row" in batch:
@@ -218,6 +226,8 @@ def train_one_epoch(model: torch.nn.Module, state: TrainState, batches: Iterable
         if s.calculate_train_metric:
             train_probs.append(probabilities(logits.detach().float(), s.loss_function).cpu().numpy())
             train_targets.append((y > 0.5).float().cpu().numpy())
+    if pending:  # the epoch's last, partial accumulation: stepped, not dropped (nor carried into the next epoch)
+        _optimizer_step(model, state, s, pending)
     metrics: dict[str, Any] = {
         "epoch": state.next_epoch + 1, "train_loss": float(np.mean(batch_losses)) if batch_losses else float("nan"),
         "train_batch_loss": batch_losses, "lr": float(scheduler.get_last_lr()[0]), "train_clips": seen,
@@ -226,6 +236,22 @@ def train_one_epoch(model: torch.nn.Module, state: TrainState, batches: Iterable
         metrics.update({f"train_{k}": v for k, v in s.metrics_of(np.concatenate(train_probs),
                                                                  np.concatenate(train_targets)).items()})
     return metrics
+
+
+def _optimizer_step(model: torch.nn.Module, state: TrainState, s: LoopSettings, accumulated: int) -> None:
+    """One optimizer and schedule step on `accumulated` batches' gradients, averaged over those batches."""
+    optimizer, scaler = state.optimizer, state.scaler
+    if accumulated != s.grad_accumulation:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(s.grad_accumulation / accumulated)
+    if s.gradient_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.gradient_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable[Batch], loss_function: str, device: torch.device,
@@ -260,7 +286,9 @@ def validate(model: torch.nn.Module, batches: Iterable[Batch], s: LoopSettings, 
 def report_and_checkpoint(state: TrainState, metrics: dict[str, Any], predictions: dict[str, np.ndarray] | None,
                           s: LoopSettings, rank: int, tracker: FoldTracker | None = None) -> None:
     """Report the epoch to Ray Train; rank 0 also tracks the best epoch, writes the fold's files, logs the
-    epoch to the experiment tracker and passes the checkpoint."""
+    epoch to the experiment tracker and passes the checkpoint. An undefined score (NaN: e.g. ROC AUC on a
+    one-class validation set) is never the best, since nothing would ever beat it. best_state.pt is written
+    only once the checkpoint that holds those weights is reported."""
     import ray.train
 
     state.next_epoch += 1
@@ -269,24 +297,43 @@ def report_and_checkpoint(state: TrainState, metrics: dict[str, Any], prediction
         return
     state.history.append(metrics)
     score = metrics.get(METRIC_KEYS[s.metric])
-    if score is not None and (state.best_score is None or _better(score, state.best_score, s.metric)):
+    new_best = (score is not None and math.isfinite(score)
+                and (state.best_score is None or _better(score, state.best_score, s.metric)))
+    if new_best:
         state.best_score, state.best_epoch = float(score), state.next_epoch
         if s.save_best_checkpoint:
-            storage.write_bytes(storage.join(s.fold_dir, "best_state.pt"), save_bytes(state.model.state_dict()))
+            state.best_model = {k: v.detach().cpu().clone() for k, v in state.model.state_dict().items()}
+            state.best_predictions = ({k: torch.from_numpy(np.asarray(v)) for k, v in predictions.items()}
+                                      if predictions is not None else None)
     storage.write_text(storage.join(s.fold_dir, "metrics.json"), json.dumps(state.history, indent=1))
     if s.run_dir:
         _live_report(s.run_dir)
     if tracker is not None:
         _track(tracker, state.next_epoch, metrics)
-    if state.next_epoch == s.epochs and predictions is not None:
-        frame = pd.DataFrame({"row": predictions["row"]})
+    last = state.next_epoch == s.epochs
+    exported = exported_predictions(state, predictions, s)
+    if last and exported is not None:
+        frame = pd.DataFrame({"row": np.asarray(exported["row"])})
         for i, c in enumerate(s.classes):
-            frame[f"prob_{c}"] = predictions["probs"][:, i]
-            frame[f"true_{c}"] = predictions["targets"][:, i]
+            frame[f"prob_{c}"] = np.asarray(exported["probs"])[:, i]
+            frame[f"true_{c}"] = np.asarray(exported["targets"])[:, i]
         storage.write_parquet(frame, storage.join(s.fold_dir, "valid_predictions.parquet"))
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "state.pt").write_bytes(save_bytes(state.state_dict()))
         ray.train.report(scalar_metrics(metrics), checkpoint=ray.train.Checkpoint.from_directory(d))
+    # After the report, and again at the last epoch: the file never holds weights no checkpoint kept, and a
+    # resume that rolled a best epoch back rewrites it from the restored state.
+    if s.save_best_checkpoint and state.best_model is not None and (new_best or last):
+        storage.write_bytes(storage.join(s.fold_dir, "best_state.pt"), save_bytes(state.best_model))
+
+
+def exported_predictions(state: TrainState, predictions: dict[str, np.ndarray] | None,
+                         s: LoopSettings) -> dict[str, Any] | None:
+    """The validation predictions of the weights the fold exports: the best epoch's with save_best_checkpoint
+    (when an epoch had a defined score), else this epoch's."""
+    if s.save_best_checkpoint and state.best_model is not None and state.best_predictions is not None:
+        return state.best_predictions
+    return predictions
 
 
 def train_loop_per_worker(s: LoopSettings) -> None:

@@ -25,7 +25,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -107,19 +106,34 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False, capacity: Cluster
     return ds
 
 
+def optimizer_steps_per_epoch(n_train: int, workers: int, batch_size: int, drop_last_batch: bool,
+                              grad_accumulation: int) -> int:
+    """Optimizer steps a worker takes per epoch: one per `grad_accumulation` batches, and one more for a last,
+    partial accumulation (`train_loop.train_one_epoch` steps it too), so the schedule ends where training does."""
+    per_worker = n_train // workers
+    batches = per_worker // batch_size if drop_last_batch else math.ceil(per_worker / batch_size)
+    return max(1, math.ceil(batches / grad_accumulation))
+
+
+def predicts_background(plan: TrainingPlan) -> bool:
+    """Whether a clip under the probability threshold is predicted as background: decided once for the
+    dataset (its manifest holds background clips), so every fold and the pooled figures score alike."""
+    return bool((plan.manifest.frame["label"] == plan.cfg.dataset.background_label).any())
+
+
 def make_trainer(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset, fold_dir: str, name: str,
                  storage_dir: str, sizing: TrainWorkers, callbacks: list[Any] | None = None,
                  run_dir: str | None = None) -> TorchTrainer:
-    """The Ray Train TorchTrainer for fold k of a plan (also what every Tune trial fits)."""
+    """The Ray Train TorchTrainer for fold k of a plan (also what every Tune trial fits). The schedule is sized
+    from the clips the fold's datasets hold: rows that featurize(drop_bad_rows=True) dropped are in the plan's
+    folds but never trained."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     workers, gpus_per_worker, cpus_per_worker = sizing.workers, sizing.gpus_per_worker, sizing.cpus_per_worker
     t = plan.cfg.training
-    n_valid = int(np.sum(plan.folds == k))
-    n_train = len(plan.folds) - n_valid + (n_valid if t.train_validation_data else 0)
+    n_train, n_valid = train_ds.count(), valid_ds.count()
     per_worker = n_train // workers
-    batches = per_worker // t.batch_size if t.drop_last_batch else math.ceil(per_worker / t.batch_size)
     clip_bytes = 4 * (plan.features.n_mels * mel_frames(plan.audio.chunk_seconds, plan.features)
                       + len(plan.manifest.classes))
     cache_shards = (per_worker + n_valid) * clip_bytes <= plan.cfg.environment.shard_cache_mb * 2**20
@@ -130,7 +144,9 @@ def make_trainer(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Datase
         torch_config=TorchConfig(backend="gloo") if workers == 1 else None,
         train_loop_config=LoopSettings.from_config(
             plan.cfg, classes=plan.manifest.classes, fold_dir=fold_dir, run_dir=run_dir, cache_shards=cache_shards,
-            optimizer_steps_per_epoch=max(1, batches // t.grad_accumulation)),
+            predict_background=predicts_background(plan),
+            optimizer_steps_per_epoch=optimizer_steps_per_epoch(n_train, workers, t.batch_size, t.drop_last_batch,
+                                                                t.grad_accumulation)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=gpus_per_worker > 0,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
@@ -169,15 +185,20 @@ def fit_fold(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset, s
             os.environ[WORKER_GROUP_START_TIMEOUT_VAR] = before
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    model_weights = state["model"]
-    best = storage.join(fold_dir, "best_state.pt")
-    if t.save_best_checkpoint and storage.exists(best):
-        model_weights = storage.read_torch(best)
+    model_weights, epoch = exported_weights(state, t.save_best_checkpoint)
     ModelArtifact(classes=plan.manifest.classes, features=plan.features, chunk_seconds=plan.audio.chunk_seconds,
                   architecture=plan.cfg.architecture, loss_function=t.loss_function, state_dict=model_weights,
-                  fold=int(k), best_epoch=state.get("best_epoch")).save(storage.join(fold_dir, "model.pt"))
+                  fold=int(k), best_epoch=epoch).save(storage.join(fold_dir, "model.pt"))
     return {"epochs": [scalar_metrics(m) for m in state["history"]], "final": scalar_metrics(state["history"][-1]),
             "workers": state["history"][-1].get("workers", [])}
+
+
+def exported_weights(state: dict, save_best_checkpoint: bool) -> tuple[dict, int]:
+    """The weights a fold exports from its last checkpoint and the epoch (1-based) they are from: the best
+    epoch's with save_best_checkpoint (when any epoch had a defined score), else the last epoch's."""
+    if save_best_checkpoint and state.get("best_model") is not None:
+        return state["best_model"], int(state["best_epoch"])
+    return state["model"], int(state["epoch"]) + 1
 
 
 def describe_worker(worker: dict) -> str:
@@ -198,7 +219,8 @@ def cross_validate(plan: TrainingPlan) -> dict:
     oof.insert(2, "label", manifest.loc[oof["row"], "label"].to_numpy())
     storage.write_parquet(oof, storage.join(plan.output, "oof_predictions.parquet"))
     return {"folds": plan.fold_ids, **cross_validated_metrics(
-        oof, classes, plan.cfg.prediction.probability_threshold, plan.cfg.dataset.background_label)}
+        oof, classes, plan.cfg.prediction.probability_threshold, plan.cfg.dataset.background_label,
+        predicts_background(plan))}
 
 
 def fold_datasets(plan: TrainingPlan, ds: Dataset, k: int) -> tuple[Dataset, Dataset]:
