@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote_plus, urlsplit
 
 import yaml
 
@@ -284,6 +285,11 @@ def _scoring_checks(sc: ScoringConfig) -> list[tuple[str, bool, str]]:
          "positive (or left out for the training chunk)"),
         ("scoring.hop_seconds", sc.hop_seconds is None or sc.hop_seconds > 0,
          "positive (or left out for half a window)"),
+        # Where the window is left out it is the model's chunk, known only when scoring resolves it.
+        ("scoring.hop_seconds", sc.hop_seconds is None or sc.window_seconds is None
+         or sc.hop_seconds <= sc.window_seconds,
+         "at most scoring.window_seconds (a longer hop leaves audio between windows unscored and starts windows "
+         "past a file's end)"),
         ("scoring.read_seconds", sc.read_seconds > 0, "positive"),
         ("scoring.batch_size", sc.batch_size >= 1, "at least 1"),
         ("scoring.shard_files", sc.shard_files >= 1, "at least 1"),
@@ -293,14 +299,65 @@ def _scoring_checks(sc: ScoringConfig) -> list[tuple[str, bool, str]]:
     ]
 
 
-def _logging_checks(lg: LoggingConfig) -> list[tuple[str, bool, str]]:
-    from urllib.parse import urlsplit
+# Query keys that carry a secret (compared lower-case, whole or as a part between _ - .): a tracking URI's
+# query is logged and written to OUTPUT/tracking.json, so credentials never go there.
+SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "token", "secret", "key", "sig", "signature", "auth",
+                               "credential", "credentials", "apikey", "accesskey", "secretkey"})
 
+
+def _query_parts(query: str) -> list[tuple[str, bool]]:
+    """(key, has a value) of each `&`- or `;`-separated part of a URI's query, the key percent-decoded."""
+    return [(unquote_plus(part.split("=", 1)[0]), "=" in part) for part in re.split("[&;]", query) if part]
+
+
+def secret_query_keys(uri: str) -> list[str]:
+    """The keys of `uri`'s query that carry a secret (see SECRET_QUERY_KEYS), as written."""
+    try:
+        query = urlsplit(uri).query
+    except ValueError:
+        return []
+    return [key for key, _ in _query_parts(query)
+            if key.lower() in SECRET_QUERY_KEYS or SECRET_QUERY_KEYS & set(re.split(r"[_\-.]", key.lower()))]
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` fit to log or write: without user information or fragment, every query value masked
+    (`postgresql://u:p@db/mlflow?user=u` -> `postgresql://db/mlflow?user=***`). A URI without these is unchanged."""
+    try:
+        split = urlsplit(uri)
+    except ValueError:  # not parseable (an unclosed [ in the host): nothing of it is shown
+        return "<a tracking URI that is not valid>"
+    base = uri.split("#", 1)[0].split("?", 1)[0]
+    if "@" in split.netloc:
+        base = base.replace(f"//{split.netloc}", f"//{split.netloc.rsplit('@', 1)[1]}", 1)
+    if not split.query:
+        return base
+    masked = [f"{key}=***" if has_value else "***" for key, has_value in _query_parts(split.query)]
+    return f"{base}?{'&'.join(masked)}"
+
+
+def _tracking_uri_credentials(uri: str | None) -> str:
+    """What in a tracking URI is a credential, named without its value; "" when nothing is."""
+    if uri is None:
+        return ""
+    try:
+        split = urlsplit(uri)
+        userinfo = split.username or split.password
+    except ValueError:
+        return ""
+    if userinfo:
+        return "user information (user:password@)"
+    keys = secret_query_keys(uri)
+    return f"query key(s) {', '.join(repr(k) for k in keys)}" if keys else ""
+
+
+def _logging_checks(lg: LoggingConfig) -> list[tuple[str, bool, str]]:
+    credentials = _tracking_uri_credentials(lg.tracking_uri)
     return [
         ("logging.tracking_uri", lg.tracking_uri is None or lg.logger == "MLflow", "left out unless logging.logger is MLflow"),
-        ("logging.tracking_uri", lg.tracking_uri is None or not (urlsplit(lg.tracking_uri).username
-                                                                 or urlsplit(lg.tracking_uri).password),
-         "free of credentials (MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN from the environment)"),
+        ("logging.tracking_uri", not credentials,
+         f"free of credentials, found {credentials} (MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN from the "
+         "environment)"),
         ("logging.neptune_project", lg.logger != "Neptune" or "/" in lg.neptune_project,
          "a Neptune project as workspace/project when logging.logger is Neptune"),
     ]
@@ -369,7 +426,8 @@ def _validate(cfg: Config, source: str) -> None:
         ("training.batch_size", cfg.training.batch_size >= 1, "at least 1"),
         ("training.grad_accumulation", cfg.training.grad_accumulation >= 1, "at least 1"),
         ("training.learning_rate", cfg.training.learning_rate > 0, "positive"),
-        ("training.evaluation_epochs", cfg.training.evaluation_epochs > 0, "positive"),
+        ("training.evaluation_epochs", cfg.training.evaluation_epochs >= 1 and float(cfg.training.evaluation_epochs)
+         .is_integer(), "a whole number of epochs, at least 1 (validation runs at an epoch's end)"),
         ("dataset.validation_size", 0 < cfg.dataset.validation_size < 1, "between 0 and 1"),
         ("dataset.data_sample", 0 < cfg.dataset.data_sample <= 1, "in (0, 1]"),
         ("dataset.label_columns", len(cfg.dataset.label_columns) >= 1, "a non-empty list"),
@@ -421,6 +479,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
     return path, value
+
+
+def shown_overrides(overrides: list[str]) -> list[str]:
+    """Overrides as an error message may show them: a value that is a URI redacted (`redact_uri`), so that a
+    refused credential is not printed."""
+    shown = []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        shown.append(f"{key}{sep}{redact_uri(value)}" if "://" in value else text)
+    return shown
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -528,7 +596,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         apply_overrides(data, overrides or [])
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    source = f"{path}" + (f" (with overrides {', '.join(overrides)})" if overrides else "")
+    source = f"{path}" + (f" (with overrides {', '.join(shown_overrides(overrides))})" if overrides else "")
     cfg = config_from_dict(data, source)
     check_dataset_sources(cfg.dataset, source)
     check_logger_installed(cfg.logging, source)

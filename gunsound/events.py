@@ -15,6 +15,12 @@ def summarize_file(path: str, duration: float, windows: pd.DataFrame, onsets: np
     whose probabilities all stay under the threshold is 'no gunshot'; an onset inside a gunshot window becomes
     an event of that window's class. `method` "Fix" ranks classes by their mean over the file, "Sliding" by
     their peak."""
+    probs = np.stack(windows["probs"].to_numpy()) if not (error or windows.empty) else np.zeros((0, len(classes)))
+    # A model that overflows (fp16 on a GPU) gives NaN or inf: maxima, means, a top class and shots made from
+    # such windows would be made up, so the file is an error instead.
+    broken = int((~np.isfinite(probs)).any(axis=1).sum())
+    if broken:
+        error = f"the model gave non-finite probabilities for {broken} of {len(probs)} windows"
     row = {"file": path, "duration": duration, "status": "error" if error else "ok", "error": error,
            "windows": len(windows), "top_class": "", "top_probability": float("nan"), "shots": 0,
            "gunshot_windows": 0, "note": ""}
@@ -22,7 +28,6 @@ def summarize_file(path: str, duration: float, windows: pd.DataFrame, onsets: np
         for c in classes:
             row[f"max_{c}"] = row[f"mean_{c}"] = float("nan")
         return row, []
-    probs = np.stack(windows["probs"].to_numpy())
     weights = (windows["end"] - windows["start"]).to_numpy()
     mean = (probs * weights[:, None]).sum(axis=0) / max(weights.sum(), 1e-9)
     peak = probs.max(axis=0)
@@ -51,7 +56,7 @@ def summarize_file(path: str, duration: float, windows: pd.DataFrame, onsets: np
 
 
 def bursts(events: list[dict], max_gap: float = 0.5) -> None:
-    """Group shots (sorted by time) less than max_gap apart into bursts, in place: each event gets its burst
+    """Group shots (sorted by time) at most max_gap apart into bursts, in place: each event gets its burst
     number, the burst's shot count and its rate of fire, 60 / median interval."""
     members: list[dict] = []
     groups: list[list[dict]] = []

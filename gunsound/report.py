@@ -288,10 +288,11 @@ def plot_timeline(path: str, windows: pd.DataFrame, events: list[dict], classes:
     if len(windows):
         centres = ((windows["start"] + windows["end"]) / 2).to_numpy()
         probs = np.stack(windows["probs"].to_numpy())
-        for i in classes_to_draw(probs, threshold):
-            axes[2].plot(centres, probs[:, i], marker=".", label=classes[i])
-        axes[2].axhline(threshold, color="grey", ls="--", lw=0.8, label=f"threshold {threshold:g}")
-        axes[2].legend(fontsize=7, loc="upper right")
+        drawn = classes_to_draw(probs, threshold)
+        lines = [axes[2].plot(centres, probs[:, i], marker=".", label=classes[i])[0] for i in drawn]
+        lines.append(axes[2].axhline(threshold, color="grey", ls="--", lw=0.8, label=f"threshold {threshold:g}"))
+        # Handles and labels given outright: legend() left to itself hides every label that starts with "_".
+        axes[2].legend(lines, [line.get_label() for line in lines], fontsize=7, loc="upper right")
     axes[2].set(xlabel="time (s)", ylabel="probability", ylim=(0, 1.02))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")

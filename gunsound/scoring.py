@@ -110,6 +110,9 @@ class ScoringSettings:
             hop = sc.hop_seconds or window / 2
         if hop <= 0 or window <= 0:
             raise ConfigError("scoring: window_seconds and hop_seconds must be positive")
+        if hop > window:  # the audio between windows would go unscored, and a window could start past the end
+            raise ConfigError(f"scoring.hop_seconds ({hop:g}) must be at most the window ({window:g} s"
+                              f"{'' if sc.window_seconds else ', the model chunk'})")
         return cls(method=p.inference_chunk_method, window_seconds=float(window), hop_seconds=float(hop),
                    read_seconds=max(sc.read_seconds, window), threshold=p.probability_threshold,
                    batch_size=sc.batch_size, shard_files=sc.shard_files, onset_detection=sc.onset_detection,
@@ -125,7 +128,7 @@ class ScoringSettings:
 def scoring_config(model_location: str, overrides: list[str]) -> Config:
     """The settings scoring uses: the training run's resolved config.yaml when MODEL is a run, else the
     defaults, with --set overrides on top."""
-    from gunsound.config import apply_overrides, config_from_dict, parse_config_yaml
+    from gunsound.config import apply_overrides, config_from_dict, parse_config_yaml, shown_overrides
 
     data: dict = {}
     source = f"the default settings (no config.yaml beside {model_location})"
@@ -139,7 +142,7 @@ def scoring_config(model_location: str, overrides: list[str]) -> Config:
     saved_scoring = data.get("scoring") or {}
     if isinstance(saved_scoring, dict) and "chunk_seconds" in saved_scoring:  # before it was named read_seconds
         saved_scoring.setdefault("read_seconds", saved_scoring.pop("chunk_seconds"))
-    source += f" (with overrides {', '.join(overrides)})" if overrides else ""
+    source += f" (with overrides {', '.join(shown_overrides(overrides))})" if overrides else ""
     try:
         apply_overrides(data, overrides)
     except ConfigError as exc:

@@ -249,11 +249,12 @@ def commit_shard(output: str, name: str, shard: list[str], headers: dict[str, tu
                                           threshold=threshold, error=error)
         if error.startswith(SKIPPED):  # listed under the input, not audio this reader takes
             row["status"] = "skipped"
-        if not error and duration < window_seconds:
+        failed = bool(row["error"])  # its own, or the summary's (non-finite probabilities)
+        if not failed and duration < window_seconds:
             row["note"] = f"shorter than a window ({duration:.2f} s < {window_seconds:g} s): zero-padded"
         rows.append(row)
         events.extend(file_events)
-        kept[a:b] = not error
+        kept[a:b] = not failed
     window_schema = pa.schema([*WINDOW_SCHEMA_FIXED, *[(f"prob_{c}", pa.float64()) for c in classes]])
     ok = windows[kept]
     probs = np.stack(ok["probs"].to_numpy()) if len(ok) else np.zeros((0, len(classes)))

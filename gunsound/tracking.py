@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from gunsound import storage
-from gunsound.config import Config, ConfigError
+from gunsound.config import Config, ConfigError, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,24 @@ def _read_state(settings: TrackingSettings) -> dict[str, Any]:
     if not storage.exists(uri):
         return {}
     state = json.loads(storage.read_text(uri))
-    return state if state.get("logger") == settings.logger and state.get("tracking_uri") == settings.tracking_uri \
-        else {}
+    # tracking.json keeps the URI redacted (earlier versions wrote it whole): compared as redacted.
+    written = state.get("tracking_uri")
+    same_store = (None if written is None else redact_uri(written)) == _shown_uri(settings)
+    return state if state.get("logger") == settings.logger and same_store else {}
+
+
+def _shown_uri(settings: TrackingSettings) -> str | None:
+    """The tracking URI as it may be logged or written (`config.redact_uri`); the settings keep it whole for the
+    client."""
+    return None if settings.tracking_uri is None else redact_uri(settings.tracking_uri)
+
+
+def _loggable(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config as trackers log it: its tracking URI redacted."""
+    uri = config.get("logging", {}).get("tracking_uri")
+    if uri is None:
+        return config
+    return {**config, "logging": {**config["logging"], "tracking_uri": redact_uri(uri)}}
 
 
 def _parent_id(settings: TrackingSettings) -> str:
@@ -378,6 +394,7 @@ def start_run(settings: TrackingSettings | None, config: dict[str, Any]) -> None
     config; the run's id goes to OUTPUT/tracking.json for the folds' workers."""
     if settings is None:
         return
+    config = _loggable(config)
     if settings.logger == "MLflow":
         run_id = _mlflow_start(settings, config)
     elif settings.logger == "TensorBoard":
@@ -386,9 +403,9 @@ def start_run(settings: TrackingSettings | None, config: dict[str, Any]) -> None
     else:
         run_id = _neptune_start(settings, config)
     storage.write_text(_state_uri(settings), json.dumps(
-        {"logger": settings.logger, "tracking_uri": settings.tracking_uri, "run_id": run_id}, indent=1))
+        {"logger": settings.logger, "tracking_uri": _shown_uri(settings), "run_id": run_id}, indent=1))
     log.info("tracking: %s run %s%s", settings.logger, run_id,
-             f" at {settings.tracking_uri}" if settings.tracking_uri else "")
+             f" at {_shown_uri(settings)}" if settings.tracking_uri else "")
 
 
 def finish_run(settings: TrackingSettings | None, results: dict[str, Any] | None, failed: bool = False) -> None:

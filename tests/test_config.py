@@ -111,6 +111,46 @@ def test_tracking_credentials_are_refused_in_the_config():
         load_config(SEED_CONFIG, ["logging.logger=MLflow", "logging.tracking_uri=https://me:secret@mlflow:5000"])
 
 
+@pytest.mark.parametrize(("uri", "key"), [
+    ("postgresql://mlflow-db/mlflow?user=mlflow&password=hunter2", "password"),
+    ("mysql+pymysql://mlflow-db/mlflow?PassWd=hunter2", "PassWd"),
+    ("https://mlflow.example:5000/?token=hunter2", "token"),
+    ("https://mlflow.example:5000/?x-api-key=hunter2", "x-api-key"),
+    ("https://mlflow.example:5000/?sv=2024&sig=hunter2", "sig"),
+    ("https://mlflow.example:5000/?AWS_SECRET_KEY=hunter2", "AWS_SECRET_KEY"),
+    ("https://mlflow.example:5000/?credentials=hunter2", "credentials"),
+])
+def test_secrets_in_a_tracking_uris_query_are_refused_and_never_printed(uri, key):
+    """The URI is logged and written to OUTPUT/tracking.json: a secret in its query would go there too. The
+    error names the key, and shows neither the value nor the override that carried it."""
+    with pytest.raises(ConfigError, match=rf"'logging.tracking_uri' must be free of credentials, found query "
+                                          rf"key\(s\) '{re.escape(key)}'") as refused:
+        load_config(SEED_CONFIG, ["logging.logger=MLflow", f"logging.tracking_uri={uri}"])
+    assert "hunter2" not in str(refused.value)
+    # Keys that only look alike, and settings that are no secret, load.
+    plain = "postgresql://mlflow-db/mlflow?sslmode=require&user=mlflow&keyspace=x&sslkey=/etc/client.key"
+    assert load_config(SEED_CONFIG, ["logging.logger=MLflow", f"logging.tracking_uri={plain}"]).logging.tracking_uri \
+        == plain
+
+
+def test_user_information_in_a_tracking_uri_is_not_printed():
+    with pytest.raises(ConfigError, match="found user information") as refused:
+        load_config(SEED_CONFIG, ["logging.logger=MLflow", "logging.tracking_uri=https://me:hunter2@mlflow:5000"])
+    assert "hunter2" not in str(refused.value) and "me:" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("https://me:pw@mlflow:5000/api?a=1&b&c=#frag", "https://mlflow:5000/api?a=***&***&c=***"),
+    ("postgresql://db/mlflow?user=mlflow", "postgresql://db/mlflow?user=***"),
+    ("sqlite:////runs/a b/mlflow.db", "sqlite:////runs/a b/mlflow.db"),
+    ("databricks", "databricks"),
+])
+def test_redact_uri_keeps_no_user_information_and_no_query_values(uri, shown):
+    from gunsound.config import redact_uri
+
+    assert redact_uri(uri) == shown
+
+
 def test_a_logger_whose_package_is_missing_fails_at_config_time():
     import importlib.util
 
@@ -128,6 +168,17 @@ def test_a_logger_whose_package_is_missing_fails_at_config_time():
 def test_scoring_batch_and_shard_sizes_must_be_positive(key, value):
     with pytest.raises(ConfigError, match=rf"'{key}' must be at least 1"):
         load_config(SEED_CONFIG, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize(("window", "hop"), [(1, 4), (2, 2.5), (0.5, 0.51)])
+def test_a_scoring_hop_longer_than_the_window_is_refused(window, hop):
+    """A longer hop leaves audio unscored and can start a window past a file's end, whose negative weight then
+    skews the file's means. A hop of a whole window, or one without a window (the model's chunk, resolved when
+    scoring), loads."""
+    with pytest.raises(ConfigError, match=r"'scoring.hop_seconds' must be at most scoring.window_seconds"):
+        load_config(SEED_CONFIG, [f"scoring.window_seconds={window}", f"scoring.hop_seconds={hop}"])
+    assert load_config(SEED_CONFIG, [f"scoring.window_seconds={window}", f"scoring.hop_seconds={window}"])
+    assert load_config(SEED_CONFIG, [f"scoring.hop_seconds={hop}"]).scoring.window_seconds is None
 
 
 @pytest.mark.parametrize("override", ["logging.number_of_audios=3", "storage.region=eu-west-1"])
@@ -277,3 +328,23 @@ def test_a_runs_saved_config_with_repeated_folds_still_loads_for_scoring(tmp_pat
     assert scoring_config(str(tmp_path / "run" / "fold_0"), []).dataset.folds == [0, 0]
     with pytest.raises(ConfigError, match="key 'dataset.folds' lists fold 0 twice"):
         load_config(tmp_path / "run" / "config.yaml")
+
+
+@pytest.mark.parametrize(("value", "ok"), [(1, True), (3, True), (0.5, False), (2.5, False), (0, False)])
+def test_evaluation_epochs_is_a_whole_number_of_epochs(value, ok):
+    """Validation runs at an epoch's end: 0.5 was rounded to 1 and 2.5 to 2 without a word."""
+    overrides = [f"training.evaluation_epochs={value}"]
+    if ok:
+        assert load_config(LAPTOP_CONFIG, overrides).training.evaluation_epochs == value
+    else:
+        with pytest.raises(ConfigError, match="key 'training.evaluation_epochs' must be a whole number"):
+            load_config(LAPTOP_CONFIG, overrides)
+
+
+def test_a_hop_longer_than_the_models_chunk_is_refused_where_the_window_is_resolved():
+    from gunsound.scoring import ScoringSettings
+
+    cfg = load_config(LAPTOP_CONFIG, ["prediction.inference_chunk_method=Sliding", "scoring.hop_seconds=3"])
+    with pytest.raises(ConfigError, match=r"scoring.hop_seconds \(3\) must be at most the window \(2 s, the model"):
+        ScoringSettings.from_config(cfg, model_chunk_seconds=2.0)
+    assert ScoringSettings.from_config(cfg, model_chunk_seconds=4.0).hop_seconds == 3.0

@@ -105,3 +105,21 @@ def test_timeline_of_a_file_with_no_gunshot_draws_without_warnings(tmp_path, rec
     plot_timeline(str(clip), windows, [], CLASSES, params, 0.5, str(tmp_path / "t.png"))
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert not [w for w in recwarn if "legend" in str(w.message).lower()]
+
+
+@pytest.mark.parametrize("classes", [["_AK-47 (suppressed)", "M4", "Glock"], ["__init__", "_", "b"]])
+def test_timeline_legend_names_every_class_drawn_even_one_starting_with_an_underscore(tmp_path, monkeypatch, classes):
+    """matplotlib leaves out of a legend every label that starts with "_"."""
+    from gunsound import report
+
+    figures, close = [], report.plt.close
+    monkeypatch.setattr(report.plt, "close", figures.append)  # kept open to read its legend
+    clip = _clips(tmp_path / "clips", 1)[0]
+    windows = pd.DataFrame({"start": [0.0, 0.5], "end": [1.0, 1.0], "probs": [np.array([0.9, 0.6, 0.4])] * 2})
+    params = FeatureParams(16000, 512, 160, 32, 50.0, 7000.0, False)
+    plot_timeline(str(clip), windows, [], classes, params, 0.5, str(tmp_path / "t.png"))
+    try:
+        legend = [t.get_text() for t in figures[0].axes[2].get_legend().get_texts()]
+    finally:
+        close(figures[0])
+    assert legend == [*classes, "threshold 0.5"]

@@ -200,3 +200,16 @@ def test_the_summary_counts_the_shots_of_this_inputs_files_only(tmp_path):
     resumed = write_summary(str(tmp_path), InputScope(folder="/a"), skipped=1, started=started, model_seconds=0.0,
                             scorer_actors=1, devices=["cpu"], scored_seconds=5.0)
     assert resumed.audio_hours * 3600 == 10.0 and 2.0 < 5.0 / resumed.audio_seconds_per_second < 3.0
+
+
+def test_a_file_whose_windows_the_model_gave_nan_is_an_error_without_windows(tmp_path):
+    """The summary makes such a file an error row; its NaN windows are not kept beside it, nor a padding note."""
+    chunks = _chunks("a.wav", 1.0, 2.0, 60.0)
+    rows = _rows("a.wav", chunks[0], [0], 0, 1)
+    rows["probs"] = np.full((1, 2), np.nan)
+    committer = _committer(str(tmp_path), 1)
+    committer.add(rows)
+    committer.finish()
+    row = pd.read_parquet(tmp_path / "files").iloc[0]
+    assert row["status"] == "error" and "non-finite probabilities" in row["error"] and row["note"] == ""
+    assert len(pd.read_parquet(tmp_path / "windows")) == 0 and len(pd.read_parquet(tmp_path / "events")) == 0

@@ -212,3 +212,35 @@ def test_a_run_that_fails_while_opening_is_closed_as_failed(tmp_path):
     client = MlflowClient(tracking_uri=settings.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("laptop").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"] and not (out / "tracking.json").exists()
+
+
+def test_a_tracking_uri_is_logged_and_written_redacted(tmp_path, monkeypatch, caplog):
+    """The URI's query may hold a database user or settings: tracking.json, the log and the logged config keep its
+    keys only. A rerun still finds its run, also from a tracking.json that an earlier version wrote whole."""
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # a served store's artifacts default to ./mlruns
+    uri = f"sqlite:///{tmp_path / 'store.db'}?timeout=30"
+    cfg = load_config(LAPTOP_CONFIG, ["logging.logger=MLflow", f"logging.tracking_uri={uri}"])
+    out = tmp_path / "run"
+    settings = TrackingSettings.from_config(cfg, str(out))
+    assert settings.tracking_uri == uri  # the client gets it whole
+    shown = f"sqlite:///{tmp_path / 'store.db'}?timeout=***"
+    with caplog.at_level("INFO", logger="gunsound.tracking"):
+        tracking.start_run(settings, cfg.to_dict())
+    state = json.loads((out / "tracking.json").read_text())
+    assert state["tracking_uri"] == shown
+    assert "timeout=30" not in caplog.text and f"at {shown}" in caplog.text
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(state["run_id"])
+    assert run.data.params["logging.tracking_uri"] == shown
+    with open(client.download_artifacts(state["run_id"], "config.json", str(tmp_path))) as f:
+        logged = json.load(f)
+    assert logged["logging"]["tracking_uri"] == shown
+    tracking.finish_run(settings, None, failed=True)
+
+    tracking.start_run(settings, cfg.to_dict())
+    assert json.loads((out / "tracking.json").read_text())["run_id"] == state["run_id"]
+    (out / "tracking.json").write_text(json.dumps(state | {"tracking_uri": uri}))
+    tracking.start_run(settings, cfg.to_dict())
+    assert json.loads((out / "tracking.json").read_text()) == state

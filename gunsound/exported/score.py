@@ -71,6 +71,8 @@ def score_file(model: torch.nn.Module, spec: dict, path: str) -> tuple[pd.DataFr
         return pd.DataFrame(columns=["file", "start", "end", "probs"]), row, []
     windows = pd.DataFrame(rows)
     row, events = summarize_file(path, duration, windows, np.concatenate(onsets), classes, **summary)
+    if row["status"] == "error":  # non-finite probabilities: the job keeps no windows of such a file either
+        windows = windows.iloc[0:0]
     return windows, row, events
 
 
