@@ -244,7 +244,7 @@ def test_rescoring_into_one_output_resumes_retries_errors_and_refuses_other_sett
     before = (out / "files").stat().st_mtime_ns, (out / "fingerprint.json").read_text()
     capsys.readouterr()
     for args, named in [(["--set", "prediction.probability_threshold=0.3"], "threshold 0.5 -> 0.3"),
-                        (["--set", "scoring.window_seconds=0.5"], "window_seconds 1.0 -> 0.5"),
+                        (["--set", "scoring.window_seconds=1.5"], "window_seconds 1.0 -> 1.5"),
                         ([], "model (")]:
         model = model_b if not args else model_a
         assert main(["score", model, str(inputs), str(out), *SLIDING, *args]) == 4

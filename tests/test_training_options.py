@@ -74,7 +74,7 @@ def test_mixup_mixes_power_and_targets():
 def test_loop_settings_carry_the_config_as_plain_values_and_pickle():
     import pickle
 
-    cfg = cfg_with("augmentation.mix_audio=Mixup", "augmentation.mix_iterations=2", "training.evaluation_epochs=2.4",
+    cfg = cfg_with("augmentation.mix_audio=Mixup", "augmentation.mix_iterations=2", "training.evaluation_epochs=2",
                    "training.differential_learning_rate_layers=[backbone]", "augmentation.time_mask_frames=8")
     s = LoopSettings.from_config(cfg, classes=["a", "b"], fold_dir="/tmp/fold_0", optimizer_steps_per_epoch=7,
                                  cache_shards=True)
