@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class ClusterCapacity:
     live: dict[str, float]
     node_types: tuple[NodeType, ...] = ()
     live_nodes: int = 1
+    live_largest: dict[str, float] = field(default_factory=dict)  # the most of each resource one live node holds
 
     def most(self, resource: str) -> float:
         """The most of a resource the cluster can ever hold at once: live, or every node type at its maximum."""
@@ -60,7 +61,9 @@ class ClusterCapacity:
     def per_node(self, resource: str) -> float:
         """The most of a resource one node can hold (live or launchable): what one worker can ask for."""
         amounts = [t.resources.get(resource, 0.0) for t in self.node_types if t.max_workers != 0]
-        return max([*amounts, float(self.live.get(resource, 0.0)) if not self.node_types else 0.0])
+        # A live node counts as much as a launchable one (a GPU on the head, say): `most` counts it too.
+        live = self.live_largest.get(resource, 0.0 if self.node_types else float(self.live.get(resource, 0.0)))
+        return max([*amounts, live])
 
     def describe(self) -> str:
         live = ", ".join(f"{k} {v:g}" for k, v in sorted(self.live.items()) if k in ("CPU", "GPU")) or "nothing"
@@ -121,8 +124,14 @@ def cluster_capacity() -> ClusterCapacity:
     import ray
 
     live = {k: float(v) for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    return ClusterCapacity(live, _gcs_node_types() or launcher_node_types(), live_nodes=nodes)
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    largest: dict[str, float] = {}
+    for node in alive:
+        for k, v in (node.get("Resources") or {}).items():
+            if not k.startswith("node:"):
+                largest[k] = max(largest.get(k, 0.0), float(v))
+    return ClusterCapacity(live, _gcs_node_types() or launcher_node_types(), live_nodes=len(alive),
+                           live_largest=largest)
 
 
 @dataclass(frozen=True)

@@ -98,3 +98,18 @@ def test_the_autoscaling_config_is_read_from_the_named_file(tmp_path, monkeypatc
     monkeypatch.setenv(AUTOSCALING_CONFIG_VAR, str(tmp_path / "missing.yaml"))
     with pytest.raises(ResourceError, match="missing.yaml: no such file"):
         launcher_node_types()
+
+
+def test_a_gpu_on_a_live_node_fits_a_worker_even_where_only_cpu_types_may_be_launched():
+    """A GPU on the head node, CPU-only worker types: `device: auto` chose the GPU (the cluster holds one) and
+    then refused the worker as fitting on no node, since only the launchable types were counted per node."""
+    from gunsound.resources import ClusterCapacity, NodeType
+
+    cap = ClusterCapacity(live={"CPU": 8.0, "GPU": 1.0}, node_types=(NodeType("cpu_worker", {"CPU": 16.0}, 4),),
+                          live_largest={"CPU": 8.0, "GPU": 1.0})
+    workers = train_workers(device="auto", listed_gpus=1, workers_per_fold=None, gpus_per_worker=None,
+                            cpus_per_worker=4, capacity=cap)
+    assert (workers.workers, workers.gpus_per_worker) == (1, 1.0)
+    with pytest.raises(ResourceError, match="do not fit on any one node"):  # no node, live or launchable, holds 17 CPUs
+        train_workers(device="auto", listed_gpus=1, workers_per_fold=None, gpus_per_worker=None, cpus_per_worker=17,
+                      capacity=cap)
