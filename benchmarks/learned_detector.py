@@ -31,6 +31,7 @@ from shots_real import (
     TOLERANCE,
     Clip,
     ambient_bed,
+    corpus_clips,
     is_stationary,
     match,
     mixed_archive,
@@ -42,7 +43,6 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from gunsound import audio
 from gunsound.onsets import FRAME_SECONDS, decimate, find_shots, log_mel, noise_floor
 
 BEFORE, AFTER, POOL, CONTEXT = 4, 56, 4, 20  # frames of 5 ms
@@ -51,14 +51,9 @@ THRESHOLDS = (0.3, 0.5, 0.7)
 
 def load_clips(root: Path) -> list[tuple[Clip, str, list[float]]]:
     """Every corpus clip with its role (single, gun, bed, other) and, for gun clips, its shots' times."""
-    table = pd.read_csv(root / "corpus.csv", keep_default_na=False, dtype=str)
     clips = []
-    for row in table.itertuples():
-        wave, _ = audio.read(str(root / row.file), SAMPLE_RATE)
-        if wave.size < SAMPLE_RATE // 50 or not np.any(wave):
-            continue
-        clip = Clip(row.file.rsplit("/", 1)[-1], row.package, wave)
-        onsets = [float(t) for t in row.onsets.split(";") if t.strip()]
+    for row, clip, onsets in corpus_clips(root):
+        wave = clip.wave
         if row.label == "background":
             clips.append((clip, "bed" if is_stationary(wave) else "other", []))
             continue

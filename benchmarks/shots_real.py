@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -87,16 +89,22 @@ class Clip:
     onset: float = 0.0  # first shot, seconds into the clip
 
 
-def load_corpus(root: Path) -> tuple[list[Clip], list[Clip], list[Clip], list[tuple[Clip, list[float]]]]:
-    """Single shots, ambient beds, non-gun impulsive sounds, and burst recordings with their onsets."""
+def corpus_clips(root: Path) -> Iterator[tuple[Any, Clip, list[float]]]:
+    """Every corpus clip with sound: (its manifest row, the clip, the onsets the manifest establishes)."""
     table = pd.read_csv(root / "corpus.csv", keep_default_na=False, dtype=str)
-    shots, beds, transients, bursts = [], [], [], []
     for row in table.itertuples():
         wave, _ = audio.read(str(root / row.file), SAMPLE_RATE)
         if wave.size < SAMPLE_RATE // 50 or not np.any(wave):
             continue
-        clip = Clip(row.file.rsplit("/", 1)[-1], row.package, wave)
-        onsets = [float(t) for t in row.onsets.split(";") if t.strip()]
+        yield row, Clip(row.file.rsplit("/", 1)[-1], row.package, wave), \
+            [float(t) for t in row.onsets.split(";") if t.strip()]
+
+
+def load_corpus(root: Path) -> tuple[list[Clip], list[Clip], list[Clip], list[tuple[Clip, list[float]]]]:
+    """Single shots, ambient beds, non-gun impulsive sounds, and burst recordings with their onsets."""
+    shots, beds, transients, bursts = [], [], [], []
+    for row, clip, onsets in corpus_clips(root):
+        wave = clip.wave
         if row.label != "background":
             if row.rounds == "1":
                 clip.onset = onsets[0] if onsets else 0.0
