@@ -640,7 +640,11 @@ def read_arrow_table(uri: str, columns: list[str] | None = None):
         return pq.read_table(io.BytesIO(data), columns=columns)
     except Exception as exc:  # pyarrow calls corrupt data an OSError too
         what = f"not a readable Parquet file{' with columns ' + str(columns) if columns else ''}"
-        raise ValueError(f"{uri}: {what} ({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
+        raise ValueError(f"{uri}: {what} ({type(exc).__name__}: {_one_line(exc)})") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())  # a parser's message may run over lines (pandas ends one with "\n)")
 
 
 def read_parquet(uri: str, columns: list[str] | None = None):
@@ -654,13 +658,9 @@ def read_table(uri: str, *, keep_blank_lines: bool = True):
     what it is not (pandas and pyarrow name neither), a failed read an OSError."""
     import pandas as pd
 
-    data = read_bytes(uri)  # a failed read raises here; past it, whatever a parser says is about the bytes
     if not uri.lower().endswith(".csv"):
-        try:
-            return pd.read_parquet(io.BytesIO(data))
-        except Exception as exc:
-            raise ValueError(f"{uri}: not a readable Parquet table ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())})") from exc
+        return read_parquet(uri)
+    data = read_bytes(uri)  # a failed read raises here; past it, whatever the parser says is about the bytes
     try:
         return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, skip_blank_lines=not keep_blank_lines)
     except UnicodeDecodeError as exc:
@@ -669,10 +669,9 @@ def read_table(uri: str, *, keep_blank_lines: bool = True):
     except pd.errors.EmptyDataError as exc:
         raise ValueError(f"{uri}: not a readable CSV table: it is empty (no header row)") from exc
     except pd.errors.ParserError as exc:  # its text names the line; the file is ours to name
-        raise ValueError(f"{uri}: not a readable CSV table: {' '.join(str(exc).split())}") from exc
+        raise ValueError(f"{uri}: not a readable CSV table: {_one_line(exc)}") from exc
     except Exception as exc:
-        raise ValueError(f"{uri}: not a readable CSV table ({type(exc).__name__}: {' '.join(str(exc).split())})") \
-            from exc
+        raise ValueError(f"{uri}: not a readable CSV table ({type(exc).__name__}: {_one_line(exc)})") from exc
 
 
 def _check_writable(uri: str) -> None:

@@ -161,7 +161,7 @@ BAD_TABLES = {  # name: (bytes, what the error says)
     "ragged.csv": (b"path,label\na.wav,x\nb.wav,x,extra\n", "Expected 2 fields in line 3, saw 3"),
     "utf16.csv": ("path\na.wav\n".encode("utf-16"), "not UTF-8 text"),
     "empty.csv": (b"", "it is empty"),
-    "cut.parquet": (None, "Parquet table (ArrowInvalid"),
+    "cut.parquet": (None, "Parquet file (ArrowInvalid"),
 }
 
 
