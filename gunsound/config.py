@@ -589,15 +589,20 @@ def read_config_data(path: str | Path) -> dict[str, Any]:
     return parse_config_yaml(text, str(path))
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a config file, apply `section.key=value` overrides, and validate the result."""
-    data = read_config_data(path)
+def config_with_overrides(data: dict[str, Any], where: str, overrides: list[str] | None) -> tuple[Config, str]:
+    """A config's data (read from `where`) with `section.key=value` overrides applied, validated, and the source
+    its errors name (the overrides shown redacted)."""
     try:
         apply_overrides(data, overrides or [])
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    source = f"{path}" + (f" (with overrides {', '.join(shown_overrides(overrides))})" if overrides else "")
-    cfg = config_from_dict(data, source)
+        raise ConfigError(f"{where}: {exc}") from exc
+    source = where + (f" (with overrides {', '.join(shown_overrides(overrides))})" if overrides else "")
+    return config_from_dict(data, source), source
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a config file, apply `section.key=value` overrides, and validate the result."""
+    cfg, source = config_with_overrides(read_config_data(path), str(path), overrides)
     check_dataset_sources(cfg.dataset, source)
     check_logger_installed(cfg.logging, source)
     return cfg

@@ -128,7 +128,7 @@ class ScoringSettings:
 def scoring_config(model_location: str, overrides: list[str]) -> Config:
     """The settings scoring uses: the training run's resolved config.yaml when MODEL is a run, else the
     defaults, with --set overrides on top."""
-    from gunsound.config import apply_overrides, config_from_dict, parse_config_yaml, shown_overrides
+    from gunsound.config import config_with_overrides, parse_config_yaml
 
     data: dict = {}
     source = f"the default settings (no config.yaml beside {model_location})"
@@ -142,12 +142,7 @@ def scoring_config(model_location: str, overrides: list[str]) -> Config:
     saved_scoring = data.get("scoring") or {}
     if isinstance(saved_scoring, dict) and "chunk_seconds" in saved_scoring:  # before it was named read_seconds
         saved_scoring.setdefault("read_seconds", saved_scoring.pop("chunk_seconds"))
-    source += f" (with overrides {', '.join(shown_overrides(overrides))})" if overrides else ""
-    try:
-        apply_overrides(data, overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
-    return config_from_dict(data, source)
+    return config_with_overrides(data, source, overrides)[0]
 
 
 def read_headers(paths: list[str]) -> dict[str, tuple[float, str]]:
