@@ -25,7 +25,7 @@ BAND_HZ = (200.0, 4000.0)  # below: wind and traffic rumble; above: the superson
 MEL_BANDS = 32
 FRAME_SECONDS = 0.005
 WINDOW_SECONDS = 0.02
-SHOT_DETECTOR = "onsets.find_shots 2026-11-30 (6)"  # the scoring job's detector, as scoring outputs record it
+SHOT_DETECTOR = "onsets.find_shots 2026-11-30 (7)"  # the scoring job's detector, as scoring outputs record it
 DECIMATED_HZ = 10_000  # the band (up to 4 kHz) stays well under half the decimated rate
 
 
@@ -182,14 +182,23 @@ def burst_period(rise: np.ndarray, start: int, *, shortest: int, longest: int, s
     return int(lags[np.argmax(scores >= 0.8 * scores.max())])
 
 
-def burst_shots(flux: np.ndarray, blast: np.ndarray, standing: np.ndarray, start: int, period: int, *,
-                rise_db: float, tooth_ratio: float, tooth_db: float) -> list[int]:
+def burst_shots(flux: np.ndarray, blast: np.ndarray, standing: np.ndarray, power: np.ndarray, start: int,
+                period: int, *, rise_db: float, tooth_ratio: float, tooth_db: float, fade_ratio: float) -> list[int]:
     """The shots of a burst from its first one (frames): one onset near every `period` frames after the last,
     as long as each rises at least `tooth_ratio` as sharply as the burst's shots so far and its blast comes
     within `tooth_db` of theirs. A single weak interval between two good ones is still a shot (a rise masked
-    by the previous shot's ring)."""
+    by the previous shot's ring).
+
+    From the third shot on, the interval an onset opens must also hold no less sound (`power`, per frame) than
+    the one before it, less `fade_ratio` times the burst's first interval. The sounds of a burst's shots add
+    up: while it goes on, each interval holds every earlier shot's ring and one more blast; once it has
+    stopped, an interval loses about a whole first interval of sound (the blast that did not come), while the
+    echoes and swells of the shots' rings still arrive at the burst's interval and rise like its shots."""
     frames = len(flux)
     tol = max(2, int(round(0.2 * period)))
+
+    def sound(at: int) -> float:
+        return float(power[at:at + period].sum())
 
     def tooth(after: int) -> int | None:
         lo, hi = after + period - tol, min(frames, after + period + tol + 1)
@@ -197,8 +206,9 @@ def burst_shots(flux: np.ndarray, blast: np.ndarray, standing: np.ndarray, start
             return None
         j = lo + int(np.argmax(flux[lo:hi]))
         strong = flux[j] > rise_db and standing[j]
-        if len(teeth) > 1:
-            strong = strong and flux[j] >= tooth_ratio * float(np.median(flux[teeth[1:]]))
+        if strong and len(teeth) > 1:
+            strong = (flux[j] >= tooth_ratio * float(np.median(flux[teeth[1:]]))
+                      and sound(j) >= sound(after) - fade_ratio * sound(start))
         return j if strong and blast[j] >= float(np.median(blast[teeth])) - tooth_db else None
 
     teeth = [start]
@@ -231,7 +241,7 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
                   shortest_seconds: float = 0.04, min_correlation: float = 0.25, tooth_ratio: float = 0.3,
                   new_shot_ratio: float = 0.5, new_shot_db: float = 10.0, body_ratio: float = 0.8,
                   tooth_db: float = 3.0, ring_gap_seconds: float = 0.015, sharp_rise_db: float = 12.0,
-                  sharp_margin_db: float = 4.0) -> np.ndarray:
+                  sharp_margin_db: float = 4.0, fade_ratio: float = 0.6) -> np.ndarray:
     """Gunshots in seconds.
 
     Candidates: the log-mel rise (each band over its quietest of the last 15 ms, averaged) peaks above
@@ -241,7 +251,8 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
     A shot is the loudest onset of its first `precursor_seconds` (a hammer click or a bolt before the blast
     is not the shot). Within `body_seconds` of it nothing else counts unless its rise spectrogram repeats at
     an interval of `shortest_seconds` or more (automatic fire, see burst_period): then every interval that
-    brings an onset at least `tooth_ratio` as strong as the burst's own is a shot. Later, while the shot
+    brings an onset at least `tooth_ratio` as strong as the burst's own is a shot, until an interval holds
+    `fade_ratio` of the burst's first one less sound than the interval before it (see burst_shots). Later, while the shot
     rings, a new blast must come within `ring_db` of its peak; within `echo_seconds` after its tail died (a
     rumble may roll on for seconds, and a tail that lapses for no more than `ring_gap_seconds` has not died),
     within `echo_db`, so that echoes and reverberation are not shots. Either way it
@@ -258,6 +269,7 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
     rise = np.clip(level - np.where(np.isnan(quietest), floor, quietest), 0.0, None)
     flux = rise.mean(axis=1)
     loud = level.mean(axis=1)
+    power = (10.0 ** (level / 10.0)).sum(axis=1)  # the bands' power: what shots add up to
     blast = maximum_filter1d(loud, size=3, origin=-1)  # a blast may climb over more than one frame
     # A blast stands above the floor for tens of ms; a crackle or a click for a frame or two.
     standing = pd.Series(excess[::-1]).rolling(4, min_periods=1).median().to_numpy()[::-1]
@@ -292,8 +304,8 @@ def detect_shots(wave: np.ndarray, sr: int, *, threshold_db: float = 12.0, rise_
         period = burst_period(rise, start, shortest=shortest, longest=body, span=fps // 2,
                               min_correlation=min_correlation)
         if period:
-            teeth = burst_shots(flux, blast, standing > threshold_db, start, period, rise_db=rise_db,
-                                tooth_ratio=tooth_ratio, tooth_db=tooth_db)
+            teeth = burst_shots(flux, blast, standing > threshold_db, power, start, period, rise_db=rise_db,
+                                tooth_ratio=tooth_ratio, tooth_db=tooth_db, fade_ratio=fade_ratio)
         onsets.extend(teeth)
         peak, strongest = float(blast[start]), float(flux[start])
         new_shot = min(new_shot_ratio * strongest, new_shot_db)
