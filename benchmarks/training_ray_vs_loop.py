@@ -22,6 +22,7 @@ from memory import scratch_dir
 
 from gunsound import training
 from gunsound.config import load_config
+from gunsound.features import normalized
 from gunsound.model import build_model
 from gunsound.optim import lr_lambda, make_optimizer
 from gunsound.plan import TrainingPlan, prepare
@@ -54,7 +55,8 @@ def plain_epochs(plan: TrainingPlan, features: np.ndarray, targets: np.ndarray) 
         model.train()
         for i in range(steps):
             idx = order[i * cfg.training.batch_size:(i + 1) * cfg.training.batch_size]
-            x = torch.from_numpy(features[idx]).unsqueeze(1)
+            x = normalized(torch.from_numpy(features[idx]).unsqueeze(1), normalize=plan.features.normalize,
+                           relative_to_peak=plan.features.relative_to_peak)  # as the Ray workers do
             y = torch.from_numpy(targets[idx])
             loss = loss_fn(model(x), y, t.loss_function)
             loss.backward()

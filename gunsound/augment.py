@@ -1,4 +1,5 @@
-"""Augmentation of log-mel batches on the training workers: SpecAugment masks and mixup."""
+"""Augmentation of log-mel batches on the training workers: mixup and colouring on natural-log power, then
+(after normalisation) SpecAugment masks."""
 
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ def spec_augment(x: torch.Tensor, *, time_mask_frames: int, frequency_mask_bins:
 
 def mixup(x: torch.Tensor, y: torch.Tensor, *, iterations: int, probability: float, concentration: float,
           target: Literal["Ratio", "Max"]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix clips in the power domain of the log-mel (the sound of two sources played together), `iterations`
-    times, each with the given probability and a Beta(concentration, concentration) ratio; 0 iterations is off.
+    """Mix clips as two sources played together, `iterations` times, each with the given probability and a
+    Beta(concentration, concentration) ratio; 0 iterations is off. `x` holds natural-log mel power (the
+    features before normalisation), so a pair mixes in power; the second clip is first brought to the first
+    one's peak level, so that the ratio, and not how loud each was recorded, decides how much of each is heard,
+    as its share of the target says.
 
     Ratio targets are the weighted sum; Max targets are the elementwise maximum (both guns were heard).
     """
@@ -40,6 +44,27 @@ def mixup(x: torch.Tensor, y: torch.Tensor, *, iterations: int, probability: flo
             continue
         lam = float(np.random.beta(concentration, concentration))
         perm = torch.randperm(x.shape[0], device=x.device)
-        x = torch.logaddexp(x + math.log(max(lam, 1e-6)), x[perm] + math.log(max(1 - lam, 1e-6)))
+        peak = x.amax(dim=(-2, -1), keepdim=True)
+        other = x[perm] - peak[perm] + peak
+        x = torch.logaddexp(x + math.log(max(lam, 1e-6)), other + math.log(max(1 - lam, 1e-6)))
         y = torch.maximum(y, y[perm]) if target == "Max" else lam * y + (1 - lam) * y[perm]
     return x, y
+
+
+COLOURING_SHAPES = 3  # cosines over the mel bands: a tilt, a bump, and one more bend
+
+
+def colour(x: torch.Tensor, *, max_db: float) -> torch.Tensor:
+    """A random smooth equaliser per clip of natural-log mel power (batch, 1, mels, frames): a sum of the
+    first cosines over the mel bands (the higher ones weaker), scaled so that its largest gain or cut is drawn
+    from 0 to `max_db` dB. A recorder, a room and the distance colour a shot's sound this way; a model should
+    not tell guns apart by it. 0 turns it off."""
+    if max_db <= 0:
+        return x
+    b, _, mels, _ = x.shape
+    order = torch.arange(1, COLOURING_SHAPES + 1, device=x.device, dtype=x.dtype)
+    shapes = torch.cos(math.pi * order[:, None] * torch.linspace(0, 1, mels, device=x.device, dtype=x.dtype))
+    curve = ((torch.rand(b, COLOURING_SHAPES, device=x.device, dtype=x.dtype) * 2 - 1) / order) @ shapes
+    curve = curve / curve.abs().amax(dim=1, keepdim=True).clamp_min(1e-6)
+    gain_db = curve * torch.rand(b, 1, device=x.device, dtype=x.dtype) * max_db
+    return x + (gain_db * math.log(10) / 10).view(b, 1, mels, 1)

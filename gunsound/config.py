@@ -59,6 +59,9 @@ class AugmentationConfig:
     # gunsound: SpecAugment-style masks on the log-mel spectrogram (0 disables).
     time_mask_frames: int = 0
     frequency_mask_bins: int = 0
+    # gunsound: a random smooth equaliser per training clip, its largest gain or cut up to this many dB (a
+    # recorder's, a room's and the distance's colouring; see augment.colour). 0 disables.
+    colouring_db: float = 0.0
 
 
 @dataclass
@@ -445,6 +448,7 @@ def _validate(cfg: Config, source: str) -> None:
          "at least 1 (or left out for one per GPU)"),
         ("architecture.dropout", 0 <= cfg.architecture.dropout < 1, "in [0, 1)"),
         ("augmentation.mix_concentration", cfg.augmentation.mix_concentration > 0, "positive"),
+        ("augmentation.colouring_db", 0 <= cfg.augmentation.colouring_db <= 40, "in [0, 40] dB (0: off)"),
         ("training.warmup_epochs", cfg.training.warmup_epochs >= 0, "at least 0"),
         ("training.weight_decay", cfg.training.weight_decay >= 0, "at least 0"),
         ("training.gradient_clip", cfg.training.gradient_clip >= 0, "at least 0 (0: no clipping)"),

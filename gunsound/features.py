@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torchaudio.functional as AF
@@ -47,6 +47,24 @@ class FeatureParams:
     def num_frames(self, num_samples: int) -> int:
         return num_samples // self.hop_length + 1  # centred STFT
 
+    def unnormalized(self) -> FeatureParams:
+        """The same log-mel left in natural-log power: what training computes ahead of time, so that the
+        augmentations act on sound (a mix of two clips is a sum of powers) before `normalized` is applied."""
+        return replace(self, normalize=False, relative_to_peak=False)
+
+
+def normalized(spec: torch.Tensor, *, normalize: bool, relative_to_peak: bool) -> torch.Tensor:
+    """Natural-log mel spectrograms (..., mels, frames), each normalised as `LogMelSpectrogram` describes:
+    measured from its peak (`relative_to_peak`), standardised (`normalize`), or left as they are."""
+    if relative_to_peak:
+        peak = spec.amax(dim=(-2, -1), keepdim=True)
+        return (spec - peak).clamp_min(-PEAK_RANGE) / (PEAK_RANGE / 2) + 1.0
+    if normalize:
+        mean = spec.mean(dim=(-2, -1), keepdim=True)
+        std = spec.std(dim=(-2, -1), keepdim=True)
+        return (spec - mean) / (std + 1e-5)
+    return spec
+
 
 class LogMelSpectrogram(nn.Module):
     """Waveform (batch, samples) -> log-mel (batch, 1, n_mels, frames).
@@ -83,14 +101,8 @@ class LogMelSpectrogram(nn.Module):
             parts = torch.view_as_real(spec[:, : self.used_bins])
             power = parts[..., 0].square() + parts[..., 1].square()  # (batch, bins, frames)
             mel = torch.matmul(self.filterbank, power)
-            spec = torch.log(mel.clamp_min(LOG_FLOOR))
-            if p.relative_to_peak:
-                peak = spec.amax(dim=(-2, -1), keepdim=True)
-                spec = (spec - peak).clamp_min(-PEAK_RANGE) / (PEAK_RANGE / 2) + 1.0
-            elif p.normalize:
-                mean = spec.mean(dim=(-2, -1), keepdim=True)
-                std = spec.std(dim=(-2, -1), keepdim=True)
-                spec = (spec - mean) / (std + 1e-5)
+            spec = normalized(torch.log(mel.clamp_min(LOG_FLOOR)), normalize=p.normalize,
+                              relative_to_peak=p.relative_to_peak)
         return spec.unsqueeze(1)
 
 

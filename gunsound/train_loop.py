@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from gunsound import storage
-from gunsound.augment import mixup, spec_augment
+from gunsound.augment import colour, mixup, spec_augment
 from gunsound.config import ArchitectureConfig, Config
 from gunsound.ddp import check_ranks
+from gunsound.features import FeatureParams, normalized
 from gunsound.metrics import METRIC_KEYS, classification_metrics
 from gunsound.model import build_model
 from gunsound.optim import lr_lambda, make_optimizer
@@ -77,6 +78,10 @@ class LoopSettings:
     mix_probability: float = 1.0
     mix_concentration: float = 1.0
     mix_target: Literal["Ratio", "Max"] = "Ratio"
+    colouring_db: float = 0.0
+    # The features arrive in natural-log power and are normalised here, after mixup and colouring.
+    normalize: bool = False
+    relative_to_peak: bool = False
     metric: Literal["ROC_AUC", "Accuracy", "F1", "LogLoss"] = "ROC_AUC"
     probability_threshold: float = 0.5
     background_label: str = "background"
@@ -92,6 +97,7 @@ class LoopSettings:
                     cache_shards: bool = False, run_dir: str | None = None,
                     predict_background: bool = False) -> LoopSettings:
         t, a, env = cfg.training, cfg.augmentation, cfg.environment
+        features = FeatureParams.from_config(cfg.audio)
         return cls(
             classes=tuple(classes), fold_dir=fold_dir, architecture=cfg.architecture, seed=env.seed,
             epochs=t.epochs, batch_size=t.batch_size, optimizer_steps_per_epoch=optimizer_steps_per_epoch,
@@ -105,7 +111,8 @@ class LoopSettings:
             mixed_precision_inference=env.mixed_precision_inference,
             time_mask_frames=a.time_mask_frames, frequency_mask_bins=a.frequency_mask_bins,
             mix_iterations=a.mix_iterations if a.mix_audio == "Mixup" else 0, mix_probability=a.mix_probability,
-            mix_concentration=a.mix_concentration, mix_target=a.mix_target, metric=cfg.prediction.metric,
+            mix_concentration=a.mix_concentration, mix_target=a.mix_target, colouring_db=a.colouring_db,
+            normalize=features.normalize, relative_to_peak=features.relative_to_peak, metric=cfg.prediction.metric,
             probability_threshold=cfg.prediction.probability_threshold,
             background_label=cfg.dataset.background_label, predict_background=predict_background,
             cache_shards=cache_shards, run_dir=run_dir,
@@ -208,9 +215,10 @@ def train_one_epoch(model: torch.nn.Module, state: TrainState, batches: Iterable
     for batch in batches:
         x = batch["features"].to(device, non_blocking=True).unsqueeze(1)
         y = batch["target"].to(device, non_blocking=True)
-        x = spec_augment(x, time_mask_frames=s.time_mask_frames, frequency_mask_bins=s.frequency_mask_bins)
         x, y = mixup(x, y, iterations=s.mix_iterations, probability=s.mix_probability,
                      concentration=s.mix_concentration, target=s.mix_target)
+        x = normalized(colour(x, max_db=s.colouring_db), normalize=s.normalize, relative_to_peak=s.relative_to_peak)
+        x = spec_augment(x, time_mask_frames=s.time_mask_frames, frequency_mask_bins=s.frequency_mask_bins)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             logits = model(x).float()
             loss = loss_fn(logits, y, s.loss_function)
@@ -255,14 +263,17 @@ def _optimizer_step(model: torch.nn.Module, state: TrainState, s: LoopSettings, 
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable[Batch], loss_function: str, device: torch.device,
-             mixed_precision: bool = False) -> dict[str, np.ndarray]:
-    """Rows, probabilities, targets and mean loss of a model over batches of ("row", "features", "target")."""
+             mixed_precision: bool = False, *, normalize: bool = False,
+             relative_to_peak: bool = False) -> dict[str, np.ndarray]:
+    """Rows, probabilities, targets and mean loss of a model over batches of ("row", "features", "target"),
+    the features in natural-log power, normalised here as the model was trained (`features.normalized`)."""
     model.eval()
     rows, probs, targets, losses = [], [], [], []
     amp = device.type == "cuda" and mixed_precision
     with torch.inference_mode():
         for batch in batches:
-            x = batch["features"].to(device).unsqueeze(1)
+            x = normalized(batch["features"].to(device).unsqueeze(1), normalize=normalize,
+                           relative_to_peak=relative_to_peak)
             y = batch["target"].to(device)
             with torch.autocast(device.type, enabled=amp):
                 logits = model(x).float()
@@ -277,7 +288,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[Batch], loss_function: st
 def validate(model: torch.nn.Module, batches: Iterable[Batch], s: LoopSettings, device: torch.device,
              metrics: dict[str, Any]) -> dict[str, np.ndarray]:
     """Evaluate on the validation set, add valid_* to the epoch's metrics, return the predictions."""
-    result = evaluate(model, batches, s.loss_function, device, s.mixed_precision_inference)
+    result = evaluate(model, batches, s.loss_function, device, s.mixed_precision_inference,
+                      normalize=s.normalize, relative_to_peak=s.relative_to_peak)
     metrics["valid_loss"] = float(result["loss"])
     metrics.update({f"valid_{k}": v for k, v in s.metrics_of(result["probs"], result["targets"]).items()})
     return result

@@ -91,7 +91,8 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False, capacity: Cluster
                           "target": list(targets)})
     capacity = capacity or cluster_capacity()
     gpus = min(capacity.most("GPU"), 1024) if uses_gpus(plan.cfg.environment.device, capacity) else 0.0
-    ds = feature_dataset(clips, plan.features, plan.audio.chunk_seconds, gpus=gpus,
+    # In natural-log power: the Train workers augment the sound, then normalise (`features.normalized`).
+    ds = feature_dataset(clips, plan.features.unnormalized(), plan.audio.chunk_seconds, gpus=gpus,
                          cpus=int(min(capacity.most("CPU"), 4096))).materialize()
     errors = ds.select_columns(["row", "path", "error"]).filter(expr=col("error") != "").to_pandas()
     if len(errors):

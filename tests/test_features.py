@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gunsound.config import AudioConfig
-from gunsound.features import PEAK_RANGE, FeatureParams, LogMelSpectrogram, mel_frames
+from gunsound.features import PEAK_RANGE, FeatureParams, LogMelSpectrogram, mel_frames, normalized
 from tests.conftest import reference_log_mel
 
 
@@ -58,3 +58,16 @@ def test_peak_relative_picture_of_a_sound_ignores_padding_and_gain():
     standardised_gap = (pictures["Yes"][1] - pictures["Yes"][0]).abs().mean()
     assert standardised_gap > 0.5, standardised_gap
     assert pictures["Peak"][0].max() == pytest.approx(1.0) and pictures["Peak"][1].min() >= -1.0
+
+
+@pytest.mark.parametrize("normalize", ["No", "Yes", "Peak"])
+def test_training_normalises_its_unnormalised_features_as_the_scorer_does(normalize):
+    """Training computes log-mels in natural-log power (`unnormalized`) and normalises each clip on the worker
+    after augmentation; the scorer's front end does both at once. The same wave gives the same input."""
+    params = FeatureParams.from_config(AudioConfig(sample_rate=16000, stft_window_size=512, hop_size=160,
+                                                   mel_frequency_bins=40, spectrogram_normalization=normalize))
+    wave = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 16000)).astype(np.float32))
+    raw = LogMelSpectrogram(params.unnormalized())(wave)
+    assert params.unnormalized().normalize is False and params.unnormalized().relative_to_peak is False
+    torch.testing.assert_close(normalized(raw, normalize=params.normalize, relative_to_peak=params.relative_to_peak),
+                               LogMelSpectrogram(params)(wave))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gunsound.augment import mixup, spec_augment
+from gunsound.augment import colour, mixup, spec_augment
 from gunsound.config import load_config
 from gunsound.model import build_model
 from gunsound.optim import lr_lambda, make_optimizer
@@ -64,11 +64,41 @@ def test_mixup_mixes_power_and_targets():
     assert torch.allclose(my.sum(dim=1), torch.ones(6))  # Ratio targets stay a distribution
     lam = my.max(dim=1).values.min().item()
     assert 0 < lam <= 1
-    assert mx.exp().sum() == pytest.approx(x.exp().sum().item(), rel=1e-4)  # power is conserved in total
+    assert torch.allclose(mx.amax(dim=(-2, -1)), x.amax(dim=(-2, -1)), atol=1.0)  # each mix keeps its first clip's level
     _, ymax = mixup(x, y, **{**on, "target": "Max"})
     assert set(ymax.unique().tolist()) <= {0.0, 1.0}
     never = mixup(x, y, **{**on, "probability": 0.0})
     assert torch.equal(never[0], x)
+
+
+def test_mixup_hears_both_sources_at_the_ratio_whatever_their_recorded_levels(monkeypatch):
+    """A clip recorded 40 dB quieter, mixed in at 0.3: its cells hold 0.3 of the first clip's peak power, as its
+    share of the target says (mixed as recorded, it would be 40 dB under the first clip and not heard)."""
+    silent = math.log(1e-8)
+    loud = torch.full((1, 1, 4, 6), silent)
+    loud[..., :2, :] = 0.0  # power 1 in the low bands
+    quiet = torch.full((1, 1, 4, 6), silent)
+    quiet[..., 2:, :] = math.log(1e-4)  # 40 dB down, in the high bands
+    monkeypatch.setattr(np.random, "beta", lambda *_: 0.7)
+    monkeypatch.setattr(torch, "randperm", lambda n, device=None: torch.tensor([1, 0]))
+    mx, my = mixup(torch.cat([loud, quiet]), torch.eye(2), iterations=1, probability=1.0, concentration=1.0,
+                   target="Ratio")
+    assert torch.allclose(mx[0, 0, :2], torch.full((2, 6), math.log(0.7)), atol=1e-3)
+    assert torch.allclose(mx[0, 0, 2:], torch.full((2, 6), math.log(0.3)), atol=1e-3)
+    assert torch.allclose(my[0], torch.tensor([0.7, 0.3]))
+
+
+def test_colouring_is_a_smooth_curve_over_the_bands_within_its_limit():
+    x = torch.zeros(64, 1, 32, 5)
+    assert colour(x, max_db=0) is x  # 0: off
+    torch.manual_seed(0)
+    gain_db = colour(x, max_db=9.0)[:, 0] * 10 / math.log(10)
+    assert torch.equal(gain_db, gain_db[..., :1].expand_as(gain_db))  # one gain per band, the same in every frame
+    curves = gain_db[..., 0]
+    assert curves.abs().max() <= 9.0 + 1e-4 and curves.abs().amax(dim=1).max() > 6.0
+    assert curves.std(dim=0).min() > 0.5  # each clip its own curve
+    # Smooth: from one band to the next no steeper than the highest cosine would be at the full 9 dB.
+    assert curves.diff(dim=1).abs().max() < 9.0 * 3 * math.pi / 31
 
 
 def test_loop_settings_carry_the_config_as_plain_values_and_pickle():
@@ -80,6 +110,10 @@ def test_loop_settings_carry_the_config_as_plain_values_and_pickle():
                                  cache_shards=True)
     assert s.classes == ("a", "b") and s.differential_layers == ("backbone",) and s.optimizer_steps_per_epoch == 7
     assert s.mix_iterations == 2 and s.evaluate_every == 2 and s.time_mask_frames == 8 and s.cache_shards
+    assert (s.normalize, s.relative_to_peak) == (False, False) and s.colouring_db == 0  # the seed: 'No', no colouring
+    peak = LoopSettings.from_config(cfg_with("audio.spectrogram_normalization=Peak", "augmentation.colouring_db=6"),
+                                    classes=["a"], fold_dir="f", optimizer_steps_per_epoch=1)
+    assert (peak.normalize, peak.relative_to_peak, peak.colouring_db) == (False, True, 6.0)
     assert s.epochs == cfg.training.epochs and s.architecture == cfg.architecture and s.run_dir is None
     assert pickle.loads(pickle.dumps(s)) == s  # Ray sends it to every worker
     assert LoopSettings.from_config(cfg_with(), classes=["a"], fold_dir="f",
