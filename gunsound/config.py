@@ -302,10 +302,12 @@ def _scoring_checks(sc: ScoringConfig) -> list[tuple[str, bool, str]]:
     ]
 
 
-# Query keys that carry a secret (compared lower-case, whole or as a part between _ - .): a tracking URI's
-# query is logged and written to OUTPUT/tracking.json, so credentials never go there.
+# Query keys that carry a secret (compared lower-case, whole or as a word of the key: between _ - . or at a
+# camelCase boundary): a tracking URI is written to the run's config.yaml, so credentials never go there.
 SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "token", "secret", "key", "sig", "signature", "auth",
                                "credential", "credentials", "apikey", "accesskey", "secretkey"})
+# Words that name a secret wherever they stand in a key (sslpassword, sastoken, xapikey).
+SECRET_QUERY_WORDS = ("password", "passwd", "token", "secret", "credential", "apikey", "signature")
 
 
 def _query_parts(query: str) -> list[tuple[str, bool]]:
@@ -319,8 +321,13 @@ def secret_query_keys(uri: str) -> list[str]:
         query = urlsplit(uri).query
     except ValueError:
         return []
-    return [key for key, _ in _query_parts(query)
-            if key.lower() in SECRET_QUERY_KEYS or SECRET_QUERY_KEYS & set(re.split(r"[_\-.]", key.lower()))]
+    return [key for key, _ in _query_parts(query) if _names_a_secret(key)]
+
+
+def _names_a_secret(key: str) -> bool:
+    words = {w.lower() for w in re.split(r"[_\-. ]|(?<=[a-z0-9])(?=[A-Z])", key) if w}
+    lower = key.lower()
+    return lower in SECRET_QUERY_KEYS or bool(SECRET_QUERY_KEYS & words) or any(w in lower for w in SECRET_QUERY_WORDS)
 
 
 def redact_uri(uri: str) -> str:

@@ -36,7 +36,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 # where it runs and logs, how CPU work is sized, which folds of the same split run now, scoring's and tuning's
 # settings (a later `gunsound score` reads its own).
 IGNORED_TRAINING_KEYS = ("experiment_name", "environment.ray_address", "environment.number_of_workers",
-                         "environment.cpus_per_worker", "environment.mixed_precision_inference",
+                         "environment.cpus_per_worker",
                          "dataset.folds", "logging.", "storage.", "scoring.", "search_space", "search_space.")
 # Scoring settings that size the work but leave every row the same.
 IGNORED_SCORING_KEYS = ("batch_size", "shard_files", "actors")

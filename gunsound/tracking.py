@@ -7,7 +7,7 @@ resolved config (`start_run`), rank 0 of every fold's Train workers logs each ep
 (`FoldTracker`), and the driver closes the run with the cross-validated metrics and the report (`finish_run`).
 
 A rerun of the same command into the same OUTPUT continues the same runs: OUTPUT/tracking.json keeps the
-parent run's id. An OUTPUT copied or moved elsewhere keeps a default MLflow store that names the first
+parent run's id; `--overwrite` removes it with the run's other outputs, so the fresh run is tracked anew. An OUTPUT copied or moved elsewhere keeps a default MLflow store that names the first
 folder's artifacts: a rerun into it is refused at its start rather than logging into the first folder (or
 recreating it, once deleted).
 Credentials come from the environment of the processes that log (MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN,
@@ -15,13 +15,12 @@ NEPTUNE_API_TOKEN), never from the config: settings hold only plain, secret-free
 
     MLflow       logging.tracking_uri, or by default sqlite:///OUTPUT/mlflow.db with artifacts in OUTPUT/mlruns/
     TensorBoard  OUTPUT/tensorboard/ (run/ for the command, fold_<k>/ per fold)
-    Neptune      logging.neptune_project; the run is found again by a custom id made from OUTPUT
+    Neptune      logging.neptune_project; the run is found again by a custom id kept in OUTPUT/tracking.json
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ import re
 import tempfile
 import time
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,25 +337,34 @@ class _TensorBoardFold:
 
 # Neptune --------------------------------------------------------------------------------------------------------
 
-def _neptune_run(settings: TrackingSettings):
+def _neptune_run(settings: TrackingSettings, run_key: str):
     import neptune
 
     if not os.environ.get("NEPTUNE_API_TOKEN"):
         raise RuntimeError("tracking: logging.logger is Neptune but NEPTUNE_API_TOKEN is not set in the environment")
-    # The same custom id from every process and rerun of this command: they all write to one Neptune run.
-    run_key = hashlib.sha256(settings.output.encode()).hexdigest()[:32]
     return neptune.init_run(project=settings.neptune_project, name=settings.experiment, custom_run_id=run_key,
                             capture_stdout=False, capture_stderr=False, capture_hardware_metrics=False)
 
 
-def _neptune_start(settings: TrackingSettings, config: dict[str, Any]) -> str:
+def _neptune_key(settings: TrackingSettings) -> str:
+    """The command's Neptune custom run id from tracking.json: every process and rerun of the command writes to
+    one run, and an `--overwrite` (which removes tracking.json) to a new one."""
+    key = _read_state(settings).get("neptune_run_key")
+    if not key:
+        raise RuntimeError(f"tracking: no run opened for {settings.output} (tracking.start_run was not called)")
+    return key
+
+
+def _neptune_start(settings: TrackingSettings, config: dict[str, Any]) -> tuple[str, str]:
+    """Open (or on a rerun reopen) the command's run: its Neptune id and the custom run id it was opened by."""
     from neptune.utils import stringify_unsupported
 
-    run = _neptune_run(settings)
+    key = _read_state(settings).get("neptune_run_key") or uuid.uuid4().hex
+    run = _neptune_run(settings, key)
     try:
         run["config"] = stringify_unsupported(config)
         run["output"] = settings.output
-        return run["sys/id"].fetch()
+        return run["sys/id"].fetch(), key
     finally:
         run.stop()
 
@@ -363,7 +372,7 @@ def _neptune_start(settings: TrackingSettings, config: dict[str, Any]) -> str:
 def _neptune_finish(settings: TrackingSettings, results: dict[str, Any]) -> None:
     from neptune.types import File
 
-    run = _neptune_run(settings)
+    run = _neptune_run(settings, _neptune_key(settings))
     try:
         if results:
             for key, value in numbers(flatten({"cv": {k: v for k, v in results.get("cv", {}).items()
@@ -377,7 +386,7 @@ def _neptune_finish(settings: TrackingSettings, results: dict[str, Any]) -> None
 
 class _NeptuneFold:
     def __init__(self, settings: TrackingSettings, fold: str):
-        self.run, self.fold = _neptune_run(settings), fold
+        self.run, self.fold = _neptune_run(settings, _neptune_key(settings)), fold
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -395,17 +404,29 @@ def start_run(settings: TrackingSettings | None, config: dict[str, Any]) -> None
     if settings is None:
         return
     config = _loggable(config)
+    state: dict[str, str] = {}
     if settings.logger == "MLflow":
         run_id = _mlflow_start(settings, config)
     elif settings.logger == "TensorBoard":
         _tensorboard_start(settings, config)
         run_id = "tensorboard"
     else:
-        run_id = _neptune_start(settings, config)
+        run_id, state["neptune_run_key"] = _neptune_start(settings, config)
     storage.write_text(_state_uri(settings), json.dumps(
-        {"logger": settings.logger, "tracking_uri": _shown_uri(settings), "run_id": run_id}, indent=1))
+        {"logger": settings.logger, "tracking_uri": _shown_uri(settings), "run_id": run_id, **state}, indent=1))
     log.info("tracking: %s run %s%s", settings.logger, run_id,
              f" at {_shown_uri(settings)}" if settings.tracking_uri else "")
+
+
+def finish_run_quietly(settings: TrackingSettings | None, results: dict[str, Any] | None,
+                       failed: bool = False) -> None:
+    """`finish_run`, with a tracking store that fails logged as a warning: the job's outcome (its outputs are
+    written, or the error it failed with) stays what the user sees, as the folds' tracking is best-effort."""
+    try:
+        finish_run(settings, results, failed)
+    except Exception as exc:  # noqa: BLE001 - any failure of the store
+        log.warning("tracking: could not close the %s run (%s); the job's outputs are not affected",
+                    settings.logger if settings else "", exc)
 
 
 def finish_run(settings: TrackingSettings | None, results: dict[str, Any] | None, failed: bool = False) -> None:

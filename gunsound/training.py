@@ -54,8 +54,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # What a training run writes into its OUTPUT: all that --overwrite removes there.
+# tracking.json and tensorboard/ among them: an overwritten run is tracked as a new run, not mixed into the old.
 TRAINING_OUTPUTS = ("config.yaml", "manifest.parquet", "dropped_rows.parquet", "metrics.json",
-                    "oof_predictions.parquet", "ensemble.json", "report.html", "*.png", "fold_*", "ray")
+                    "oof_predictions.parquet", "ensemble.json", "report.html", "*.png", "fold_*", "ray",
+                    "tracking.json", "tensorboard")
 WORKER_GROUP_START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 FOLD_QUEUE_TIMEOUT_S = 7 * 24 * 3600
 
@@ -265,9 +267,9 @@ def run(plan: TrainingPlan, drop_bad_rows: bool = False, overwrite: bool = False
         try:
             results = _train(plan, frame, drop_bad_rows)
         except BaseException:
-            tracking.finish_run(tracker, None, failed=True)
+            tracking.finish_run_quietly(tracker, None, failed=True)
             raise
-        tracking.finish_run(tracker, results)
+        tracking.finish_run_quietly(tracker, results)
         return results
 
 

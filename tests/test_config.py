@@ -119,6 +119,11 @@ def test_tracking_credentials_are_refused_in_the_config():
     ("https://mlflow.example:5000/?sv=2024&sig=hunter2", "sig"),
     ("https://mlflow.example:5000/?AWS_SECRET_KEY=hunter2", "AWS_SECRET_KEY"),
     ("https://mlflow.example:5000/?credentials=hunter2", "credentials"),
+    ("https://mlflow.example:5000/?authToken=hunter2", "authToken"),  # camelCase
+    ("https://mlflow.example:5000/?apiToken=hunter2", "apiToken"),
+    ("https://mlflow.example:5000/?accessToken=hunter2", "accessToken"),
+    ("https://mlflow.example:5000/?sasToken=hunter2", "sasToken"),
+    ("postgresql://mlflow-db/mlflow?sslpassword=hunter2", "sslpassword"),  # a secret's name inside one word
 ])
 def test_secrets_in_a_tracking_uris_query_are_refused_and_never_printed(uri, key):
     """The URI is logged and written to OUTPUT/tracking.json: a secret in its query would go there too. The

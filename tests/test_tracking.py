@@ -244,3 +244,67 @@ def test_a_tracking_uri_is_logged_and_written_redacted(tmp_path, monkeypatch, ca
     (out / "tracking.json").write_text(json.dumps(state | {"tracking_uri": uri}))
     tracking.start_run(settings, cfg.to_dict())
     assert json.loads((out / "tracking.json").read_text()) == state
+
+
+def test_an_overwritten_run_is_tracked_as_a_new_run(tmp_path, monkeypatch):
+    """`--overwrite` removes tracking.json with the run's other outputs: the fresh run opens a new MLflow run (the
+    old one kept its parameters and would have held two values per epoch)."""
+    from gunsound import fingerprint
+    from gunsound.training import TRAINING_OUTPUTS
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(LAPTOP_CONFIG, ["logging.logger=MLflow"])
+    out = tmp_path / "run"
+    settings = TrackingSettings.from_config(cfg, str(out))
+    tracking.start_run(settings, cfg.to_dict())
+    first = json.loads((out / "tracking.json").read_text())["run_id"]
+    (out / "tensorboard" / "run").mkdir(parents=True)
+    fingerprint.claim(str(out), fingerprint.Fingerprint("train", {"training.epochs": 2}), overwrite=True,
+                      owned=TRAINING_OUTPUTS)
+    assert not (out / "tracking.json").exists() and not (out / "tensorboard").exists()
+    tracking.start_run(settings, cfg.to_dict())
+    assert json.loads((out / "tracking.json").read_text())["run_id"] != first
+
+
+def test_a_neptune_run_is_kept_by_its_command_and_new_after_an_overwrite(tmp_path, monkeypatch):
+    """Neptune (a service the tests cannot reach; its client stood in for) opens runs by a custom id: the same for
+    every process and rerun of a command (kept in tracking.json), a new one once tracking.json is removed."""
+    import importlib.machinery
+    import sys
+    import types
+
+    opened = []
+
+    class Run(dict):
+        def __getitem__(self, key):
+            return types.SimpleNamespace(fetch=lambda: "GUN-1", append=lambda *a, **k: None)
+
+        def stop(self):
+            pass
+
+    neptune = types.ModuleType("neptune")
+    neptune.__spec__ = importlib.machinery.ModuleSpec("neptune", None)  # found by the config's installed check
+    neptune.init_run = lambda **kwargs: opened.append(kwargs["custom_run_id"]) or Run()
+    neptune.utils = types.ModuleType("neptune.utils")
+    neptune.utils.stringify_unsupported = lambda value: value
+    monkeypatch.setitem(sys.modules, "neptune", neptune)
+    monkeypatch.setitem(sys.modules, "neptune.utils", neptune.utils)
+    monkeypatch.setenv("NEPTUNE_API_TOKEN", "not-a-real-token")
+    cfg = load_config(LAPTOP_CONFIG, ["logging.logger=Neptune", "logging.neptune_project=team/gunsound"])
+    out = tmp_path / "run"
+    settings = TrackingSettings.from_config(cfg, str(out))
+    tracking.start_run(settings, cfg.to_dict())
+    FoldTracker(settings, "fold_0", epochs=1).close()  # a worker opens the command's run
+    tracking.start_run(settings, cfg.to_dict())  # a rerun of the command
+    (out / "tracking.json").unlink()  # what --overwrite does
+    tracking.start_run(settings, cfg.to_dict())
+    assert opened[0] == opened[1] == opened[2] != opened[3]
+
+
+def test_a_tracking_store_that_fails_at_the_end_does_not_decide_the_jobs_outcome(tmp_path, caplog):
+    settings = TrackingSettings.from_config(load_config(LAPTOP_CONFIG, ["logging.logger=MLflow"]), str(tmp_path))
+    with caplog.at_level("WARNING", logger="gunsound.tracking"):
+        tracking.finish_run_quietly(settings, {"cv": {}})  # no run was opened: finish_run raises
+    assert "could not close the MLflow run" in caplog.text
+    with pytest.raises(RuntimeError, match="no run opened"):
+        tracking.finish_run(settings, {"cv": {}})

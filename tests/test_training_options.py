@@ -156,3 +156,23 @@ def test_load_shard_reads_a_dataset_into_arrays(ray_local):
     assert sorted(arrays["features"][:, 0, 0].tolist()) == list(range(70))
     with pytest.raises(RuntimeError, match="empty"):
         load_shard(ds.filter(lambda row: False), ["features", "target"])
+
+
+def test_a_training_rerun_that_changes_how_validation_is_computed_is_refused():
+    """`environment.mixed_precision_inference` decides the precision of validation on a GPU, so the folds'
+    predictions and the best epoch: a rerun that flips it would pool folds predicted differently. How many CPUs
+    a worker holds changes nothing and resumes."""
+    import pandas as pd
+
+    from gunsound import fingerprint
+    from tests.conftest import LAPTOP_CONFIG
+
+    manifest = pd.DataFrame({"row": [0], "path": ["a.wav"], "label": ["x"], "fold": [0]})
+
+    def made(*overrides):
+        return fingerprint.training_fingerprint(load_config(LAPTOP_CONFIG, list(overrides)), manifest, "data")
+
+    flipped = made("environment.mixed_precision_inference=true").differences(
+        made("environment.mixed_precision_inference=false"))
+    assert [d.split()[0] for d in flipped] == ["environment.mixed_precision_inference"]
+    assert not made("environment.cpus_per_worker=1").differences(made("environment.cpus_per_worker=2"))
