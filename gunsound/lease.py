@@ -6,10 +6,17 @@ heartbeat); on S3 with a conditional PUT (`If-None-Match: *`), the heartbeat rew
 ETag of the holder's last write. pyarrow's S3 filesystem cannot make conditional writes, so the lease
 goes through boto3 (`storage.s3_client`: the endpoint and region `storage` uses, the standard AWS credential chain).
 
-A lease whose holder is gone is stale and is taken over: on the holder's own host when its process no longer
-exists (pid and process start time), anywhere when its heartbeat is older than `stale_after`. Taking over is
-atomic too (locally under a flock of the folder, on S3 a PUT conditional on the stale lease's ETag), so of
-two jobs recovering one lease only one wins. The lease is released when the job ends, by an exception too.
+A lease whose holder is gone is stale and is taken over: where the holder's pid means the same process as here
+(same host, boot and pid namespace) when that process no longer exists (pid and process start time), anywhere
+when its heartbeat is older than `stale_after`. Taking over is atomic too (locally under a flock of the folder,
+on S3 a PUT conditional on the stale lease's ETag), so of two jobs recovering one lease only one wins. The
+lease is released when the job ends, by an exception too.
+
+On S3 a lease is ours when it carries our token: a conditional PUT that S3 applied but whose response was lost
+is resent by botocore and fails its own condition, so a failed condition is followed by reading the lease back.
+A store that ignores the conditions guards nothing: taking the lease checks that it refuses a second
+conditional PUT, and each heartbeat reads the lease back. Errors of the lease's S3 calls are LeaseStoreError
+(an OSError) naming the lease's URI and the S3 error code.
 """
 
 from __future__ import annotations
@@ -46,17 +53,53 @@ class LeaseLost(RuntimeError):
     """The lease was taken over while this job held it (its heartbeat had stopped for longer than allowed)."""
 
 
+class LeaseStoreError(OSError):
+    """The store of OUTPUT's lease failed a call, or cannot guard the lease (it ignores conditional writes)."""
+
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _process_view() -> dict:
+    """What a pid means here: containers with host networking share the hostname but not the pid namespace,
+    and a namespace's inode repeats from boot to boot and host to host (the initial one's is fixed)."""
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid_namespace": _pid_namespace()}
+
+
 def _holder(command: str) -> dict:
     pid = os.getpid()
-    return {"command": command, "host": socket.gethostname(), "pid": pid,
+    return {"command": command, **_process_view(), "pid": pid,
             "pid_started": psutil.Process(pid).create_time(),
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
             "heartbeat": time.time(), "token": uuid.uuid4().hex}
 
 
+def _same_process_view(holder: dict) -> bool:
+    """The holder's pid names a process this one can look at. A lease written before these fields were is not
+    the same (the heartbeat's age decides, as for another host); where the system has no /proc (macOS) both
+    sides record no boot id or namespace, and the host alone tells."""
+    return all(key in holder and holder[key] == value for key, value in _process_view().items())
+
+
 def _process_gone(holder: dict) -> bool:
-    """The holder ran on this host and its process is gone (or the pid now belongs to another process)."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    """The holder ran where its pid means what it means here, and its process is gone (or the pid now belongs
+    to another process)."""
+    if not _same_process_view(holder) or not isinstance(holder.get("pid"), int):
         return False
     try:
         started = psutil.Process(holder["pid"]).create_time()
@@ -127,44 +170,99 @@ class _LocalLease:
             os.utime(self.path)
             return version
 
-    def remove(self, version: object) -> None:
+    def remove(self, version: object, holder: dict) -> None:
         with self._exclusive():
             current = self.read()
             if current is not None and current[2] == version:
                 os.unlink(self.path)
 
 
+# A failed condition, or no lease to match (its key is gone): the answer is "not ours", not an error.
+_CONDITION_FAILED = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409", "404")
+_NOT_IMPLEMENTED = ("NotImplemented", "501")
+_VERB = {"put_object": "write", "get_object": "read", "delete_object": "delete"}
+# An ETag no object has: a PUT conditional on it must fail on a store that enforces If-Match.
+_NO_ETAG = '"' + "0" * 32 + '"'
+
+
 class _S3Lease:
     def __init__(self, folder: str):
-        self.bucket, self.key = storage.split_s3(storage.join(folder, LEASE_FILE))
+        self.folder = folder
+        self.uri = storage.join(folder, LEASE_FILE)
+        self.bucket, self.key = storage.split_s3(self.uri)
         self.client = storage.s3_client()
 
-    @staticmethod
-    def _precondition_failed(exc: Exception) -> bool:
+    @contextlib.contextmanager
+    def _errors(self, method: str):
+        """boto3's errors as LeaseStoreError naming the lease and the S3 error code."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "?"))
+            raise LeaseStoreError(f"{self.uri}: could not {_VERB[method]} the output's lease on S3: {code} "
+                                  f"({error.get('Message', exc)})", code) from exc
+        except BotoCoreError as exc:
+            code = type(exc).__name__
+            raise LeaseStoreError(f"{self.uri}: could not {_VERB[method]} the output's lease on S3: {code} "
+                                  f"({exc})", code) from exc
+
+    def _call(self, method: str, **params) -> dict | None:
+        """client.<method> on the lease's key; None when its condition failed or the key is absent."""
         from botocore.exceptions import ClientError
 
-        return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in (
-            "PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409", "404")
+        with self._errors(method):
+            try:
+                return getattr(self.client, method)(Bucket=self.bucket, Key=self.key, **params)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in _CONDITION_FAILED:
+                    return None
+                raise
 
-    def _put(self, holder: dict, **condition) -> object | None:
-        try:
-            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(holder).encode(),
-                                          ContentType="application/json", **condition)["ETag"]
-        except Exception as exc:
-            if self._precondition_failed(exc):
-                return None
-            raise
+    def _put(self, holder: dict, **condition) -> dict | None:
+        return self._call("put_object", Body=json.dumps(holder).encode(), ContentType="application/json",
+                          **condition)
+
+    def _ours(self, holder: dict) -> object | None:
+        """The lease's ETag when it carries our token (a write of ours whose response was lost included)."""
+        current = self.read()
+        if current is not None and current[0].get("token") == holder["token"]:
+            return current[2]
+        return None
+
+    def _write(self, holder: dict, **condition) -> object | None:
+        put = self._put(holder, **condition)
+        # botocore resends a PUT whose response was lost; if S3 had applied it, the resend fails its own condition
+        return put["ETag"] if put is not None else self._ours(holder)
+
+    def _check_guarded(self, holder: dict) -> None:
+        """Refuse a store that ignores If-None-Match / If-Match: it would let two jobs hold the lease. Both probes
+        write the lease's own body, so a store that lets them through changes nothing but its ETag."""
+        for header, condition in (("If-None-Match", {"IfNoneMatch": "*"}), ("If-Match", {"IfMatch": _NO_ETAG})):
+            if self._put(holder, **condition) is not None:
+                with contextlib.suppress(LeaseStoreError):  # the refusal matters more than a lease left behind
+                    self.remove(None, holder)
+                raise LeaseStoreError(
+                    f"{self.uri}: the S3 store at {self.client.meta.endpoint_url or 'AWS'} ignores {header} on "
+                    f"PutObject, so it cannot keep two jobs from writing {self.folder} at once; write outputs to "
+                    "a store that enforces conditional writes (AWS S3 does), or to a local folder")
 
     def create(self, holder: dict) -> object | None:
-        return self._put(holder, IfNoneMatch="*")
+        version = self._write(holder, IfNoneMatch="*")
+        if version is not None:
+            self._check_guarded(holder)
+        return version
 
     def read(self) -> tuple[dict, float, object] | None:
-        try:
-            got = self.client.get_object(Bucket=self.bucket, Key=self.key)
-        except self.client.exceptions.NoSuchKey:
+        got = self._call("get_object")
+        if got is None:
             return None
+        with self._errors("get_object"):
+            body = got["Body"].read()
         try:
-            holder = json.loads(got["Body"].read())
+            holder = json.loads(body)
         except ValueError:
             holder = {}
         beat = holder.get("heartbeat") if isinstance(holder.get("heartbeat"), (int, float)) else \
@@ -172,15 +270,29 @@ class _S3Lease:
         return holder, time.time() - beat, got["ETag"]
 
     def take_over(self, stale_version: object, holder: dict) -> object | None:
-        return self._put(holder, IfMatch=stale_version)
+        version = self._write(holder, IfMatch=stale_version)
+        if version is not None:
+            self._check_guarded(holder)
+        return version
 
     def refresh(self, version: object, holder: dict) -> object | None:
-        return self._put({**holder, "heartbeat": time.time()}, IfMatch=version)
+        if self._write({**holder, "heartbeat": time.time()}, IfMatch=version) is None:
+            return None
+        # Read back: another job's write landing on ours (a store letting a stale If-Match through) shows here
+        return self._ours(holder)
 
-    def remove(self, version: object) -> None:
-        current = self.read()
-        if current is not None and current[2] == version:
-            self.client.delete_object(Bucket=self.bucket, Key=self.key)
+    def remove(self, version: object, holder: dict) -> None:
+        """Ours by its token rather than `version`: a heartbeat that failed after S3 applied it leaves the ETag we
+        hold behind the lease's."""
+        etag = self._ours(holder)
+        if etag is None:
+            return
+        try:
+            self._call("delete_object", IfMatch=etag)  # a lease taken over since we read it is not ours to remove
+        except LeaseStoreError as exc:
+            if exc.code not in _NOT_IMPLEMENTED:
+                raise
+            self._call("delete_object")  # a store without conditional deletes: ours a moment ago
 
 
 class OutputLease:
@@ -237,11 +349,17 @@ class OutputLease:
                 log.warning("%s: lease heartbeat failed (%s)", self.output, exc)
                 continue
             if version is None:
-                current = self.store.read()
-                self.lost = describe(*current[:2]) if current else "nobody (the lease file was removed)"
+                self.lost = self._taker()
                 log.error("%s: this job's lease was taken over by %s", self.output, self.lost)
                 return
             self.version = version
+
+    def _taker(self) -> str:
+        try:
+            current = self.store.read()
+        except Exception as exc:  # lost all the same: the job must hear of it
+            return f"another job (its lease {self.uri} could not be read: {exc})"
+        return describe(*current[:2]) if current else "nobody (the lease file was removed)"
 
     def release(self) -> None:
         self._stop.set()
@@ -252,7 +370,7 @@ class OutputLease:
             raise LeaseLost(f"{self.output}: this job's lease was taken over by {self.lost} while it ran; "
                             "outputs written since then may mix with that job's")
         try:
-            self.store.remove(self.version)
+            self.store.remove(self.version, self.holder)
         except Exception as exc:  # the job's own outcome matters more; a stale lease is recovered later
             log.error("%s: could not release the lease %s (%s)", self.output, self.uri, exc)
 

@@ -1,6 +1,7 @@
 """An OUTPUT reused or shared: fingerprints refuse a rerun made differently, one job at a time holds the
 folder's lease, error rows are retried, and `gunsound score`'s exit codes."""
 
+import argparse
 import json
 import os
 import shutil
@@ -14,12 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+from botocore.exceptions import ClientError
 
 from gunsound import fingerprint, storage, training
-from gunsound.cli import main
+from gunsound.cli import EXIT_FAILED, main
 from gunsound.config import ArchitectureConfig
 from gunsound.features import FeatureParams
-from gunsound.lease import LEASE_FILE, LeaseHeld, LeaseLost, OutputLease
+from gunsound.lease import LEASE_FILE, LeaseHeld, LeaseLost, LeaseStoreError, OutputLease
 from gunsound.model import ModelArtifact, build_model
 from tests.conftest import TRAINED_RUN_EXTRA, train_args
 
@@ -31,9 +33,16 @@ def _dead_pid() -> int:
     return int(done.stdout)
 
 
-def _planted(host: str, pid: int, heartbeat: float) -> dict:
-    return {"command": "gunsound score", "host": host, "pid": pid, "pid_started": 0.0, "started": "earlier",
-            "heartbeat": heartbeat, "token": "planted"}
+def _pid_view() -> dict:
+    """What a pid means to this process: its boot and its pid namespace."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return {"boot_id": f.read().strip(), "pid_namespace": os.stat("/proc/self/ns/pid").st_ino}
+
+
+def _planted(host: str, pid: int, heartbeat: float, **seen) -> dict:
+    """Another job's holder record; from this boot and pid namespace unless `seen` says otherwise."""
+    return {"command": "gunsound score", "host": host, **_pid_view(), "pid": pid, "pid_started": 0.0,
+            "started": "earlier", "heartbeat": heartbeat, "token": "planted", **seen}
 
 
 def test_a_second_job_is_refused_while_the_first_holds_the_lease_and_it_is_released_after(tmp_path):
@@ -77,6 +86,38 @@ def test_the_heartbeat_refreshes_the_lease_and_a_lease_taken_over_fails_the_job(
     with pytest.raises(LeaseLost, match="taken over by gunsound score"):
         held.release()
     assert json.loads(lease.read_text())["token"] == "planted"  # not ours to remove
+
+
+def test_a_pid_of_another_pid_namespace_or_boot_on_this_host_is_judged_by_its_heartbeat(tmp_path):
+    """Containers with host networking share the hostname but not the pid namespace: a holder's pid that is not
+    alive here may be a live job there. So may a holder whose record does not say (written before it did)."""
+    lease = tmp_path / LEASE_FILE
+    unrecorded = {k: v for k, v in _planted(socket.gethostname(), _dead_pid(), time.time()).items()
+                  if k not in ("boot_id", "pid_namespace")}
+    for holder in (_planted(socket.gethostname(), _dead_pid(), time.time(),
+                            pid_namespace=_pid_view()["pid_namespace"] + 1),
+                   _planted(socket.gethostname(), _dead_pid(), time.time(), boot_id="another-boot"),
+                   unrecorded):
+        lease.write_text(json.dumps(holder))
+        with pytest.raises(LeaseHeld, match=rf"in use by gunsound score \(pid {holder['pid']} on "):
+            OutputLease(str(tmp_path), "gunsound train").acquire()
+        os.utime(lease, (time.time() - 400, time.time() - 400))  # no heartbeat for longer than stale_after
+        with OutputLease(str(tmp_path), "gunsound train", stale_after=300):
+            held = json.loads(lease.read_text())
+            assert held["pid"] == os.getpid()
+            assert {k: held[k] for k in ("boot_id", "pid_namespace")} == _pid_view()
+
+
+def test_a_dead_holder_on_a_system_without_proc_is_recovered_at_once(tmp_path, monkeypatch):
+    """macOS has no boot id or pid namespaces to read: both sides record none, and the host and pid tell."""
+    from gunsound import lease as lease_module
+
+    monkeypatch.setattr(lease_module, "_boot_id", lambda: None)
+    monkeypatch.setattr(lease_module, "_pid_namespace", lambda: None)
+    holder = _planted(socket.gethostname(), _dead_pid(), time.time(), boot_id=None, pid_namespace=None)
+    (tmp_path / LEASE_FILE).write_text(json.dumps(holder))
+    with OutputLease(str(tmp_path), "gunsound train"):  # its heartbeat is fresh: only the dead pid frees it
+        assert json.loads((tmp_path / LEASE_FILE).read_text())["pid"] == os.getpid()
 
 
 @pytest.fixture
@@ -131,6 +172,156 @@ def test_the_lease_of_an_s3_output_whose_name_holds_a_hash_is_its_own(s3_out):
         assert keys == ["run#2/lease.json"]
         with OutputLease(out, "gunsound score"):  # another output: not held
             pass
+
+
+def _hooked(monkeypatch, event: str, handler) -> None:
+    """The lease's boto3 clients from now on call `handler` on botocore's `event` (a fault of the store)."""
+    made = storage.s3_client
+
+    def client(*args, **kwargs):
+        c = made(*args, **kwargs)
+        c.meta.events.register(event, handler)
+        return c
+
+    monkeypatch.setattr(storage, "s3_client", client)
+
+
+def _lease_keys(client) -> list[str]:
+    return [o["Key"] for o in client.list_objects_v2(Bucket="gunsound-leases", Prefix="run/lease.json")
+            .get("Contents", [])]
+
+
+def test_a_conditional_put_of_the_lease_resent_after_its_response_was_lost_is_ours(s3_out, monkeypatch):
+    """botocore resends a PUT whose response was lost (a read timeout); S3 had applied it, so the resend fails
+    its own condition: the lease read back carries our token, and the job goes on."""
+    client, out = s3_out
+    lose = {"next": False}
+
+    def resend_once(response=None, operation=None, **_):
+        if lose["next"] and operation.name == "PutObject" and response is not None \
+                and response[0].status_code == 200:
+            lose["next"] = False
+            return 0  # resend at once
+        return None
+
+    _hooked(monkeypatch, "needs-retry.s3.PutObject", resend_once)
+    lose["next"] = True  # the creating PUT (If-None-Match: *)
+    with OutputLease(out, "gunsound score", heartbeat_s=0.05) as held:
+        assert not lose["next"]
+        lose["next"] = True  # a heartbeat's PUT (If-Match)
+        deadline = time.time() + 10
+        while lose["next"] and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert not lose["next"] and not held.lost
+    assert _lease_keys(client) == []
+
+    planted = _planted("another-host", 1, time.time() - 400)  # stale: taken over, by a PUT resent too
+    client.put_object(Bucket="gunsound-leases", Key="run/lease.json", Body=json.dumps(planted).encode())
+    lose["next"] = True
+    with OutputLease(out, "gunsound score", stale_after=300):
+        assert not lose["next"]
+    assert _lease_keys(client) == []
+
+
+@pytest.mark.parametrize("ignored", ["If-None-Match", "If-Match"])
+def test_a_store_that_ignores_conditional_puts_is_refused(s3_out, s3_server, monkeypatch, ignored):
+    client, out = s3_out
+
+    def drop_condition(request, **_):
+        if ignored in request.headers:
+            del request.headers[ignored]
+
+    _hooked(monkeypatch, "before-send.s3.PutObject", drop_condition)
+    with pytest.raises(LeaseStoreError, match=rf"{out}/lease.json: the S3 store at {s3_server} ignores "
+                                              rf"{ignored} on PutObject, so it cannot keep two jobs from writing "
+                                              rf"{out} at once"):
+        OutputLease(out, "gunsound score").acquire()
+    assert _lease_keys(client) == []
+
+
+def test_a_heartbeat_that_reads_back_another_jobs_lease_fails_the_job(s3_out, monkeypatch):
+    """Another job's write landing just after the heartbeat's, on a store that then lets the next heartbeat's
+    If-Match through: only reading the lease back after each heartbeat shows it is no longer ours."""
+    client, out = s3_out
+    fault = {"on": False}
+
+    def drop_if_match(request, **_):
+        if fault["on"] and "If-Match" in request.headers:
+            del request.headers["If-Match"]
+
+    def another_job_writes(**_):
+        if fault["on"] and fault.setdefault("planted", False) is False:
+            fault["planted"] = True
+            client.put_object(Bucket="gunsound-leases", Key="run/lease.json",
+                              Body=json.dumps(_planted("another-host", 1, time.time())).encode())
+
+    _hooked(monkeypatch, "before-send.s3.PutObject", drop_if_match)
+    _hooked(monkeypatch, "after-call.s3.PutObject", another_job_writes)
+    held = OutputLease(out, "gunsound train", heartbeat_s=0.05)
+    held.acquire()
+    fault["on"] = True
+    time.sleep(0.5)
+    with pytest.raises(LeaseLost, match="taken over by gunsound score"):
+        held.release()
+    body = json.loads(client.get_object(Bucket="gunsound-leases", Key="run/lease.json")["Body"].read())
+    assert body["token"] == "planted"
+
+
+def test_the_lease_on_s3_is_deleted_on_condition_that_it_is_still_ours(s3_out, monkeypatch):
+    client, out = s3_out
+    sent = []
+    _hooked(monkeypatch, "before-send.s3.DeleteObject", lambda request, **_: sent.append(request.headers.get("If-Match")))
+    with OutputLease(out, "gunsound score") as held:
+        pass
+    assert [v.decode() if isinstance(v, bytes) else v for v in sent] == [held.version]
+    assert _lease_keys(client) == []
+
+    def taken_over_meanwhile(request, **_):  # between reading the lease and deleting it
+        client.put_object(Bucket="gunsound-leases", Key="run/lease.json",
+                          Body=json.dumps(_planted("another-host", 1, time.time())).encode())
+
+    _hooked(monkeypatch, "before-send.s3.DeleteObject", taken_over_meanwhile)
+    with OutputLease(out, "gunsound score"):
+        pass
+    body = json.loads(client.get_object(Bucket="gunsound-leases", Key="run/lease.json")["Body"].read())
+    assert body["token"] == "planted"  # not ours to remove
+
+
+def test_a_store_without_conditional_deletes_still_releases_the_lease(s3_out, monkeypatch):
+    client, out = s3_out
+
+    def not_implemented(params, **_):
+        if "IfMatch" in params:
+            raise ClientError({"Error": {"Code": "NotImplemented", "Message": "A header you provided implies "
+                                         "functionality that is not implemented"}}, "DeleteObject")
+
+    _hooked(monkeypatch, "before-parameter-build.s3.DeleteObject", not_implemented)
+    with OutputLease(out, "gunsound score"):
+        assert _lease_keys(client) == ["run/lease.json"]
+    assert _lease_keys(client) == []
+
+
+def test_errors_of_the_lease_on_s3_name_it_and_the_s3_error_code_in_one_line_of_the_cli(s3_out, monkeypatch,
+                                                                                       capsys):
+    client, out = s3_out
+    with pytest.raises(LeaseStoreError, match=r"s3://gunsound-no-such-bucket/run/lease.json: could not write "
+                                              r"the output's lease on S3: NoSuchBucket"):
+        OutputLease("s3://gunsound-no-such-bucket/run", "gunsound score").acquire()
+
+    def no_conditional_puts(params, **_):
+        if "IfNoneMatch" in params or "IfMatch" in params:
+            raise ClientError({"Error": {"Code": "NotImplemented", "Message": "A header you provided implies "
+                                         "functionality that is not implemented"}}, "PutObject")
+
+    _hooked(monkeypatch, "before-parameter-build.s3.PutObject", no_conditional_puts)
+    command = argparse.ArgumentParser()
+    command.set_defaults(func=lambda _: OutputLease(out, "gunsound score").acquire())
+    assert main([], parser=command) == EXIT_FAILED
+    assert _one_error_line(capsys) == (f"error: {out}/lease.json: could not write the output's lease on S3: "
+                                       "NotImplemented (A header you provided implies functionality that is not "
+                                       "implemented)")
+    assert _lease_keys(client) == []
 
 
 def test_an_output_is_claimed_by_its_fingerprint_and_overwrite_removes_only_gunsound_outputs(s3_out):
