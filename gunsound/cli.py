@@ -82,13 +82,13 @@ def run_tune(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     output = args.output or str(Path("outputs") / cfg.experiment_name)
-    plan = prepare(cfg, args.data, output, drop_bad_rows=args.drop_bad_rows)
+    plan = tuning.prepare_sweep(cfg, args.data, output, drop_bad_rows=args.drop_bad_rows, overwrite=args.overwrite)
     print(plan.describe())
     print("search space: " + ", ".join(f"{k} {v}" for k, v in tuning.search_space(plan.cfg).items()))
     if args.dry_run:
         print("dry run: nothing tuned")
         return 0
-    result = tuning.run_tune(plan, args.num_samples)
+    result = tuning.run_tune(plan, args.num_samples, overwrite=args.overwrite)
     print(result.table.to_string(index=False))
     print(f"best: {result.best_params}")
     print(f"best config: {result.best_config_uri}")

@@ -5,31 +5,84 @@ reports reach Tune through `TuneReportCallback`: the pattern Ray 2.60 supports f
 ASHA stops weak trials early. The sweep runs on one split (the first planned fold), since early-stopping
 across folds would bias the cross-validation estimate; `--then-train` then runs every fold with the best
 configuration.
+
+The features and the fold split are made once, before the trials, so `search_space` may only hold settings a
+trial applies itself (`SEARCHABLE`). OUTPUT/tune/fingerprint.json records what the sweep was made with: the same
+command run again keeps a finished sweep's best config (and with `seed: -1` its seed) instead of sweeping afresh,
+so `--then-train` resumes OUTPUT/best; a sweep with other settings is refused there, as a training run is.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import pandas as pd
 import yaml
 
-from gunsound import storage, weights
-from gunsound.config import Config, ConfigError, apply_overrides, config_from_dict
+from gunsound import fingerprint, storage, weights
+from gunsound.config import Config, ConfigError, apply_overrides, config_from_dict, parse_config_yaml
 from gunsound.lease import OutputLease
 from gunsound.metrics import METRIC_KEYS
-from gunsound.plan import TrainingPlan
+from gunsound.plan import TrainingPlan, prepare
 from gunsound.resources import TrainWorkers, cluster_capacity
 from gunsound.training import featurize, fold_datasets, make_trainer, planned_workers, start_ray
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("loguniform", "uniform", "randint", "choice", "quniform")
+
+# Why a setting cannot vary between trials. Before the trials start, _sweep featurizes the clips once, splits
+# them once and sizes the workers once, and run_tune fetches the pretrained weights once; a trial only swaps its
+# values into the plan's config, from which make_trainer builds its LoopSettings and model.
+_FEATURES = "the features are computed once, before the trials: every trial trains on the configured ones"
+_FOLDS = "the clips, their targets and the folds are set once, before the trials: every trial trains on those"
+_WEIGHTS = ("the pretrained weights are fetched once, for the configured backbone, before the trials: every "
+            "trial loads that copy")
+_UNUSED = "a trial's training does not use it"
+# Settings in order, the first match deciding (a key, or a section ending in "."): None where each trial
+# applies its own value, else why it cannot.
+SEARCHABLE: tuple[tuple[str, str | None], ...] = (
+    ("training.train_validation_data", "each fold's training set is built once, before the trials"),
+    ("training.automatically_adjust_batch_size", _UNUSED),
+    ("training.build_scoring_pipelines", _UNUSED),
+    ("training.run_interpretations", _UNUSED),
+    ("training.", None),
+    ("architecture.pretrained", _WEIGHTS),
+    ("architecture.pretrained_weights", _WEIGHTS),
+    ("architecture.", None),
+    ("augmentation.", None),
+    # The features are stored in log power; each trial's Train workers normalise them.
+    ("audio.spectrogram_normalization", None),
+    ("audio.", _FEATURES),
+    ("dataset.", _FOLDS),
+    ("environment.seed", "it drew the folds, which are set once before the trials: every trial trains on that "
+                         "split"),
+    ("environment.mixed_precision_training", None),
+    ("environment.mixed_precision_inference", None),
+    ("environment.", "the trials' workers are placed and sized once, before the trials"),
+    ("prediction.probability_threshold", None),
+    # A trial's prediction.metric only picks the epoch it would keep, which Tune never sees.
+    ("prediction.metric", "the sweep ranks every trial by the configured metric, chosen before the trials"),
+)
+SEARCHABLE_KEYS = ", ".join(key + ("*" if key.endswith(".") else "") for key, why in SEARCHABLE if why is None)
+
+
+def _matches(key: str, pattern: str) -> bool:
+    return key == pattern or (pattern.endswith(".") and key.startswith(pattern))
+
+
+def unsearchable_reason(key: str, cfg: Config) -> str | None:
+    """Why `key` cannot be swept (a trial would not run with the value drawn for it), or None when it can."""
+    if key == "architecture.backbone" and cfg.architecture.pretrained:
+        return _WEIGHTS
+    return next((why for pattern, why in SEARCHABLE if _matches(key, pattern)), _UNUSED)
 
 
 def _sampler_bounds(key: str, sampler: str, args: Any) -> list[Any]:
@@ -73,7 +126,8 @@ def search_space(cfg: Config) -> dict[str, Any]:
     """The sweep's space as data: {"section.key": {"sampler": [args...]}}.
 
     Defaults: learning rate log-uniform over a decade either side of the configured one, and epochs from
-    half to twice the configured number. `search_space` in the config adds or replaces entries.
+    half to twice the configured number. `search_space` in the config adds or replaces entries. A key that a
+    trial would not run with (`unsearchable_reason`) is refused here, before Ray starts.
     """
     t = cfg.training
     space: dict[str, Any] = {
@@ -92,6 +146,10 @@ def search_space(cfg: Config) -> dict[str, Any]:
                                  f"{sampler} value {json.dumps(value)}")
             except ConfigError as exc:
                 raise ConfigError(f"search_space.{key}: {exc}") from exc
+        why = unsearchable_reason(key, cfg)
+        if why is not None:
+            raise ConfigError(f"search_space.{key}: cannot be swept: {why}. A sweep varies only what each trial "
+                              f"applies: {SEARCHABLE_KEYS}")
     return space
 
 
@@ -154,22 +212,116 @@ def trial_workers(sizing: TrainWorkers, node_cpus: float) -> TrainWorkers:
     return replace(sizing, cpus_per_worker=room)
 
 
-def run_tune(plan: TrainingPlan, num_samples: int) -> TuneResult:
+# What a sweep writes into OUTPUT/tune: all that --overwrite removes there (beside its fingerprint.json).
+TUNE_OUTPUTS = ("results.csv", "best_config.yaml", "trials", "ray", "sweep")
+
+
+def _tune_dir(output: str) -> str:
+    return storage.join(output, "tune")
+
+
+def stored_sweep_seed(output: str) -> int | None:
+    """The seed of the sweep in OUTPUT/tune, so that a rerun with `seed: -1` finds the same sweep."""
+    fp = fingerprint.read(_tune_dir(output))
+    seed = fp.settings.get("environment.seed") if fp is not None and fp.kind == "tune" else None
+    return seed if isinstance(seed, int) and seed >= 0 else None
+
+
+def prepare_sweep(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = False,
+                  overwrite: bool = False) -> TrainingPlan:
+    """The sweep's plan (`plan.prepare`). With `seed: -1` a rerun into an OUTPUT that holds a sweep keeps the
+    seed it drew, as `prepare` does for a training run: the same command then plans the same sweep and resumes
+    it (`run_tune`); `overwrite` draws a new one."""
+    kept = None
+    if cfg.environment.seed < 0 and not overwrite:
+        storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
+        kept = stored_sweep_seed(storage.absolute(output))
+    if kept is None:
+        return prepare(cfg, data, output, drop_bad_rows=drop_bad_rows)
+    plan = prepare(config_with(cfg, {"environment.seed": kept}), data, output, drop_bad_rows=drop_bad_rows)
+    plan.notes.append(f"note            seed -1: kept seed {kept}, drawn by the sweep in {_tune_dir(plan.output)}")
+    log.info("seed -1: kept seed %d of the sweep in %s", kept, _tune_dir(plan.output))
+    return plan
+
+
+def sweep_fingerprint(plan: TrainingPlan, num_samples: int, space: dict[str, Any]) -> fingerprint.Fingerprint:
+    """What a sweep is made with: what its trials train on and with (a training run's fingerprint: the resolved
+    config, its seed included, and the data with its folds), the fold it sweeps on, its space and its samples."""
+    made = fingerprint.training_fingerprint(plan.cfg, plan.manifest.frame.assign(fold=plan.folds),
+                                            plan.manifest.source)
+    sweep = {"tune.fold": plan.fold_ids[0], "tune.num_samples": num_samples,
+             **{f"tune.search_space.{key}": spec for key, spec in space.items()}}
+    return fingerprint.Fingerprint("tune", {**made.settings, **json.loads(json.dumps(sweep))}, made.data)
+
+
+def _lookup(data: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
+def _finished(output: str) -> bool:
+    """Whether the sweep in OUTPUT/tune finished: best_config.yaml is written last."""
+    out = _tune_dir(output)
+    return storage.exists(storage.join(out, "best_config.yaml")) and storage.exists(storage.join(out, "results.csv"))
+
+
+def finished_sweep(plan: TrainingPlan, space: dict[str, Any]) -> TuneResult:
+    """The result of the sweep that finished in OUTPUT/tune, read back from its files. The best config is the
+    file itself, so that a rerun's --then-train trains exactly what the first run's did."""
+    out = _tune_dir(plan.output)
+    best_uri = storage.join(out, "best_config.yaml")
+    best_cfg = config_from_dict(parse_config_yaml(storage.read_text(best_uri), best_uri), best_uri)
+    table = pd.read_csv(io.StringIO(storage.read_text(storage.join(out, "results.csv"))))
+    best_params = {key: _lookup(best_cfg.to_dict(), key) for key in space}
+    return TuneResult(table, best_params, best_cfg, best_uri)
+
+
+def run_tune(plan: TrainingPlan, num_samples: int, overwrite: bool = False) -> TuneResult:
     """Sweep on the plan's first fold; write results.csv and best_config.yaml under OUTPUT/tune. Holds
-    OUTPUT's lease meanwhile: one job at a time writes there."""
+    OUTPUT's lease meanwhile: one job at a time writes there.
+
+    A sweep that finished there with the same settings, data and space is not run again: its result is read
+    back (`finished_sweep`). One with others is refused (`fingerprint.OutputMismatch`) before Ray starts;
+    `overwrite` removes OUTPUT/tune's sweep and starts afresh."""
     storage.makedirs(plan.output)
     with OutputLease(plan.output, "gunsound tune"):
-        # Before Ray starts: weights that cannot be had fail here, in seconds; every trial reads one copy.
+        space = search_space(plan.cfg)
+        made = sweep_fingerprint(plan, num_samples, space)  # before the weights' copy changes the config
+        if not overwrite and _finished(plan.output):
+            fingerprint.claim(_tune_dir(plan.output), made, overwrite=False, owned=TUNE_OUTPUTS)
+            log.info("tune: the same sweep finished in %s before; keeping its results and best config "
+                     "(--overwrite sweeps afresh)", _tune_dir(plan.output))
+            return finished_sweep(plan, space)
+        # Before Ray starts or anything is claimed: weights that cannot be had fail here, in seconds; every
+        # trial reads one copy.
         plan.cfg.architecture = weights.resolve_pretrained(plan.cfg.architecture, plan.output)
-        return _sweep(plan, num_samples)
+        fingerprint.claim(_tune_dir(plan.output), made, overwrite=overwrite, owned=TUNE_OUTPUTS)
+        return _sweep(plan, num_samples, space)
 
 
-def _sweep(plan: TrainingPlan, num_samples: int) -> TuneResult:
+def best_result(results: Iterable[Any], metric: str, mode: str) -> Any:
+    """The trial whose last report is best among those that ended without an error (finished, or stopped by
+    ASHA). Ray's `get_best_result` also ranks a trial that reported and then failed (a worker lost past its
+    retries, out of memory), which would become the best config and what --then-train trains."""
+    results = list(results)
+    ok = [r for r in results if r.error is None and isinstance((r.metrics or {}).get(metric), int | float)
+          and math.isfinite(r.metrics[metric])]
+    if not ok:
+        # The last line of Ray's error names the exception; the first names the Ray task that raised it.
+        errors = sorted({(str(r.error).strip().splitlines() or [repr(r.error)])[-1] for r in results
+                         if r.error is not None})
+        raise RuntimeError(f"tune: no trial ended without an error and reported {metric}; "
+                           f"errors: {'; '.join(errors) or 'none'}")
+    pick = min if mode == "min" else max
+    return pick(ok, key=lambda r: r.metrics[metric])
+
+
+def _sweep(plan: TrainingPlan, num_samples: int, space: dict[str, Any]) -> TuneResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     start_ray(plan)
-    space = search_space(plan.cfg)
     metric = METRIC_KEYS[plan.cfg.prediction.metric]
     mode = "min" if plan.cfg.prediction.metric == "LogLoss" else "max"
     k = plan.fold_ids[0]
@@ -208,13 +360,12 @@ def _sweep(plan: TrainingPlan, num_samples: int) -> TuneResult:
                      "epochs_run": last.get("training_iteration"), "valid_loss": last.get("valid_loss"),
                      "error": str(r.error) if r.error else ""})
     table = pd.DataFrame(rows).sort_values(metric, ascending=(mode == "min"), na_position="last")
-    if table[metric].isna().all():
-        raise RuntimeError(f"tune: no trial reported {metric}; errors: {set(table['error'])}")
-    best = results.get_best_result(metric=metric, mode=mode, scope="last")
-    best_params = best.config["params"]
-    best_cfg = config_with(plan.cfg, best_params)
-    out = storage.join(plan.output, "tune")
+    out = _tune_dir(plan.output)
+    # Before the pick, so that the trials' errors are there to read when every trial failed.
     storage.write_text(storage.join(out, "results.csv"), table.to_csv(index=False))
+    best_params = best_result(results, metric, mode).config["params"]
+    best_cfg = config_with(plan.cfg, best_params)
+    # Last: its presence says the sweep finished (finished_sweep).
     best_uri = storage.join(out, "best_config.yaml")
     storage.write_text(best_uri, yaml.safe_dump(best_cfg.to_dict(), sort_keys=True))
     return TuneResult(table, best_params, best_cfg, best_uri)
