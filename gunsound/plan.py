@@ -36,6 +36,11 @@ class TrainingPlan:
     fold_ids: list[int]
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def split_folds(self) -> list[int]:
+        """Every fold of the split, of which this job runs `fold_ids`: one with a validation dataframe."""
+        return [0] if self.cfg.dataset.validation_dataframe else list(range(num_folds(self.cfg.dataset)))
+
     def describe(self) -> str:
         frame = self.manifest.frame
         counts = frame["label"].value_counts().sort_index()
@@ -53,7 +58,7 @@ class TrainingPlan:
             f"training        {self.cfg.training.epochs} epochs, batch {self.cfg.training.batch_size},"
             f" lr {self.cfg.training.learning_rate:g}, {self.cfg.training.optimizer},"
             f" {self.cfg.training.schedule}, loss {self.cfg.training.loss_function}",
-            f"validation      {num_folds(self.cfg.dataset)} folds, running {self.fold_ids}"
+            f"validation      {len(self.split_folds)} folds, running {self.fold_ids}"
             f" (stratified by class, grouped by {self.cfg.dataset.group_fold_column or 'file'})",
             f"seed            {self.cfg.environment.seed}",
             f"output          {self.output}",

@@ -20,7 +20,8 @@ DEFAULT_OBJECT_STORE_BYTES = 512 * 2**20
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, feature_tasks: bool = True, *,
              dashboard: bool | None = None, object_store_bytes: int | None = None) -> None:
-    """Connect to a cluster (address, or RAY_ADDRESS as set by `ray job submit`) or start a local Ray.
+    """Connect to a cluster (address, RAY_ADDRESS as set by `ray job submit`, or one `ray start` started on
+    this machine) or start a local Ray.
 
     A local Ray starts Ray Data's helper actors at once and, when `feature_tasks` says that feature tasks
     follow (training, tuning), has its pooled workers import the feature stack; scoring runs in actors
@@ -32,17 +33,30 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, feature_ta
     Ray's object store (`object_store_bytes_for` from what the work keeps in it; default 512 MiB)."""
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS") or running_here()
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(num_cpus=num_cpus, log_to_driver=True,
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True,
              include_dashboard=feature_tasks if dashboard is None else dashboard,
              object_store_memory=max(MIN_OBJECT_STORE_BYTES, object_store_bytes or DEFAULT_OBJECT_STORE_BYTES))
     if feature_tasks:
         warm_up_workers()
     else:
         start_ray_data_helpers()
+
+
+def running_here() -> str | None:
+    """The address of a Ray cluster that `ray start` started on this machine (the head node after `ray attach`),
+    which Ray's own `ray.init()` would join: a job run there uses that cluster, and a local Ray is sized only
+    where there is none. None where there is none (or this Ray cannot tell)."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        # None, not "auto": only a cluster that `ray start` recorded, not any local Ray (another job's own)
+        return canonicalize_bootstrap_address(None)
+    except (ImportError, AttributeError, ConnectionError):
+        return None
 
 
 def object_store_bytes_for(resident_bytes: int, in_flight_bytes: int = 64 * 2**20) -> int:

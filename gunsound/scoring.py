@@ -132,7 +132,8 @@ def scoring_config(model_location: str, overrides: list[str]) -> Config:
 
     data: dict = {}
     source = f"the default settings (no config.yaml beside {model_location})"
-    location = model_location.rstrip("/")
+    # Absolute first: `fold_0` named from inside the run's folder is that run's fold, and its config.yaml one up.
+    location = storage.absolute(model_location).rstrip("/")
     for folder in dict.fromkeys([location, location.rsplit("/", 1)[0], location.rsplit("/", 2)[0]]):
         if storage.exists(found := storage.join(folder, "config.yaml")):
             data, source = parse_config_yaml(storage.read_text(found), found), found
@@ -142,6 +143,7 @@ def scoring_config(model_location: str, overrides: list[str]) -> Config:
     saved_scoring = data.get("scoring") or {}
     if isinstance(saved_scoring, dict) and "chunk_seconds" in saved_scoring:  # before it was named read_seconds
         saved_scoring.setdefault("read_seconds", saved_scoring.pop("chunk_seconds"))
+    log.info("scoring settings: %s", source)
     return config_with_overrides(data, source, overrides)[0]
 
 

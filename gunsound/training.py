@@ -209,11 +209,11 @@ def describe_worker(worker: dict) -> str:
     return f"rank {worker['rank']}: {describe_placement(worker)}"
 
 
-def cross_validate(plan: TrainingPlan) -> dict:
-    """Out-of-fold predictions of every planned fold -> oof_predictions.parquet and the CV metrics."""
+def cross_validate(plan: TrainingPlan, fold_ids: list[int]) -> dict:
+    """Out-of-fold predictions of the finished folds `fold_ids` -> oof_predictions.parquet and the CV metrics."""
     classes = plan.manifest.classes
     frames = []
-    for k in plan.fold_ids:
+    for k in fold_ids:
         pred = storage.read_parquet(storage.join(plan.output, f"fold_{k}", "valid_predictions.parquet"))
         frames.append(pred.assign(fold=k))
     oof = pd.concat(frames, ignore_index=True)
@@ -221,7 +221,7 @@ def cross_validate(plan: TrainingPlan) -> dict:
     oof.insert(1, "file", manifest.loc[oof["row"], "rel_path"].to_numpy())
     oof.insert(2, "label", manifest.loc[oof["row"], "label"].to_numpy())
     storage.write_parquet(oof, storage.join(plan.output, "oof_predictions.parquet"))
-    return {"folds": plan.fold_ids, **cross_validated_metrics(
+    return {"folds": fold_ids, **cross_validated_metrics(
         oof, classes, plan.cfg.prediction.probability_threshold, plan.cfg.dataset.background_label,
         predicts_background(plan))}
 
@@ -326,11 +326,18 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool) -> d
             k = running.pop(finished[0])
             folds[k] = ray.get(finished[0])
             log.info("fold %d ran on %s", k, "; ".join(map(describe_worker, folds[k]["workers"])))
-    results["folds"] = {str(k): folds[k] for k in plan.fold_ids}
-    results["cv"] = cross_validate(plan)
+    # Folds of the split that earlier jobs into this OUTPUT finished (a job may run only some, `dataset.folds`):
+    # the run's metrics, out-of-fold predictions and ensemble hold every finished fold, not only this job's.
+    for k in plan.split_folds:
+        if k not in folds and (history := finished_fold(plan, k)) is not None:
+            log.info("fold %d: finished by an earlier job into %s, included", k, out)
+            folds[k] = history
+    fold_ids = sorted(folds)
+    results["folds"] = {str(k): folds[k] for k in fold_ids}
+    results["cv"] = cross_validate(plan, fold_ids)
     storage.write_text(storage.join(out, "metrics.json"), json.dumps(results, indent=1))
     storage.write_text(storage.join(out, "ensemble.json"), json.dumps(
-        {"models": [f"fold_{k}/model.pt" for k in plan.fold_ids], "combine": "mean_probability"}, indent=1))
+        {"models": [f"fold_{k}/model.pt" for k in fold_ids], "combine": "mean_probability"}, indent=1))
     from gunsound.report import write_report
 
     log.info("report: %s", write_report(out))

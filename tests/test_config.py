@@ -353,3 +353,17 @@ def test_a_hop_longer_than_the_models_chunk_is_refused_where_the_window_is_resol
     with pytest.raises(ConfigError, match=r"scoring.hop_seconds \(3\) must be at most the window \(2 s, the model"):
         ScoringSettings.from_config(cfg, model_chunk_seconds=2.0)
     assert ScoringSettings.from_config(cfg, model_chunk_seconds=4.0).hop_seconds == 3.0
+
+
+@pytest.mark.parametrize("model", ["fold_0", "fold_0/model.pt", "./fold_0/"])
+def test_a_model_named_from_inside_its_run_scores_with_the_runs_settings(tmp_path, monkeypatch, model):
+    """`gunsound score fold_0 ...` from inside the run's folder: its config.yaml is one folder up, whatever the
+    spelling (the relative path was walked up as text, and scoring fell back to the defaults without a word)."""
+    from gunsound.scoring import scoring_config
+
+    saved = yaml.safe_load(SEED_CONFIG.read_text())
+    saved["scoring"] = {"hop_seconds": 0.25, "window_seconds": 1.0}
+    (tmp_path / "run" / "fold_0").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    monkeypatch.chdir(tmp_path / "run")
+    assert scoring_config(model, []).scoring.hop_seconds == 0.25

@@ -53,3 +53,18 @@ def test_object_store_sized_to_what_the_work_keeps_in_it():
     small, large = object_store_bytes_for(80 * 2**20), object_store_bytes_for(4 * 2**30)
     assert MIN_OBJECT_STORE_BYTES <= small < 512 * 2**20  # the reference data's features: well under the default
     assert large > 4 * 2**30  # a materialized dataset fits whole, with room for the blocks in flight
+
+
+def test_a_cluster_that_ray_start_recorded_here_is_joined_and_no_other_local_ray_is(monkeypatch, ray_local):
+    """On the head node after `ray attach` (or a laptop with a `ray start`), a job joins that cluster, as Ray's own
+    ray.init() would (sizing a local Ray's object store there was refused by Ray); another job's local Ray, such
+    as this session's own (`ray_local`), is not joined."""
+    import ray._private.services as services
+
+    from gunsound.ray_runtime import running_here
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: "127.0.0.1:6380")
+    assert running_here().endswith(":6380")
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    assert running_here() is None

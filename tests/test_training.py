@@ -95,6 +95,23 @@ def test_two_folds_end_to_end_with_cv_metrics_and_report(trained_run_cli, tmp_pa
     assert "Training in progress" in page and (live / "validation_curves.png").exists()
 
 
+def test_a_job_that_runs_one_fold_keeps_the_folds_earlier_jobs_finished(trained_run, synth_dir, tmp_path):
+    """`dataset.folds` names which folds of the split a job runs; a second job into the same OUTPUT for another
+    fold resumes the run, and the run's metrics, out-of-fold predictions and ensemble hold every finished fold
+    (they held the last job's folds only: fold 0 vanished from the ensemble that `score` uses)."""
+    from tests.conftest import TRAINED_RUN_EXTRA, train_args
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out, ignore=shutil.ignore_patterns("ray", "lease.json"))
+    extra = list(TRAINED_RUN_EXTRA)
+    extra[extra.index("dataset.folds=[0, 1]")] = "dataset.folds=[1]"
+    # Not tracked: the copy's default MLflow store names the first folder's artifacts (refused, test_tracking).
+    assert main(train_args(synth_dir, out, *extra, "--set", "logging.logger=None")) == 0  # fold 1: finished
+    assert json.loads((out / "ensemble.json").read_text())["models"] == ["fold_0/model.pt", "fold_1/model.pt"]
+    assert list(json.loads((out / "metrics.json").read_text())["folds"]) == ["0", "1"]
+    assert sorted(pd.read_parquet(out / "oof_predictions.parquet")["fold"].unique()) == [0, 1]
+
+
 @pytest.mark.parametrize("layout", ["dataframe with a package column", "folder per class"])
 def test_small_data_config_takes_the_usual_overrides_on_either_layout(synth_dir, tmp_path, capsys, layout):
     data = tmp_path / "data"
