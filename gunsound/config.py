@@ -346,8 +346,9 @@ def redact_uri(uri: str) -> str:
     return f"{base}?{'&'.join(masked)}"
 
 
-def _tracking_uri_credentials(uri: str | None) -> str:
-    """What in a tracking URI is a credential, named without its value; "" when nothing is."""
+def _uri_credentials(uri: str | None) -> str:
+    """What in a URI (a tracking store, an S3 endpoint, a Ray address) is a credential, named without its
+    value; "" when nothing is. The resolved config is printed and written to the run's config.yaml."""
     if uri is None:
         return ""
     try:
@@ -361,8 +362,20 @@ def _tracking_uri_credentials(uri: str | None) -> str:
     return f"query key(s) {', '.join(repr(k) for k in keys)}" if keys else ""
 
 
+def _address_checks(cfg: Config) -> list[tuple[str, bool, str]]:
+    """An S3 endpoint or a Ray address with a credential in it: refused, as in a tracking URI."""
+    checks = []
+    for key, uri, way in (("storage.endpoint_url", cfg.storage.endpoint_url,
+                           "S3 credentials come from the standard AWS chain: environment, profile, instance role"),
+                          ("environment.ray_address", cfg.environment.ray_address,
+                           "a cluster's credentials come from the environment of the job")):
+        found = _uri_credentials(uri)
+        checks.append((key, not found, f"free of credentials, found {found} ({way})"))
+    return checks
+
+
 def _logging_checks(lg: LoggingConfig) -> list[tuple[str, bool, str]]:
-    credentials = _tracking_uri_credentials(lg.tracking_uri)
+    credentials = _uri_credentials(lg.tracking_uri)
     return [
         ("logging.tracking_uri", lg.tracking_uri is None or lg.logger == "MLflow", "left out unless logging.logger is MLflow"),
         ("logging.tracking_uri", not credentials,
@@ -463,6 +476,8 @@ def _validate(cfg: Config, source: str) -> None:
         ("prediction.max_inference_chunk_seconds", cfg.prediction.max_inference_chunk_seconds > 0, "positive"),
         *_scoring_checks(cfg.scoring),
         *_logging_checks(cfg.logging),
+        *_address_checks(cfg),
+        ("dataset.folds", len(cfg.dataset.folds) >= 1, "a non-empty list of the folds to run"),
     ]
     for key, ok, what in checks:
         if not ok:

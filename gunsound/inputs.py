@@ -33,14 +33,19 @@ class InputManifestError(ValueError):
     """A scoring manifest with bad rows; the message names the manifest and every bad row."""
 
 
-def _is_audio_name(uri: str) -> bool:
-    """Named with an extension libsndfile reads, or with none (S3 keys often have none)."""
+def _is_audio_name(uri: str, *, named: bool = False) -> bool:
+    """Named with an extension libsndfile reads, or with none where that is how audio comes: S3 keys often have
+    none, and a file named on its own is meant to be scored. In a local folder an extensionless file is a
+    README, a LICENSE or a Makefile far more often than audio."""
     name = uri.rsplit("/", 1)[-1].lower()
-    return name.endswith(audio.AUDIO_EXTENSIONS) or "." not in name
+    return name.endswith(audio.AUDIO_EXTENSIONS) or ("." not in name and (named or storage.is_s3(uri)))
 
 
 def _not_audio(uri: str) -> str:
-    return f"not an audio format libsndfile reads (.{uri.rsplit('/', 1)[-1].rsplit('.', 1)[-1]})"
+    name = uri.rsplit("/", 1)[-1]
+    if "." not in name:
+        return "no extension: in a local folder not taken for audio (name it .wav, .flac, .ogg or .mp3)"
+    return f"not an audio format libsndfile reads (.{name.rsplit('.', 1)[-1]})"
 
 
 def _manifest_location(base: str, text: str) -> str:
@@ -131,7 +136,8 @@ def open_inputs(location: str, *, allow_outside: bool = False) -> InputListing:
     if entry.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input {location} does not exist")
     if entry.type == pafs.FileType.File:
-        return InputListing(iter([[(location, "" if _is_audio_name(location) else _not_audio(location))]]), None)
+        named = _is_audio_name(location, named=True)
+        return InputListing(iter([[(location, "" if named else _not_audio(location))]]), None)
     pages = ([(uri, reason) for uri, info in page if (reason := entry_reason(uri, info)) is not None]
              for page in storage.entry_pages(location))
     return InputListing(pages, location.rstrip("/"))

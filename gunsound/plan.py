@@ -91,15 +91,14 @@ def prepare(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = Fa
         notes.append(f"note            seed -1: drew seed {resolved.environment.seed}")
         log.info("seed -1: drew seed %d", resolved.environment.seed)
     manifest = load_manifest(resolved, data, drop_bad_rows=drop_bad_rows)
-    if resolved.training.loss_function == "CrossEntropy" and (manifest.frame["label"] == resolved.dataset.background_label).any():
-        raise ConfigError("training.loss_function: CrossEntropy cannot learn from background clips (all-zero "
-                          "targets); use BCE")
+    _check_loss_takes_the_labels(resolved, manifest, "the training data")
     choice = choose_audio_parameters(resolved, manifest)
     resolved.audio.sample_rate = choice.sample_rate
     resolved.audio.training_chunk_seconds = choice.chunk_seconds
     params = FeatureParams.from_config(resolved.audio, choice.sample_rate)
     if resolved.dataset.validation_dataframe:
         manifest, folds = _with_validation_dataframe(resolved, manifest, data, drop_bad_rows)
+        _check_loss_takes_the_labels(resolved, manifest, resolved.dataset.validation_dataframe)
         notes.append(f"note            validation from {resolved.dataset.validation_dataframe} (one split, fold 0)")
         fold_ids = [0]
     else:
@@ -117,6 +116,12 @@ def prepare(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = Fa
                                          seed=resolved.environment.seed)
         notes.append(note)
     return TrainingPlan(resolved, manifest, folds, choice, params, output, fold_ids, notes)
+
+
+def _check_loss_takes_the_labels(cfg: Config, manifest: Manifest, what: str) -> None:
+    if cfg.training.loss_function == "CrossEntropy" and (manifest.frame["label"] == cfg.dataset.background_label).any():
+        raise ConfigError(f"training.loss_function: CrossEntropy cannot learn or be validated on background clips "
+                          f"(all-zero targets), and {what} holds '{cfg.dataset.background_label}' clips; use BCE")
 
 
 def _sampled(manifest: Manifest, folds: np.ndarray, *, fraction: float, sides: list[str], split: bool,

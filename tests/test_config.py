@@ -367,3 +367,21 @@ def test_a_model_named_from_inside_its_run_scores_with_the_runs_settings(tmp_pat
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
     monkeypatch.chdir(tmp_path / "run")
     assert scoring_config(model, []).scoring.hop_seconds == 0.25
+
+
+@pytest.mark.parametrize(("key", "uri"), [
+    ("storage.endpoint_url", "http://minioadmin:hunter2@minio:9000"),
+    ("storage.endpoint_url", "https://s3.example/?X-Amz-Signature=hunter2"),
+    ("environment.ray_address", "ray://admin:hunter2@head:10001"),
+])
+def test_credentials_in_an_s3_endpoint_or_a_ray_address_are_refused(key, uri):
+    """The resolved config is printed by --dry-run and written to the run's config.yaml."""
+    with pytest.raises(ConfigError, match=rf"key '{re.escape(key)}' must be free of credentials") as refused:
+        load_config(SEED_CONFIG, [f"{key}={uri}"])
+    assert "hunter2" not in str(refused.value)
+    assert load_config(SEED_CONFIG, [f"{key}={uri.replace('hunter2', 'x').split('@')[-1].split('?')[0]}"])
+
+
+def test_a_run_of_no_folds_is_refused():
+    with pytest.raises(ConfigError, match="key 'dataset.folds' must be a non-empty list"):
+        load_config(SEED_CONFIG, ["dataset.folds=[]"])

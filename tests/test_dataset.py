@@ -227,3 +227,25 @@ def test_data_sample_of_one_side_needs_a_validation_dataframe(synth_dir, tmp_pat
                                     "dataset.data_sample_choice=[Train]"])
     with pytest.raises(ConfigError, match=r"dataset.data_sample_choice \['Train'\]: with k folds"):
         prepare(cfg, str(synth_dir), str(tmp_path / "out"))
+
+
+def test_crossentropy_is_refused_for_background_clips_in_the_validation_dataframe_too(synth_dir, tmp_path):
+    """CrossEntropy has no target for a clip of no class: refused whether the training or only the validation
+    dataframe holds such clips (validation would have scored all-zero targets with it)."""
+    from gunsound.config import ConfigError
+    from gunsound.plan import prepare
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    frame = pd.read_parquet(data / "train.pq")
+    is_background = frame["class"] == "background"
+    frame[~is_background].iloc[::2].to_parquet(data / "train_guns.pq")
+    pd.concat([frame[~is_background].iloc[1::2], frame[is_background]]).to_parquet(data / "valid.pq")
+    custom = ["architecture.pretrained=false", "training.loss_function=CrossEntropy",
+              "dataset.validation_strategy=custom", "dataset.validation_dataframe=valid.pq"]
+    with pytest.raises(ConfigError, match="and valid.pq holds 'background' clips; use BCE"):
+        prepare(load_config(SEED_CONFIG, [*custom, "dataset.train_dataframe=train_guns.pq"]), str(data),
+                str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="and the training data holds 'background' clips"):
+        prepare(load_config(SEED_CONFIG, ["architecture.pretrained=false", "training.loss_function=CrossEntropy"]),
+                str(data), str(tmp_path / "out"))
