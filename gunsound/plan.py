@@ -15,6 +15,7 @@ from gunsound.config import Config, ConfigError, config_from_dict
 from gunsound.dataset import (
     AudioChoice,
     Manifest,
+    Problem,
     assign_folds,
     choose_audio_parameters,
     load_manifest,
@@ -159,8 +160,11 @@ def _with_validation_dataframe(cfg: Config, train: Manifest, data: str | None,
     vcfg = config_from_dict(cfg.to_dict())
     vcfg.dataset.train_dataframe = cfg.dataset.validation_dataframe
     valid = load_manifest(vcfg, data, drop_bad_rows=drop_bad_rows)
-    offset = int(train.frame["row"].max()) + 1
+    # After every training row, the dropped ones too: dropped_rows.parquet keeps `row` a unique key as well.
+    offset = max([int(train.frame["row"].max()), *(p.row for p in train.dropped)]) + 1
     vframe = valid.frame.assign(row=valid.frame["row"] + offset)
+    name = cfg.dataset.validation_dataframe
+    valid_dropped = [Problem(p.row + offset, p.path, f"{name} row {p.row}: {p.reason}") for p in valid.dropped]
     overlap = set(train.frame["path"]) & set(vframe["path"])
     if overlap:
         raise ConfigError(f"dataset.validation_dataframe shares {len(overlap)} file(s) with the training data, "
@@ -168,4 +172,4 @@ def _with_validation_dataframe(cfg: Config, train: Manifest, data: str | None,
     frame = pd.concat([train.frame, vframe], ignore_index=True)
     classes = sorted(set(train.classes) | set(valid.classes))
     folds = np.r_[np.full(len(train.frame), -1), np.zeros(len(vframe), dtype=np.int64)]
-    return Manifest(frame, classes, train.source, dropped=train.dropped + valid.dropped), folds
+    return Manifest(frame, classes, train.source, dropped=train.dropped + valid_dropped), folds

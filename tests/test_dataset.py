@@ -249,3 +249,24 @@ def test_crossentropy_is_refused_for_background_clips_in_the_validation_datafram
     with pytest.raises(ConfigError, match="and the training data holds 'background' clips"):
         prepare(load_config(SEED_CONFIG, ["architecture.pretrained=false", "training.loss_function=CrossEntropy"]),
                 str(data), str(tmp_path / "out"))
+
+
+def test_dropped_rows_of_a_validation_dataframe_are_numbered_after_the_training_rows_and_name_it(synth_dir, tmp_path):
+    """With --drop-bad-rows, dropped_rows.parquet keeps `row` a unique key as the manifest does (train row 3 and
+    valid row 3 were both "row 3") and says which dataframe a dropped validation row came from."""
+    from gunsound.plan import prepare
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    frame = pd.read_parquet(data / "train.pq")
+    for name, part in (("train_part.pq", frame.iloc[::2].copy()), ("valid.pq", frame.iloc[1::2].copy())):
+        part.loc[part.index[3], "image"] = f"missing_{name}.wav"
+        part.to_parquet(data / name)
+    cfg = load_config(SEED_CONFIG, ["architecture.pretrained=false", "dataset.train_dataframe=train_part.pq",
+                                    "dataset.validation_strategy=custom", "dataset.validation_dataframe=valid.pq"])
+    plan = prepare(cfg, str(data), str(tmp_path / "out"), drop_bad_rows=True)
+    dropped = {p.row: p for p in plan.manifest.dropped}
+    assert len(dropped) == 2 and not set(dropped) & set(plan.manifest.frame["row"])
+    valid = max(dropped)
+    assert valid > plan.manifest.frame["row"][plan.folds < 0].max()
+    assert dropped[valid].reason.startswith("valid.pq row 3: ")
