@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from gunsound import storage
+from gunsound.accelerator import compute_device
 from gunsound.features import FeatureParams, LogMelSpectrogram
 from gunsound.model import ModelArtifact
 from gunsound.model_files import ModelDescription, check_ensemble, model_files
@@ -116,7 +117,7 @@ class WindowScorer:
             if s3 is not None:
                 storage.configure_s3(s3.endpoint_url, s3.region)
             model = load_model_files(model)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = compute_device("a scorer")
         self.where = _where(self.device)
         self.model = model.build().to(self.device)
         self.amp = self.device.type == "cuda" and mixed_precision

@@ -16,6 +16,7 @@ import ray
 import torch
 
 from gunsound import audio, storage
+from gunsound.accelerator import compute_device
 from gunsound.features import FeatureParams, LogMelSpectrogram
 from gunsound.ray_runtime import cluster_cpus, cluster_gpus
 
@@ -62,7 +63,7 @@ class FeatureExtractor:
     """Actor: loads the front end once, then turns batches of waveforms into log-mel spectrograms."""
 
     def __init__(self, params: dict):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = compute_device("a feature actor")
         self.frontend = LogMelSpectrogram(FeatureParams(**params)).to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

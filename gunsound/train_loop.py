@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from gunsound import storage
+from gunsound.accelerator import compute_device
 from gunsound.augment import colour, mixup, spec_augment
 from gunsound.config import ArchitectureConfig, Config
 from gunsound.ddp import check_ranks
@@ -357,11 +358,7 @@ def train_loop_per_worker(s: LoopSettings) -> None:
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     if device.type == "cuda" and not torch.cuda.is_available():
-        # A GPU was granted but this node cannot run CUDA (no driver; a resource label only): the same loop
-        # on the CPU, said loudly, rather than a failed fold.
-        log.warning("rank %d holds GPU(s) %s but CUDA is not available on this node: training on the CPU",
-                    rank, ray.get_runtime_context().get_accelerator_ids().get("GPU"))
-        device = torch.device("cpu")
+        device = compute_device(f"rank {rank}")  # a granted GPU CUDA cannot use: an error unless allowed
     torch.manual_seed(s.seed + rank)
     np.random.seed((s.seed + rank) % (2**32))
     amp, amp_dtype = training_precision(device, s.mixed_precision_training)

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from gunsound.accelerator import ALLOW_CPU_VAR
 from gunsound.synthesis import generate_archive
 from tests.conftest import FAST, LAPTOP_CONFIG
 
@@ -50,7 +51,8 @@ def gpu_from_zero():
     config = Path(temp) / "autoscaling.json"
     config.write_text(json.dumps(_launcher_config(f"127.0.0.1:{port}")))
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-           "RAY_AUTH_MODE": "disabled"}  # a loopback-only test cluster
+           "RAY_AUTH_MODE": "disabled",  # a loopback-only test cluster
+           ALLOW_CPU_VAR: "1"}  # its GPUs are fake: the workers it launches compute on their CPU
     subprocess.run([str(RAY), "start", "--head", f"--port={port}", f"--autoscaling-config={config}",
                     "--num-cpus=0", f"--temp-dir={temp}", "--include-dashboard=false"],
                    env=env, check=True, capture_output=True)

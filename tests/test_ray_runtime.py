@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from gunsound.ray_runtime import MIN_OBJECT_STORE_BYTES, object_store_bytes_for
 
 # Run in its own process: the test session's Ray (conftest.ray_local) is already initialized in this one,
@@ -68,3 +70,36 @@ def test_a_cluster_that_ray_start_recorded_here_is_joined_and_no_other_local_ray
     assert running_here().endswith(":6380")
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
     assert running_here() is None
+
+
+GRANTED = """
+import json, ray
+ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, address="local")
+
+def device(**options):
+    @ray.remote(num_cpus=0, **options)
+    def where():
+        from gunsound.accelerator import compute_device
+        try:
+            return str(compute_device("a test task"))
+        except RuntimeError as exc:
+            return "error: " + str(exc)
+    return ray.get(where.remote())
+
+print("REPORT" + json.dumps({"granted": device(num_gpus=1), "not granted": device(),
+                             "allowed": device(num_gpus=1, runtime_env={"env_vars": {"GUNSOUND_ALLOW_CPU_ON_GPU": "1"}})}))
+"""
+
+
+def test_a_granted_gpu_that_cuda_cannot_use_is_an_error_not_a_cpu_job_holding_it():
+    """A node whose driver cannot run this torch's CUDA build (a GPU Ray grants on a machine without CUDA here):
+    the worker says so and fails, rather than holding the GPU while computing on one CPU thread."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GUNSOUND_ALLOW_CPU_ON_GPU")}
+    done = subprocess.run([sys.executable, "-c", GRANTED], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.split("REPORT", 1)[1])
+    if report["granted"] == "cuda":
+        pytest.skip("CUDA runs here")
+    assert report["granted"].startswith("error: a test task holds GPU(s) 0 but CUDA is not available on this node")
+    assert "GUNSOUND_ALLOW_CPU_ON_GPU=1" in report["granted"]
+    assert report["not granted"] == "cpu" and report["allowed"] == "cpu"
