@@ -5,7 +5,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
+import sys
 
+import psutil
 import ray
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, feature_ta
         return
     ray.init(address="local", num_cpus=num_cpus, log_to_driver=True,
              include_dashboard=feature_tasks if dashboard is None else dashboard,
-             object_store_memory=max(MIN_OBJECT_STORE_BYTES, object_store_bytes or DEFAULT_OBJECT_STORE_BYTES))
+             object_store_memory=local_object_store_bytes(object_store_bytes or DEFAULT_OBJECT_STORE_BYTES))
     if feature_tasks:
         warm_up_workers()
     else:
@@ -57,6 +60,24 @@ def running_here() -> str | None:
         return canonicalize_bootstrap_address(None)
     except (ImportError, AttributeError, ConnectionError):
         return None
+
+
+# A local object store never takes more of the machine's memory than Ray's own default does.
+OBJECT_STORE_MEMORY_SHARE = 0.3
+
+
+def local_object_store_bytes(wanted: int) -> int:
+    """A local Ray's object store: what the work keeps in it (`wanted`), but at most Ray's default share of
+    memory and, on Linux, what /dev/shm has free (Ray refuses to start a larger store there: Docker gives
+    64 MB by default). Beyond it, Ray spills objects to disk; never under Ray's minimum."""
+    ceiling = int(OBJECT_STORE_MEMORY_SHARE * psutil.virtual_memory().total)
+    if sys.platform.startswith("linux") and os.path.isdir("/dev/shm"):
+        ceiling = min(ceiling, int(0.9 * shutil.disk_usage("/dev/shm").free))
+    size = max(MIN_OBJECT_STORE_BYTES, min(wanted, ceiling))
+    if size < wanted:
+        log.info("object store %.2f GiB (the work keeps %.2f GiB in it; the rest spills to disk)",
+                 size / 2**30, wanted / 2**30)
+    return size
 
 
 def object_store_bytes_for(resident_bytes: int, in_flight_bytes: int = 64 * 2**20) -> int:

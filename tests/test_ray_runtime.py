@@ -103,3 +103,25 @@ def test_a_granted_gpu_that_cuda_cannot_use_is_an_error_not_a_cpu_job_holding_it
     assert report["granted"].startswith("error: a test task holds GPU(s) 0 but CUDA is not available on this node")
     assert "GUNSOUND_ALLOW_CPU_ON_GPU=1" in report["granted"]
     assert report["not granted"] == "cpu" and report["allowed"] == "cpu"
+
+
+def test_a_local_object_store_is_capped_by_memory_and_dev_shm(monkeypatch):
+    """100,000 four-second clips of the resnet50 configuration keep 27 GiB of features: a store that size made
+    ray.init refuse to start (over /dev/shm) where Ray's default share of memory, spilling to disk, runs."""
+    import collections
+
+    import psutil
+
+    from gunsound import ray_runtime
+
+    gib = 2**30
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: collections.namedtuple("vm", "total")(24 * gib))
+    monkeypatch.setattr(ray_runtime.shutil, "disk_usage", lambda path: collections.namedtuple("du", "free")(12 * gib))
+    monkeypatch.setattr(ray_runtime.os.path, "isdir", lambda path: True)
+    monkeypatch.setattr(ray_runtime.sys, "platform", "linux")
+    assert ray_runtime.local_object_store_bytes(27 * gib) == int(0.3 * 24 * gib)  # memory's share
+    assert ray_runtime.local_object_store_bytes(gib) == gib  # what the work keeps, where it fits
+    monkeypatch.setattr(ray_runtime.shutil, "disk_usage", lambda path: collections.namedtuple("du", "free")(gib))
+    assert ray_runtime.local_object_store_bytes(4 * gib) == int(0.9 * gib)  # /dev/shm's free space
+    monkeypatch.setattr(ray_runtime.shutil, "disk_usage", lambda path: collections.namedtuple("du", "free")(2**20))
+    assert ray_runtime.local_object_store_bytes(4 * gib) == MIN_OBJECT_STORE_BYTES  # never under Ray's minimum
