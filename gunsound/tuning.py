@@ -31,7 +31,7 @@ from gunsound.config import Config, ConfigError, apply_overrides, config_from_di
 from gunsound.lease import OutputLease
 from gunsound.metrics import METRIC_KEYS
 from gunsound.plan import TrainingPlan, prepare
-from gunsound.resources import TrainWorkers, cluster_capacity
+from gunsound.resources import TrainWorkers, cluster_capacity, trials_at_once
 from gunsound.training import featurize, fold_datasets, make_trainer, planned_workers, start_ray
 
 log = logging.getLogger(__name__)
@@ -326,15 +326,14 @@ def _sweep(plan: TrainingPlan, num_samples: int, space: dict[str, Any]) -> TuneR
     mode = "min" if plan.cfg.prediction.metric == "LogLoss" else "max"
     k = plan.fold_ids[0]
     capacity = cluster_capacity()
-    sizing = trial_workers(planned_workers(plan.cfg.environment, capacity), capacity.most("CPU"))
+    # A worker shares its node with the trial's driver: sized against the largest node's CPUs, not the cluster's.
+    sizing = trial_workers(planned_workers(plan.cfg.environment, capacity), capacity.per_node("CPU"))
+    # Trials run side by side as far as the cluster can ever hold them (the autoscaler adds the nodes); none
+    # fitting is an error here, before the features are made.
+    concurrent = trials_at_once(sizing, capacity, TRIAL_DRIVER_CPUS)
     ds = featurize(plan, capacity=capacity)
     train_ds, valid_ds = fold_datasets(plan, ds, k)
 
-    # Trials run side by side as far as the cluster can ever hold them (the autoscaler adds the nodes).
-    fits = [int(max(capacity.most("CPU"), 1) // (sizing.workers * sizing.cpus_per_worker + TRIAL_DRIVER_CPUS))]
-    if sizing.gpus_per_worker:
-        fits.append(int(min(capacity.most("GPU"), 1024) // (sizing.workers * sizing.gpus_per_worker)))
-    concurrent = max(1, min(fits))
     max_epochs = _largest(space["training.epochs"]) if "training.epochs" in space else plan.cfg.training.epochs
     log.info("tune: %d samples, %d at a time, ASHA on %s (%s), up to %d epochs, fold %d",
              num_samples, concurrent, metric, mode, max_epochs, k)
