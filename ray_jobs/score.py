@@ -3,11 +3,12 @@
 import argparse
 import sys
 
-from gunsound.cli import EXIT_CODES, add_score_arguments, main, run_score
+from gunsound.cli import add_score_arguments, job_parser, main, run_score
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return job_parser("python -m ray_jobs.score", "Score an audio archive", add_score_arguments, run_score)
+
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.score", description="Score an audio archive",
-                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_score_arguments(parser)
-    parser.set_defaults(func=run_score)
-    sys.exit(main(parser=parser))
+    sys.exit(main(parser=build_parser()))

@@ -1,13 +1,14 @@
-"""`ray job submit ... -- python -m ray_jobs.train CONFIG [--data ...] [--output ...] [--set k=v ...]`."""
+"""`ray job submit ... -- python -m ray_jobs.train CONFIG --output ... [--data ...] [--set k=v ...]`."""
 
 import argparse
 import sys
 
-from gunsound.cli import EXIT_CODES, add_run_arguments, main, run_train
+from gunsound.cli import add_run_arguments, job_parser, main, run_train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return job_parser("python -m ray_jobs.train", "Train an experiment's folds", add_run_arguments, run_train)
+
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m ray_jobs.train", description="Train an experiment's folds",
-                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(parser)
-    parser.set_defaults(func=run_train)
-    sys.exit(main(parser=parser))
+    sys.exit(main(parser=build_parser()))
