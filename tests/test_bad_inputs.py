@@ -108,8 +108,10 @@ def build_corpus(root: Path) -> dict[str, str]:
     put("zero_bytes.wav", b"", "error: unreadable audio")
     put("header_only.wav", encoded(np.zeros((0, 1)), 16000), "error: empty")
     put("text.wav", b"this is not audio\n" * 50, "error: unreadable audio")
-    put("no_extension", encoded(tone(16000), 16000), "ok")  # S3 keys often have no extension: tried
-    put("no_extension_text", b"not audio either", "error: unreadable audio")
+    # In a local folder (or a zip) an extensionless file is a README far more often than audio; S3 keys, which
+    # often have no extension, are tried (tests/test_inputs.py).
+    put("no_extension", encoded(tone(16000), 16000), "skipped: no extension")
+    put("no_extension_text", b"not audio either", "skipped: no extension")
     (root / "folder.wav").mkdir()
     expect["folder.wav"] = "skipped: a folder named like an audio file"
     os.symlink(root / "gone.wav", root / "broken_link.wav")
