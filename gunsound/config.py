@@ -590,6 +590,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
             lines[key] = line
 
 
+# YAML 1.1 (PyYAML) reads 1e-05 as a string; YAML 1.2 and every user read it as a number. Typed settings were
+# converted anyway, but values of no fixed type (a search_space sampler's bounds) stayed text and were refused.
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def parse_config_yaml(text: str, source: str) -> dict[str, Any]:
     """A config's text as its mapping of sections, a repeated key refused: for a file, or a config.yaml read
     from storage (`source` names it in errors)."""

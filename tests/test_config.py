@@ -385,3 +385,15 @@ def test_credentials_in_an_s3_endpoint_or_a_ray_address_are_refused(key, uri):
 def test_a_run_of_no_folds_is_refused():
     with pytest.raises(ConfigError, match="key 'dataset.folds' must be a non-empty list"):
         load_config(SEED_CONFIG, ["dataset.folds=[]"])
+
+
+def test_numbers_in_exponent_form_are_numbers_wherever_they_stand():
+    """PyYAML (YAML 1.1) read 1e-05 as text: typed settings were converted, but a search_space sampler's bounds
+    stayed text and the sweep was refused ("needs numbers")."""
+    from gunsound.tuning import search_space
+
+    cfg = load_config(SEED_CONFIG, ['search_space={"training.learning_rate": {"loguniform": [1e-05, 1e-2]}}',
+                                    "training.learning_rate=3e-4"])
+    assert search_space(cfg)["training.learning_rate"] == {"loguniform": [1e-05, 0.01]}
+    assert cfg.training.learning_rate == 3e-4
+    assert load_config(SEED_CONFIG, ['experiment_name="1e5"']).experiment_name == "1e5"  # quoted: text
