@@ -129,10 +129,11 @@ def read(output: str) -> Fingerprint | None:
                              "or use another output folder") from exc
 
 
-def stored_seed(output: str) -> int | None:
-    """The seed of the training run in OUTPUT, so that a resume with `seed: -1` keeps the seed drawn before."""
+def stored_seed(output: str, kind: str = "train") -> int | None:
+    """The seed of the run of `kind` ("train", "tune") whose fingerprint is in OUTPUT, so that a rerun with
+    `seed: -1` keeps the seed drawn before."""
     fp = read(output)
-    seed = fp.settings.get("environment.seed") if fp is not None and fp.kind == "train" else None
+    seed = fp.settings.get("environment.seed") if fp is not None and fp.kind == kind else None
     return seed if isinstance(seed, int) and seed >= 0 else None
 
 

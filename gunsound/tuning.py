@@ -220,13 +220,6 @@ def _tune_dir(output: str) -> str:
     return storage.join(output, "tune")
 
 
-def stored_sweep_seed(output: str) -> int | None:
-    """The seed of the sweep in OUTPUT/tune, so that a rerun with `seed: -1` finds the same sweep."""
-    fp = fingerprint.read(_tune_dir(output))
-    seed = fp.settings.get("environment.seed") if fp is not None and fp.kind == "tune" else None
-    return seed if isinstance(seed, int) and seed >= 0 else None
-
-
 def prepare_sweep(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = False,
                   overwrite: bool = False) -> TrainingPlan:
     """The sweep's plan (`plan.prepare`). With `seed: -1` a rerun into an OUTPUT that holds a sweep keeps the
@@ -235,7 +228,7 @@ def prepare_sweep(cfg: Config, data: str | None, output: str, drop_bad_rows: boo
     kept = None
     if cfg.environment.seed < 0 and not overwrite:
         storage.configure_s3(cfg.storage.endpoint_url, cfg.storage.region)
-        kept = stored_sweep_seed(storage.absolute(output))
+        kept = fingerprint.stored_seed(_tune_dir(storage.absolute(output)), kind="tune")
     if kept is None:
         return prepare(cfg, data, output, drop_bad_rows=drop_bad_rows)
     plan = prepare(config_with(cfg, {"environment.seed": kept}), data, output, drop_bad_rows=drop_bad_rows)
