@@ -41,6 +41,16 @@ PREDICT_EXIT_CODES = """exit status:
   1  scoring the file failed
   2  bad arguments, config, MODEL or FILE (audio that cannot be read included)"""
 
+EXPORT_EXIT_CODES = """exit status:
+  0  done
+  1  writing the pipeline failed
+  2  bad arguments, config or RUN (a missing or unreadable model file included)"""
+
+SYNTH_EXIT_CODES = """exit status:
+  0  done
+  1  writing the dataset failed (OUT not writable, disk full)
+  2  bad arguments"""
+
 # Messages that list what is wrong a line each (a manifest's bad rows, where a YAML file breaks): printed whole.
 LISTING_ERRORS = (ConfigError, ManifestError, InputManifestError)
 
@@ -283,7 +293,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from gunsound.export import export_pipeline
+    from gunsound.model_files import describe_model, model_files
 
+    with checking():  # every model file there and readable (a bad setting is a ConfigError: exit 2 as well)
+        describe_model(model_files(args.run))
     spec = export_pipeline(args.run, args.out, args.overrides)
     print(f"exported {len(spec['models'])} model(s), {len(spec['classes'])} classes, "
           f"{spec['scoring']['window_seconds']:g} s windows to {args.out}: model.pt2, pipeline.json, score.py "
@@ -328,13 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     predict.set_defaults(func=run_predict)
 
-    export = sub.add_parser("export", help="write a self-contained scoring pipeline (torch.export program + score.py and its modules)")
+    export = sub.add_parser("export", help="write a self-contained scoring pipeline (torch.export program + score.py and its modules)",
+                            epilog=EXPORT_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("run", help="a training run (fold ensemble), a fold folder, or a model.pt")
     export.add_argument("out", help="output folder, local or s3://")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     export.set_defaults(func=run_export)
 
-    synth = sub.add_parser("synth", help="write a synthetic gunshot dataset (Hydrogen Torch layout)")
+    synth = sub.add_parser("synth", help="write a synthetic gunshot dataset (Hydrogen Torch layout)",
+                           epilog=SYNTH_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     synth.add_argument("out", help="output folder")
     synth.add_argument("--clips-per-class", type=int_at_least(1), default=95)
     synth.add_argument("--background", type=int_at_least(0), default=0, help="clips with no gunshot")

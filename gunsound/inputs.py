@@ -68,6 +68,8 @@ def _manifest_inputs(location: str, allow_outside: bool) -> Inputs:
     if "path" not in frame.columns:
         raise InputManifestError(f"{location}: a scoring manifest needs a 'path' column; its columns are "
                                  f"{list(frame.columns)}")
+    if not len(frame):
+        raise InputManifestError(f"{location}: the manifest has no rows: nothing to score")
     base = location.rsplit("/", 1)[0] if "/" in location else "."
     files, seen, problems = [], {}, []
     for row, cell in enumerate(frame["path"]):

@@ -299,6 +299,13 @@ def test_empty_cells_and_duplicates_are_errors_naming_their_rows(clips, name):
     assert "row 3: 'sub/a.wav' is listed again (first in row 0)" in message and "row 4:" in message
 
 
+@pytest.mark.parametrize("name", ["inputs.csv", "inputs.parquet"])
+def test_a_manifest_without_rows_is_an_error_naming_it(clips, name):
+    location = write_manifest(clips, [], name)
+    with pytest.raises(InputManifestError, match=rf"{name}: the manifest has no rows"):
+        list_inputs(location)
+
+
 def test_locations_outside_the_manifests_folder_need_allow_outside(clips, tmp_path):
     outside = tmp_path / "elsewhere.wav"
     sf.write(outside, tone(8000, 0.2), 8000)

@@ -43,6 +43,7 @@ def missing_fold_run(tmp_path) -> str:
 
 
 @pytest.mark.parametrize("case", ["score: ensemble names a missing fold", "predict: ensemble names a missing fold",
+                                  "export: ensemble names a missing fold", "export: RUN is missing",
                                   "score: OUTPUT is a file", "train: OUTPUT is a file",
                                   "predict: FILE is no audio", "predict: FILE is missing"])
 def test_input_found_bad_before_the_job_starts_exits_2(case, tmp_path, wav, missing_fold_run, capsys):
@@ -52,6 +53,8 @@ def test_input_found_bad_before_the_job_starts_exits_2(case, tmp_path, wav, miss
     argv, says = {
         "score: ensemble names a missing fold": (["score", missing_fold_run, wav, out], "fold_3/model.pt"),
         "predict: ensemble names a missing fold": (["predict", missing_fold_run, wav], "fold_3/model.pt"),
+        "export: ensemble names a missing fold": (["export", missing_fold_run, out], "fold_3/model.pt"),
+        "export: RUN is missing": (["export", str(tmp_path / "no_run"), out], "no_run"),
         "score: OUTPUT is a file": (["score", missing_fold_run, wav, taken], f"OUTPUT {taken}: an existing file"),
         "train: OUTPUT is a file": (["train", str(LAPTOP_CONFIG), "--output", taken, "--dry-run"],
                                     f"OUTPUT {taken}: an existing file"),
@@ -160,11 +163,14 @@ def test_ray_job_entry_points_take_the_gunsound_options():
     assert ray_jobs.score.build_parser().parse_args(["-v", "m", "i", "o"]).verbose
 
 
-def test_predict_help_lists_its_exit_statuses(capsys):
+@pytest.mark.parametrize("command, says", [("predict", "2  bad arguments, config, MODEL or FILE"),
+                                            ("export", "2  bad arguments, config or RUN"),
+                                            ("synth", "1  writing the dataset failed")])
+def test_each_commands_help_lists_its_exit_statuses(command, says, capsys):
     with pytest.raises(SystemExit):
-        cli.main(["predict", "--help"])
+        cli.main([command, "--help"])
     out = capsys.readouterr().out
-    assert "exit status:" in out and "2  bad arguments, config, MODEL or FILE" in out
+    assert "exit status:" in out and says in out
 
 
 # ------------------------------------------------------------------------------------------------ flags
