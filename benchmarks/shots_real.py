@@ -1,7 +1,8 @@
 """Shot detection on real recordings: the corpus' real single shots placed at known times over real ambient
 sound and generated noise, at signal-to-noise ratios from 0 to 30 dB, with real non-gun impulsive sounds that
-must not count; single-shot clips (a shot at time 0 included); bursts made of real single shots at 400 to
-1200 rounds per minute; the corpus' own burst recordings whose rounds are known; and gunsound's synthetic
+must not count; single-shot clips (a shot at time 0 included, and each recorded 20 dB over full scale, hard-clipped,
+as a recorder set too hot saves a nearby shot); bursts made of real single shots at 400 to
+1200 rounds per minute; the corpus' own burst recordings whose rounds are known (also clipped); and gunsound's synthetic
 archive. Every figure for four detectors in the same run: `scorer` (onsets.find_shots, the scoring job's:
 `repeat`, with steady runs of `blast` onsets where `repeat` misses automatic fire), `repeat`
 (onsets.detect_shots: log-mel onsets, a shot's loudest onset, bursts as a repeating rise spectrogram),
@@ -37,6 +38,7 @@ from gunsound.onsets import band_level_db, detect_onsets, detect_shots, find_sho
 from gunsound.synthesis import generate_archive
 
 SAMPLE_RATE = 32000
+CLIPPED_DB = 20  # how far over full scale the clipped variants put a recording's peak
 TOLERANCE = 0.05  # seconds: a detection within this of a true onset finds it
 SNRS_DB = (0, 10, 20, 30)
 RATES_RPM = (400, 600, 800, 1000, 1200)
@@ -211,6 +213,11 @@ def burst(shot: Clip, rpm: float, count: int, rng: np.random.Generator) -> tuple
     return wave.astype(np.float32), times
 
 
+def clipped(wave: np.ndarray, over_db: float = CLIPPED_DB) -> np.ndarray:
+    """The recording as a recorder set too hot saves it: its peak `over_db` over full scale, hard-clipped."""
+    return np.clip(wave * (10 ** (over_db / 20) / (np.abs(wave).max() + 1e-12)), -1.0, 1.0).astype(np.float32)
+
+
 def rate_error(found: np.ndarray, rpm: float) -> float:
     return abs(60.0 / np.median(np.diff(found)) - rpm) / rpm if len(found) > 1 else 1.0
 
@@ -254,15 +261,18 @@ def main() -> None:
                          "precision": hits / max(1, found_total), "non-gun detected": others_hit / max(1, others_total),
                          "n": shots_total})
 
-    # 2. Single-shot clips: as shipped (shot at time 0), after 0.5 s of quiet, over an ambient bed at 20 dB.
+    # 2. Single-shot clips: as shipped (shot at time 0), after 0.5 s of quiet, over an ambient bed at 20 dB, and
+    # after 0.5 s of quiet, clipped.
     rng = np.random.default_rng([args.seed, 1])
-    for variant in ("as shipped", "0.5 s quiet in front", "ambient bed, 20 dB"):
+    for variant in ("as shipped", "0.5 s quiet in front", "ambient bed, 20 dB", f"clipped {CLIPPED_DB} dB over"):
         waves = []
         for shot in shots:
             if variant == "as shipped":
                 waves.append(shot.wave)
             elif variant == "0.5 s quiet in front":
                 waves.append(np.concatenate([np.zeros(SAMPLE_RATE // 2, np.float32), shot.wave]))
+            elif variant.startswith("clipped"):
+                waves.append(np.concatenate([np.zeros(SAMPLE_RATE // 2, np.float32), clipped(shot.wave)]))
             else:
                 wave = np.concatenate([np.zeros(SAMPLE_RATE // 2), shot.wave, np.zeros(SAMPLE_RATE // 2)])
                 bed = ambient_bed(len(wave), beds, rng) * np.sqrt(shot_energy(shot) / 100)
@@ -288,6 +298,9 @@ def main() -> None:
             recall = np.mean([match(detect(c.wave, SAMPLE_RATE), t) / len(t) for c, t in real_bursts])
             rows.append({"test": "burst recordings", "detector": name, "exact count": float(np.mean(exact)),
                          "recall": float(recall), "n": len(real_bursts)})
+            exact = [len(detect(clipped(c.wave), SAMPLE_RATE)) == len(t) for c, t in real_bursts]
+            rows.append({"test": f"burst recordings, clipped {CLIPPED_DB} dB over", "detector": name,
+                         "exact count": float(np.mean(exact)), "n": len(real_bursts)})
 
     # 4. The synthetic archive (gunsound's generator), so no regression hides there.
     with tempfile.TemporaryDirectory() as tmp:
