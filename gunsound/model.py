@@ -47,24 +47,62 @@ class Pool(nn.Module):
         return self.gem(x)
 
 
+def _normed_head(backbone: nn.Module) -> nn.Module | None:
+    """The backbone's head when it holds layers of the network proper, timm's NormMlpClassifierHead: ConvNeXt's
+    final LayerNorm (and, in some variants, an MLP) sits there, after timm's pool and before the classifier."""
+    from timm.layers import NormMlpClassifierHead
+
+    head = getattr(backbone, "head", None)
+    return head if isinstance(head, NormMlpClassifierHead) else None
+
+
 class GunClassifier(nn.Module):
-    """log-mel (B, 1, mels, frames) -> logits (B, classes)."""
+    """log-mel (B, 1, mels, frames) -> logits (B, classes).
+
+    The feature map is pooled by `pool`; a backbone whose head is a NormMlpClassifierHead then has each pooled
+    vector go through that head's norm and pre-logits layers, as timm's own forward_head does after its pool,
+    so that its pretrained final norm is used and every parameter gets a gradient (DDP requires it)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, pool: str, dropout: float):
         super().__init__()
         self.backbone = backbone
         self.pool = Pool(pool)
-        width = backbone.num_features * (2 if pool == "Average + Max" else 1)
+        normed = _normed_head(backbone)
+        self.normed_head = normed is not None  # a flag, not the module: its weights stay under `backbone.head`
+        per_pool = normed.num_features if normed is not None else backbone.num_features
+        width = per_pool * (2 if pool == "Average + Max" else 1)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(width, num_classes)
 
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature map (B, C, H, W) -> the vector the classifier reads (B, width)."""
+        pooled = self.pool(features)
+        if not self.normed_head:
+            return pooled
+        # "Average + Max" gives two vectors of the backbone's width side by side: each is normed on its own.
+        return torch.cat([self._through_head(self.backbone.head, part)
+                          for part in pooled.split(self.backbone.num_features, dim=1)], dim=1)
+
+    @staticmethod
+    def _through_head(head: nn.Module, vector: torch.Tensor) -> torch.Tensor:
+        """One pooled vector (B, C) through a NormMlpClassifierHead's norm and pre-logits: the head of a
+        backbone built without a pool takes (B, C, 1, 1) maps and has 1x1 convolutions for its MLP."""
+        x = head.norm(vector[:, :, None, None])
+        x = head.pre_logits(x if head.use_conv else x.flatten(1))
+        return x.flatten(1)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature map -> logits: everything after `backbone.forward_features`."""
+        return self.head(self.dropout(self.pooled(features)))
+
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.pool(self.backbone.forward_features(spec))))
+        return self.classify(self.backbone.forward_features(spec))
 
 
 def read_backbone_weights(uri: str) -> dict[str, torch.Tensor]:
     """The backbone weights in a local or s3:// file: a timm state dict (torch.save or .safetensors), a
-    checkpoint holding one under "state_dict" or "model", or a gunsound model.pt (its backbone). Read through
+    checkpoint holding one under "state_dict" or "model", or the backbone of a gunsound classifier's weights
+    (model.pt, a fold's best_state.pt, a Ray Train state.pt: `_backbone_of_classifier`). Read through
     storage and loaded without running code (safetensors, or torch.load with weights_only=True)."""
     key = "architecture.pretrained_weights"
     if not storage.exists(uri):
@@ -81,13 +119,23 @@ def read_backbone_weights(uri: str) -> dict[str, torch.Tensor]:
     except Exception as exc:  # truncation, foreign formats: all mean "not a weights file"; unless a read failed
         raise storage.refusal(f"{key} {uri}", exc, "not a weights file") from exc
     state = saved
-    if isinstance(saved, dict) and saved.get("format") == ARTIFACT_FORMAT and isinstance(saved.get("state_dict"), dict):
-        state = {k.removeprefix("backbone."): v for k, v in saved["state_dict"].items() if k.startswith("backbone.")}
-    elif isinstance(saved, dict):
+    if isinstance(saved, dict):
         state = next((saved[k] for k in ("state_dict", "model") if isinstance(saved.get(k), dict)), saved)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{key} {uri}: holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return _backbone_of_classifier(state) or state
+
+
+def _backbone_of_classifier(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The backbone's tensors, when `state` is a whole GunClassifier's (its backbone under `backbone.`, then
+    the linear `head` and the GeM exponent): what model.pt holds under "state_dict", a fold's best_state.pt
+    holds as it is, and a Ray Train state.pt holds under "model"; else None."""
+    own = {"head.weight", "head.bias", "pool.gem.p"}
+    if "head.weight" not in state or not all(k.startswith("backbone.") or k in own for k in state):
+        return None
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    return backbone or None
 
 
 def _create_backbone(name: str, pretrained: bool, **kwargs) -> nn.Module:

@@ -48,10 +48,12 @@ def _optional(what: str, draw: Callable[[], list[str]]) -> list[str]:
         return []
 
 
-def prediction_caption(classes: list[str], probs: np.ndarray, threshold: float) -> str:
-    """What a clip was predicted as: its top class, or "no gunshot" when every class stays under the threshold."""
+def prediction_caption(classes: list[str], probs: np.ndarray, threshold: float, *, predict_background: bool) -> str:
+    """What a clip was predicted as, as the metrics count it: its top class, or "no gunshot" when every class stays
+    under the threshold and the run predicts background (its dataset holds background clips; see
+    `training.predicts_background`). Without background clips the top class is the prediction at any probability."""
     top = int(probs.argmax())
-    if probs[top] < threshold:
+    if predict_background and probs[top] < threshold:
         return f"no gunshot (max {probs[top]:.2f})"
     return f"pred {classes[top]} ({probs[top]:.2f})"
 
@@ -160,7 +162,7 @@ def grad_cam(model: torch.nn.Module, spec: torch.Tensor, target: torch.Tensor) -
     spec = spec.clone().requires_grad_(False)
     features = model.backbone.forward_features(spec)
     features.retain_grad()
-    logits = model.head(model.dropout(model.pool(features)))
+    logits = model.classify(features)
     logits.gather(1, target[:, None]).sum().backward()
     weights = features.grad.mean(dim=(-2, -1), keepdim=True)
     cam = torch.relu((weights * features).sum(dim=1, keepdim=True))
@@ -170,7 +172,7 @@ def grad_cam(model: torch.nn.Module, spec: torch.Tensor, target: torch.Tensor) -
 
 
 def _examples(out: str, classes: list[str], folds: list[str], number_of_audios: int,
-              run_interpretations: bool, threshold: float) -> list[str]:
+              run_interpretations: bool, threshold: float, background_label: str) -> list[str]:
     """Spectrogram tiles of training clips, validation predictions, and Grad-CAM saliency."""
     model_uri = storage.join(out, f"fold_{folds[0]}", "model.pt")
     if not storage.exists(model_uri):
@@ -180,6 +182,8 @@ def _examples(out: str, classes: list[str], folds: list[str], number_of_audios: 
     n = max(1, number_of_audios)
     manifest = storage.read_parquet(storage.join(out, "manifest.parquet"))
     fold = int(folds[0])
+    # As training decides it for the metrics: the dataset (its manifest) holds background clips.
+    predict_background = bool((manifest["label"] == background_label).any())
     charts = []
     train = manifest[manifest["fold"] != fold].sample(min(n, (manifest["fold"] != fold).sum()), random_state=0)
     specs = _log_mels(list(train["path"]), params, artifact.chunk_seconds)
@@ -194,8 +198,8 @@ def _examples(out: str, classes: list[str], folds: list[str], number_of_audios: 
     paths = list(manifest.set_index("row").loc[oof["row"], "path"])
     probs = oof[[f"prob_{c}" for c in classes]].to_numpy()
     top = probs.argmax(axis=1)
-    titles = [f"true {lab}\n{prediction_caption(classes, p, threshold)}" for lab, p in zip(oof["label"], probs,
-                                                                                         strict=True)]
+    titles = [f"true {lab}\n{prediction_caption(classes, p, threshold, predict_background=predict_background)}"
+              for lab, p in zip(oof["label"], probs, strict=True)]
     specs = _log_mels(paths, params, artifact.chunk_seconds)
     charts.append(_tiles(specs[:, 0].numpy(), titles, out, "valid_predictions.png"))
     if run_interpretations:
@@ -246,7 +250,7 @@ def write_report(out: str, live: bool = False) -> str:
     if not live:
         charts += _optional("example spectrograms", lambda: _examples(
             out, classes, folds, cfg.logging.number_of_audios, cfg.training.run_interpretations,
-            cfg.prediction.probability_threshold))
+            cfg.prediction.probability_threshold, cfg.dataset.background_label))
     images = "".join(f'<figure><img src="{c}" alt="{c}"><figcaption>{c}</figcaption></figure>' for c in charts)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(cfg.experiment_name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}

@@ -86,3 +86,62 @@ def test_planted_pretrained_weights_are_refused_without_running_code(tmp_path, c
     with pytest.raises(ValueError, match="architecture.pretrained_weights .*refused: loading it could run code"):
         build_model(arch, 9)
     assert "code ran" not in capsys.readouterr().out
+
+
+def _pooled_input_of_the_head(model, x: torch.Tensor) -> torch.Tensor:
+    """What the classifier's linear layer receives: the pooled (and, for a normed head, normed) features."""
+    seen = []
+    handle = model.head.register_forward_hook(lambda _module, inputs, _output: seen.append(inputs[0]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("pool", ["Average", "Max", "GeM", "Average + Max"])
+def test_resnet_output_is_its_pooled_features_through_dropout_and_head(pool):
+    """Backbones without a normed head keep the plain path: pool, dropout, linear; nothing else in between."""
+    torch.manual_seed(0)
+    model = build_model(ArchitectureConfig(backbone="resnet18", pretrained=False, pool=pool), 5).eval()
+    x = torch.randn(2, 1, 64, 80)
+    with torch.no_grad():
+        expected = model.head(model.dropout(model.pool(model.backbone.forward_features(x))))
+        assert torch.equal(model(x), expected)
+
+
+def test_convnext_features_go_through_its_pretrained_head_norm_as_in_timm():
+    """ConvNeXt's final LayerNorm lives in its classifier head (timm's NormMlpClassifierHead), after the pool:
+    with the Average pool the features are what timm's own forward_head gives before its classifier."""
+    import timm
+
+    torch.manual_seed(0)
+    model = build_model(ArchitectureConfig(backbone="convnext_atto", pretrained=False), 3).eval()
+    with torch.no_grad():
+        model.backbone.head.norm.weight.uniform_(0.5, 2.0)
+        model.backbone.head.norm.bias.uniform_(-1.0, 1.0)
+    timm_own = timm.create_model("convnext_atto", pretrained=False, in_chans=1, num_classes=0).eval()
+    timm_own.load_state_dict(model.backbone.state_dict())
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = timm_own.forward_head(timm_own.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(_pooled_input_of_the_head(model, x), expected)
+
+
+@pytest.mark.parametrize("pool", ["Average", "Max", "GeM", "Average + Max"])
+def test_every_parameter_of_a_normed_head_backbone_gets_a_gradient(pool):
+    """DDP (find_unused_parameters=False) fails at its second step on a parameter the forward never uses: ConvNeXt's
+    head norm, and the MLP of a head with a hidden layer, must be on the path to the logits."""
+    from timm.models.convnext import ConvNeXt
+
+    from gunsound.model import GunClassifier
+
+    torch.manual_seed(0)
+    backbones = [build_model(ArchitectureConfig(backbone="convnext_atto", pretrained=False), 3).backbone,
+                 ConvNeXt(in_chans=1, num_classes=0, global_pool="", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
+                          head_hidden_size=20)]
+    for backbone in backbones:
+        model = GunClassifier(backbone, 3, pool, dropout=0.1)
+        model(torch.randn(2, 1, 64, 64)).sum().backward()
+        unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not unused, unused

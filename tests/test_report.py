@@ -19,7 +19,7 @@ from tests.conftest import FAST, LAPTOP_CONFIG
 CLASSES = ["cal $\\x$", "b"]  # a label that matplotlib would parse as (broken) mathtext
 
 
-def _run(out, clip_paths: list) -> None:
+def _run(out, clip_paths: list, background: bool = True) -> None:
     cfg = load_config(LAPTOP_CONFIG, [*FAST, "training.run_interpretations=true", "logging.number_of_audios=2"])
     (out / "fold_0").mkdir(parents=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
@@ -30,7 +30,7 @@ def _run(out, clip_paths: list) -> None:
     (out / "fold_0" / "metrics.json").write_text(json.dumps([
         {"epoch": e, "lr": 1e-3, "train_batch_loss": [0.7, 0.6], "valid_loss": 0.6, "valid_roc_auc": 0.7}
         for e in (1, 2)]))
-    labels = [CLASSES[0], "b", "background", CLASSES[0]]
+    labels = [CLASSES[0], "b", "background" if background else "b", CLASSES[0]]
     manifest = pd.DataFrame({"row": range(4), "path": [str(p) for p in clip_paths],
                              "rel_path": [p.name for p in clip_paths], "label": labels, "fold": [0, 1, 0, 0]})
     manifest.to_parquet(out / "manifest.parquet")
@@ -83,10 +83,43 @@ def test_an_optional_part_that_fails_is_left_out_and_the_report_is_written(tmp_p
     assert [m for m in messages if m.startswith("report: example spectrograms left out: AudioError")]
 
 
-@pytest.mark.parametrize(("probs", "caption"), [([0.02, 0.01], "no gunshot (max 0.02)"),
-                                                ([0.2, 0.7], "pred b (0.70)")])
-def test_prediction_caption(probs, caption):
-    assert prediction_caption(CLASSES, np.array(probs), threshold=0.5) == caption
+@pytest.mark.parametrize(("probs", "background", "caption"), [([0.02, 0.01], True, "no gunshot (max 0.02)"),
+                                                              ([0.2, 0.7], True, "pred b (0.70)"),
+                                                              ([0.02, 0.01], False, "pred cal $\\x$ (0.02)"),
+                                                              ([0.42, 0.3], False, "pred cal $\\x$ (0.42)")])
+def test_prediction_caption(probs, background, caption):
+    """Without background clips in the dataset the metrics count the top class at any probability, and so
+    does the caption."""
+    assert prediction_caption(CLASSES, np.array(probs), threshold=0.5, predict_background=background) == caption
+
+
+@pytest.mark.parametrize(("background", "no_gunshot"), [(True, True), (False, False)])
+def test_validation_captions_follow_whether_the_dataset_has_background_clips(tmp_path, monkeypatch, background,
+                                                                              no_gunshot):
+    from gunsound import report
+
+    titles: list[list[str]] = []
+    tiles = report._tiles
+    monkeypatch.setattr(report, "_tiles", lambda specs, t, *a, **k: (titles.append(t), tiles(specs, t, *a, **k))[1])
+    out = tmp_path / "run"
+    _run(out, _clips(tmp_path / "clips", 4), background=background)
+    write_report(str(out))
+    valid = [t for t in titles if t and t[0].startswith("true ")][0]
+    assert any("no gunshot" in t for t in valid) == no_gunshot, valid
+
+
+def test_grad_cam_follows_the_models_own_path_through_a_normed_head():
+    """ConvNeXt's head norm is part of the model's forward: Grad-CAM's logits go through it too."""
+    import torch
+
+    from gunsound.config import ArchitectureConfig
+    from gunsound.report import grad_cam
+
+    torch.manual_seed(0)
+    model = build_model(ArchitectureConfig(backbone="convnext_atto", pretrained=False), 2)
+    cams = grad_cam(model, torch.randn(2, 1, 64, 64), torch.tensor([0, 1]))
+    assert cams.shape == (2, 64, 64) and np.isfinite(cams).all()
+    assert model.backbone.head.norm.weight.grad is not None
 
 
 @pytest.mark.parametrize(("peaks", "drawn"), [([0.01, 0.02, 0.03, 0.04], [1, 2, 3]),

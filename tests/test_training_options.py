@@ -176,3 +176,42 @@ def test_a_training_rerun_that_changes_how_validation_is_computed_is_refused():
         made("environment.mixed_precision_inference=false"))
     assert [d.split()[0] for d in flipped] == ["environment.mixed_precision_inference"]
     assert not made("environment.cpus_per_worker=1").differences(made("environment.cpus_per_worker=2"))
+
+
+def test_masks_reach_both_ends_of_each_axis():
+    """Every start a mask of its width can take is drawn: the last frame and the top mel bin too."""
+    torch.manual_seed(0)
+    mels, frames = 8, 12
+    x = torch.arange(mels * frames, dtype=torch.float32).view(1, 1, mels, frames).expand(2000, 1, mels, frames)
+    time_hit = spec_augment(x, time_mask_frames=3, frequency_mask_bins=0) != x
+    freq_hit = spec_augment(x, time_mask_frames=0, frequency_mask_bins=3) != x
+    assert time_hit[..., 0].any() and time_hit[..., -1].any()
+    assert freq_hit[..., 0, :].any() and freq_hit[..., -1, :].any()
+    # Each position is about equally likely to be masked at the ends as one step in.
+    assert time_hit[..., -1].any(dim=-1).sum() > 0.5 * time_hit[..., -2].any(dim=-1).sum()
+
+
+def test_a_mask_wider_than_its_axis_never_hides_the_whole_clip():
+    torch.manual_seed(0)
+    x = torch.randn(500, 1, 6, 10)
+    masked = spec_augment(x, time_mask_frames=50, frequency_mask_bins=0) != x
+    frames_hidden = masked[:, 0].all(dim=1).sum(dim=-1)
+    assert frames_hidden.max() == 9  # as wide as the axis less one, and no wider
+    masked = spec_augment(x, time_mask_frames=0, frequency_mask_bins=50) != x
+    assert masked[:, 0].all(dim=2).sum(dim=-1).max() == 5
+
+
+def test_colouring_leaves_digital_silence_and_padding_as_they_are():
+    """Bins at the log floor (digital silence, zero padding) are flat at validation and scoring: colouring would
+    draw its curve there, and per-clip standardisation turns a silent clip's curve into a unit-variance stripe."""
+    from gunsound.features import LOG_FLOOR, normalized
+
+    torch.manual_seed(0)
+    floor = math.log(LOG_FLOOR)
+    x = torch.full((16, 1, 24, 30), floor)
+    x[8:, ..., :10] = torch.randn(8, 1, 24, 10) - 3  # the second half: 10 frames of sound, then padding
+    coloured = colour(x, max_db=9.0)
+    assert torch.equal(coloured[..., 10:], x[..., 10:])  # padding and silence untouched
+    assert not torch.equal(coloured[8:, ..., :10], x[8:, ..., :10])  # the sound still coloured
+    silent = normalized(coloured[:8], normalize=True, relative_to_peak=False)
+    assert silent.std(dim=(-2, -1)).max() == 0

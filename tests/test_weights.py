@@ -207,3 +207,32 @@ def test_the_seed_config_without_the_hub_fails_in_seconds_with_one_message(tmp_p
     assert "architecture.pretrained_weights" in last and "architecture.pretrained: false" in last
     assert elapsed < 30, f"took {elapsed:.0f} s"
     assert load_config(SEED_CONFIG).architecture.pretrained is True
+
+
+@pytest.mark.parametrize("saved", ["best_state.pt", "state.pt", "state.pt of a DDP-wrapped model"])
+def test_a_folds_best_state_or_train_checkpoint_gives_its_backbone(tmp_path, saved):
+    """A fold's best_state.pt (the classifier's state dict) and a Ray Train state.pt (it under "model") hold
+    the same backbone as model.pt, under the classifier's `backbone.` prefix."""
+    from gunsound.train_loop import save_bytes
+
+    torch.manual_seed(0)
+    arch = ArchitectureConfig(backbone="resnet10t", pretrained=False)
+    trained = build_model(arch, 3)
+    state = trained.state_dict()
+    if saved.endswith("DDP-wrapped model"):
+        state = {f"module.{k}": v for k, v in state.items()}
+    content = state if saved == "best_state.pt" else {"model": state, "epoch": 0, "history": [], "best_model": None}
+    (tmp_path / "weights.pt").write_bytes(save_bytes(content))
+    model = build_model(replace(arch, pretrained=True, pretrained_weights=str(tmp_path / "weights.pt")), 5)
+    for name, tensor in trained.backbone.state_dict().items():
+        torch.testing.assert_close(model.backbone.state_dict()[name], tensor)
+
+
+def test_a_folds_best_state_of_another_backbone_is_still_refused(tmp_path):
+    from gunsound.train_loop import save_bytes
+
+    (tmp_path / "best_state.pt").write_bytes(save_bytes(
+        build_model(ArchitectureConfig(backbone="resnet18", pretrained=False), 3).state_dict()))
+    arch = ArchitectureConfig(backbone="resnet34", pretrained_weights=str(tmp_path / "best_state.pt"))
+    with pytest.raises(PretrainedWeightsError, match=r"not weights of resnet34 \(\d+ of its \d+ tensors missing"):
+        resolve_pretrained(arch, str(tmp_path / "run"))
