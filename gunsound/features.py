@@ -53,6 +53,9 @@ class FeatureParams:
         return replace(self, normalize=False, relative_to_peak=False)
 
 
+FLAT_STD = 1e-4  # natural-log units: a spectrogram whose values spread less than this is flat
+
+
 def normalized(spec: torch.Tensor, *, normalize: bool, relative_to_peak: bool) -> torch.Tensor:
     """Natural-log mel spectrograms (..., mels, frames), each normalised as `LogMelSpectrogram` describes:
     measured from its peak (`relative_to_peak`), standardised (`normalize`), or left as they are."""
@@ -62,7 +65,9 @@ def normalized(spec: torch.Tensor, *, normalize: bool, relative_to_peak: bool) -
     if normalize:
         mean = spec.mean(dim=(-2, -1), keepdim=True)
         std = spec.std(dim=(-2, -1), keepdim=True)
-        return (spec - mean) / (std + 1e-5)
+        # A flat picture (digital silence) is 0: its std is float rounding, which varies with the picture's
+        # size and the batch, so dividing by it gave training and scoring different constants for silence.
+        return torch.where(std > FLAT_STD, (spec - mean) / (std + 1e-5), torch.zeros_like(spec))
     return spec
 
 

@@ -1,11 +1,13 @@
 """The log-mel module against an independent float64 NumPy reference."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from gunsound.config import AudioConfig
-from gunsound.features import PEAK_RANGE, FeatureParams, LogMelSpectrogram, mel_frames, normalized
+from gunsound.features import LOG_FLOOR, PEAK_RANGE, FeatureParams, LogMelSpectrogram, mel_frames, normalized
 from tests.conftest import reference_log_mel
 
 
@@ -71,3 +73,9 @@ def test_training_normalises_its_unnormalised_features_as_the_scorer_does(normal
     assert params.unnormalized().normalize is False and params.unnormalized().relative_to_peak is False
     torch.testing.assert_close(normalized(raw, normalize=params.normalize, relative_to_peak=params.relative_to_peak),
                                LogMelSpectrogram(params)(wave))
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 40), (4, 16, 40), (2, 128, 401)])
+def test_a_silent_clip_standardises_to_zero_whatever_its_size_and_batch(shape):
+    silent = torch.full(shape, math.log(LOG_FLOOR))
+    assert torch.equal(normalized(silent, normalize=True, relative_to_peak=False), torch.zeros(shape))
