@@ -9,6 +9,7 @@ the file. Configuration is data: the code reads these objects, never the raw YAM
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -200,13 +201,41 @@ _NONE_STRINGS = {"None", "none", "null", ""}
 _INT_STRING = re.compile(r"[+-]?[0-9]+")
 
 
+class _YamlInt(int):
+    """An integer YAML read from text, with that text: a string-typed key keeps what was written."""
+
+    yaml_text: str
+
+
+class _YamlFloat(float):
+    """A float YAML read from text, with that text (see _YamlInt)."""
+
+    yaml_text: str
+
+
+def _plain(value: Any) -> Any:
+    """`value` with every _YamlInt/_YamlFloat in it a plain int/float, so that a Config holds only the types
+    yaml.safe_dump and the rest of the code know."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
     """Check `value` against a type annotation, converting only where the meaning is unambiguous."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
 
     def fail(expected: str) -> typing.NoReturn:
-        raise ConfigError(f"{source}: key '{key}' must be {expected}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{source}: key '{key}' must be {expected}, got {value!r} ({type(_plain(value)).__name__})")
 
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
@@ -219,7 +248,7 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
             value = "Yes" if value else "No"
         if value not in args:
             fail("one of " + ", ".join(repr(a) for a in args))
-        return value
+        return _plain(value)
     if origin is list:
         if not isinstance(value, list):
             fail("a list")
@@ -227,7 +256,7 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             fail("a mapping")
-        return dict(value)
+        return _plain(value)
     if annotation is bool:
         if not isinstance(value, bool):
             fail("true or false")
@@ -238,7 +267,7 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
             return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             fail("an integer")
-        return value
+        return int(value)
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
@@ -250,12 +279,14 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
         return float(value)
     if annotation is str:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
+            # YAML read the text as a number: keep it as written (a folder 2024_01 is not 202401, a class 010
+            # is not 8)
+            return getattr(value, "yaml_text", str(value))
         if not isinstance(value, str):
             fail("a string")
         return value
     if annotation is Any:
-        return value
+        return _plain(value)
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")
 
 
@@ -425,6 +456,9 @@ def check_dataset_sources(ds: DatasetConfig, source: str) -> None:
                           f"{ds.background_label!r} (its clips have all-zero targets)")
     if (twice := _repeated(ds.folds)) is not None:
         raise ConfigError(f"{source}: key 'dataset.folds' lists fold {twice} twice")
+    # A label column listed twice reads as one-hot columns, every row of them "empty".
+    if (twice := _repeated(ds.label_columns)) is not None:
+        raise ConfigError(f"{source}: key 'dataset.label_columns' lists {twice!r} twice")
     if ds.validation_strategy == "custom" and not ds.validation_dataframe:
         raise ConfigError(f"{source}: key 'dataset.validation_strategy' is custom, which needs "
                           "dataset.validation_dataframe (or use kfold: folds of validation_size)")
@@ -441,6 +475,27 @@ def _repeated(values: list[Any]) -> Any:
             return value
         seen.add(value)
     return None
+
+
+def _float_settings(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float setting: .inf or .nan passes a `> 0` check and breaks the run later."""
+    found = []
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found.extend(_float_settings(value, key + "."))
+        elif isinstance(value, float):
+            found.append((key, value))
+    return found
+
+
+def check_schedule(tr: TrainingConfig, source: str) -> None:
+    """Warmup must end before training does: with warmup_epochs >= epochs the rate only ever rises (see
+    optim.lr_lambda). Checked on the config a user writes and on a run's plan, not on a run's saved config.yaml,
+    which must still load for scoring."""
+    if tr.warmup_epochs >= tr.epochs:
+        raise ConfigError(f"{source}: key 'training.warmup_epochs' must be less than training.epochs "
+                          f"({tr.warmup_epochs:g} >= {tr.epochs}): the learning rate would never decay")
 
 
 def _validate(cfg: Config, source: str) -> None:
@@ -469,6 +524,13 @@ def _validate(cfg: Config, source: str) -> None:
         ("architecture.dropout", 0 <= cfg.architecture.dropout < 1, "in [0, 1)"),
         ("augmentation.mix_concentration", cfg.augmentation.mix_concentration > 0, "positive"),
         ("augmentation.colouring_db", 0 <= cfg.augmentation.colouring_db <= 40, "in [0, 40] dB (0: off)"),
+        ("augmentation.mix_iterations", cfg.augmentation.mix_iterations >= 1,
+         "at least 1 (augmentation.mix_audio: Disabled turns mixing off)"),
+        ("augmentation.time_mask_frames", cfg.augmentation.time_mask_frames >= 0, "at least 0 (0: off)"),
+        ("augmentation.frequency_mask_bins", cfg.augmentation.frequency_mask_bins >= 0, "at least 0 (0: off)"),
+        ("environment.number_of_workers", cfg.environment.number_of_workers >= 1, "at least 1"),
+        ("environment.gpus_per_worker", cfg.environment.gpus_per_worker is None or cfg.environment.gpus_per_worker > 0,
+         "positive (or left out for one GPU per worker; environment.device: cpu runs without GPUs)"),
         ("training.warmup_epochs", cfg.training.warmup_epochs >= 0, "at least 0"),
         ("training.weight_decay", cfg.training.weight_decay >= 0, "at least 0"),
         ("training.gradient_clip", cfg.training.gradient_clip >= 0, "at least 0 (0: no clipping)"),
@@ -482,6 +544,9 @@ def _validate(cfg: Config, source: str) -> None:
     for key, ok, what in checks:
         if not ok:
             raise ConfigError(f"{source}: key '{key}' must be {what}")
+    for key, value in _float_settings(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: key '{key}' must be a finite number, got {value}")
     if any(f < 0 for f in cfg.dataset.folds):
         raise ConfigError(f"{source}: key 'dataset.folds' must list fold numbers from 0")
 
@@ -598,6 +663,22 @@ UniqueKeyLoader.add_implicit_resolver(
     list("-+0123456789"))
 
 
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _YamlInt:
+    value = _YamlInt(loader.construct_yaml_int(node))
+    value.yaml_text = node.value
+    return value
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _YamlFloat:
+    value = _YamlFloat(loader.construct_yaml_float(node))
+    value.yaml_text = node.value
+    return value
+
+
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
 def parse_config_yaml(text: str, source: str) -> dict[str, Any]:
     """A config's text as its mapping of sections, a repeated key refused: for a file, or a config.yaml read
     from storage (`source` names it in errors)."""
@@ -614,13 +695,35 @@ def parse_config_yaml(text: str, source: str) -> dict[str, Any]:
     return data
 
 
+# A Markdown page's fenced YAML block: ```yaml (or ```yml) on a line of its own, to the next ``` line.
+_YAML_FENCE = re.compile(r"^```[ \t]*ya?ml[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+
+
+def _markdown_yaml(text: str) -> str | None:
+    """The YAML of a Markdown page that holds exactly one ```yaml block (a Hydrogen Torch catalog page holds its
+    experiment config so), padded with blank lines so that error line numbers are the page's; else None."""
+    blocks = list(_YAML_FENCE.finditer(text))
+    if len(blocks) != 1:
+        return None
+    start = blocks[0].start(1)
+    return "\n" * text.count("\n", 0, start) + blocks[0].group(1)
+
+
 def read_config_data(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping: the file as YAML, or, where the file as a whole is not a YAML mapping, the one
+    ```yaml block of a Markdown page (a catalog page as is)."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    return parse_config_yaml(text, str(path))
+    try:
+        return parse_config_yaml(text, str(path))
+    except ConfigError as exc:
+        block = _markdown_yaml(text) if not isinstance(exc.__cause__, _RepeatedKeyError) else None
+        if block is None:
+            raise
+    return parse_config_yaml(block, f"{path} (its ```yaml block)")
 
 
 def config_with_overrides(data: dict[str, Any], where: str, overrides: list[str] | None) -> tuple[Config, str]:
@@ -638,5 +741,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a config file, apply `section.key=value` overrides, and validate the result."""
     cfg, source = config_with_overrides(read_config_data(path), str(path), overrides)
     check_dataset_sources(cfg.dataset, source)
+    check_schedule(cfg.training, source)
     check_logger_installed(cfg.logging, source)
     return cfg

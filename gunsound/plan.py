@@ -11,14 +11,16 @@ import numpy as np
 import pandas as pd
 
 from gunsound import fingerprint, storage
-from gunsound.config import Config, ConfigError, config_from_dict
+from gunsound.config import Config, ConfigError, check_schedule, config_from_dict
 from gunsound.dataset import (
     AudioChoice,
     Manifest,
+    ManifestError,
     Problem,
     assign_folds,
     choose_audio_parameters,
     load_manifest,
+    loose_label_key,
     num_folds,
 )
 from gunsound.features import FeatureParams, mel_frames
@@ -42,6 +44,15 @@ class TrainingPlan:
         """Every fold of the split, of which this job runs `fold_ids`: one with a validation dataframe."""
         return [0] if self.cfg.dataset.validation_dataframe else list(range(num_folds(self.cfg.dataset)))
 
+    def _validation_line(self) -> str:
+        """How clips are split, in the grouping the manifest was read with (folder per class: by file)."""
+        by = self.manifest.group_by
+        if self.cfg.dataset.validation_dataframe:
+            return (f"validation      {self.cfg.dataset.validation_dataframe}, running {self.fold_ids}"
+                    f" (grouped by {by}: none in both dataframes)")
+        return (f"validation      {len(self.split_folds)} folds, running {self.fold_ids}"
+                f" (stratified by class, grouped by {by})")
+
     def describe(self) -> str:
         frame = self.manifest.frame
         counts = frame["label"].value_counts().sort_index()
@@ -59,8 +70,7 @@ class TrainingPlan:
             f"training        {self.cfg.training.epochs} epochs, batch {self.cfg.training.batch_size},"
             f" lr {self.cfg.training.learning_rate:g}, {self.cfg.training.optimizer},"
             f" {self.cfg.training.schedule}, loss {self.cfg.training.loss_function}",
-            f"validation      {len(self.split_folds)} folds, running {self.fold_ids}"
-            f" (stratified by class, grouped by {self.cfg.dataset.group_fold_column or 'file'})",
+            self._validation_line(),
             f"seed            {self.cfg.environment.seed}",
             f"output          {self.output}",
             *self.notes,
@@ -91,7 +101,9 @@ def prepare(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = Fa
         resolved.environment.seed = int(np.random.SeedSequence().entropy % (2**31))
         notes.append(f"note            seed -1: drew seed {resolved.environment.seed}")
         log.info("seed -1: drew seed %d", resolved.environment.seed)
+    check_schedule(resolved.training, "the config")
     manifest = load_manifest(resolved, data, drop_bad_rows=drop_bad_rows)
+    notes.extend(f"note            {note}" for note in manifest.notes)
     _check_loss_takes_the_labels(resolved, manifest, "the training data")
     choice = choose_audio_parameters(resolved, manifest)
     resolved.audio.sample_rate = choice.sample_rate
@@ -116,7 +128,33 @@ def prepare(cfg: Config, data: str | None, output: str, drop_bad_rows: bool = Fa
                                          split=bool(resolved.dataset.validation_dataframe),
                                          seed=resolved.environment.seed)
         notes.append(note)
+    notes.extend(_check_folds(resolved, manifest, folds, fold_ids))
     return TrainingPlan(resolved, manifest, folds, choice, params, output, fold_ids, notes)
+
+
+def _check_folds(cfg: Config, manifest: Manifest, folds: np.ndarray, fold_ids: list[int]) -> list[str]:
+    """Every fold to run must have clips to validate and to train on: an empty side (a small data_sample, a few
+    uneven groups) trains nothing that can be measured. A fold that validates classes its training side never
+    saw is said, not refused: with folds grouped by recording a rare class may have one group only."""
+    labels = manifest.frame["label"].to_numpy()
+    background = cfg.dataset.background_label
+    sample = (f" after dataset.data_sample {cfg.dataset.data_sample:g}" if cfg.dataset.data_sample < 1 else "")
+    notes = []
+    for k in fold_ids:
+        valid = folds == k
+        for side, clips in (("validation", valid), ("training", ~valid)):
+            if not clips.any():
+                raise ManifestError(manifest.source, [Problem(-1, "", (
+                    f"fold {k} (dataset.folds) has no {side} clips{sample} ({len(folds)} clips, "
+                    f"{manifest.frame['group'].nunique()} groups by {manifest.group_by}): run other folds, or raise "
+                    "dataset.data_sample or dataset.validation_size"))])
+        unseen = sorted(set(labels[valid]) - set(labels[~valid]) - {background})
+        if unseen:
+            text = (f"fold {k} validates class(es) its training side has no clip of: {', '.join(unseen)} "
+                    "(their scores in this fold measure nothing learned)")
+            log.warning("%s", text)
+            notes.append(f"warning         {text}")
+    return notes
 
 
 def _check_loss_takes_the_labels(cfg: Config, manifest: Manifest, what: str) -> None:
@@ -157,19 +195,52 @@ def _with_validation_dataframe(cfg: Config, train: Manifest, data: str | None,
                                drop_bad_rows: bool) -> tuple[Manifest, np.ndarray]:
     """A separate validation dataframe: its clips form fold 0 and every training clip trains (fold -1).
     Its rows are numbered after the training dataframe's so that `row` stays a unique key."""
-    vcfg = config_from_dict(cfg.to_dict())
-    vcfg.dataset.train_dataframe = cfg.dataset.validation_dataframe
-    valid = load_manifest(vcfg, data, drop_bad_rows=drop_bad_rows)
+    valid = load_manifest(cfg, data, drop_bad_rows=drop_bad_rows, key="validation_dataframe")
+    name = cfg.dataset.validation_dataframe
+    valid_frame, valid_dropped = _labels_the_training_data_has(cfg, train, valid, drop_bad_rows)
     # After every training row, the dropped ones too: dropped_rows.parquet keeps `row` a unique key as well.
     offset = max([int(train.frame["row"].max()), *(p.row for p in train.dropped)]) + 1
-    vframe = valid.frame.assign(row=valid.frame["row"] + offset)
-    name = cfg.dataset.validation_dataframe
-    valid_dropped = [Problem(p.row + offset, p.path, f"{name} row {p.row}: {p.reason}") for p in valid.dropped]
+    vframe = valid_frame.assign(row=valid_frame["row"] + offset)
+    valid_dropped = [Problem(p.row + offset, p.path, f"{name} row {p.row}: {p.reason}") for p in valid_dropped]
     overlap = set(train.frame["path"]) & set(vframe["path"])
     if overlap:
         raise ConfigError(f"dataset.validation_dataframe shares {len(overlap)} file(s) with the training data, "
                           f"e.g. {sorted(overlap)[0]}")
+    if train.group_by != "file":  # as with k folds, a group's clips all train or all validate
+        spelled = {g.casefold(): g for g in train.frame["group"]}
+        shared = sorted(spelled[g] for g in set(spelled) & {g.casefold() for g in vframe["group"]})
+        if shared:
+            raise ConfigError(f"dataset.group_fold_column {train.group_by!r}: {len(shared)} group(s) have clips in "
+                              f"both the training data and dataset.validation_dataframe {name}, e.g. "
+                              f"{', '.join(map(repr, shared[:5]))}; a group's clips must all be on one side")
     frame = pd.concat([train.frame, vframe], ignore_index=True)
-    classes = sorted(set(train.classes) | set(valid.classes))
+    # Without dataset.classes every validation label is now one the training data has.
+    classes = sorted(set(train.classes) | set(valid.classes)) if cfg.dataset.classes else train.classes
     folds = np.r_[np.full(len(train.frame), -1), np.zeros(len(vframe), dtype=np.int64)]
-    return Manifest(frame, classes, train.source, dropped=train.dropped + valid_dropped), folds
+    return Manifest(frame, classes, train.source, dropped=train.dropped + valid_dropped, group_by=train.group_by,
+                    notes=train.notes + valid.notes), folds
+
+
+def _labels_the_training_data_has(cfg: Config, train: Manifest, valid: Manifest,
+                                  drop_bad_rows: bool) -> tuple[pd.DataFrame, list[Problem]]:
+    """The validation clips and dropped rows, where a validation row whose label no training row has is a problem
+    row: it would be a class of its own that never trains (ak-47 beside AK-47). With dataset.classes the list
+    says what the classes are, and an unknown label is already a problem row."""
+    if cfg.dataset.classes:
+        return valid.frame, valid.dropped
+    trained = set(train.frame["label"]) | {cfg.dataset.background_label}
+    loose = {loose_label_key(label): label for label in trained}
+    foreign = ~valid.frame["label"].isin(trained)
+    if not foreign.any():
+        return valid.frame, valid.dropped
+    problems = []
+    for r in valid.frame[foreign].itertuples():
+        near = loose.get(loose_label_key(r.label))
+        problems.append(Problem(int(r.row), r.rel_path, (
+            f"label {r.label!r} is no label of the training data, so its class would never train"
+            + (f" (the training data spells it {near!r})" if near else ""))))
+    if not drop_bad_rows:
+        raise ManifestError(valid.source, problems)
+    for p in problems:
+        log.warning("dropped row %d %r: %s", p.row, p.path, p.reason)
+    return valid.frame[~foreign].reset_index(drop=True), sorted(valid.dropped + problems, key=lambda p: p.row)

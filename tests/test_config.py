@@ -397,3 +397,83 @@ def test_numbers_in_exponent_form_are_numbers_wherever_they_stand():
     assert search_space(cfg)["training.learning_rate"] == {"loguniform": [1e-05, 0.01]}
     assert cfg.training.learning_rate == 3e-4
     assert load_config(SEED_CONFIG, ['experiment_name="1e5"']).experiment_name == "1e5"  # quoted: text
+
+
+def test_string_keys_keep_the_text_yaml_reads_as_a_number(tmp_path):
+    """YAML 1.1 reads 2024_01 as 202401, 010 as 8 and 1e3 as 1000.0: a folder, class or column name was lost."""
+    cfg = load_config(SEED_CONFIG, ["dataset.data_folder=2024_01", "dataset.classes=[AK-47, 010, .22]",
+                                    "dataset.group_fold_column=1e3", "training.epochs=0x3"])
+    assert cfg.dataset.data_folder == "2024_01" and cfg.dataset.classes == ["AK-47", "010", ".22"]
+    assert cfg.dataset.group_fold_column == "1e3"
+    assert cfg.training.epochs == 3 and type(cfg.training.epochs) is int  # numbers stay plain numbers
+    path = tmp_path / "exp.yaml"
+    path.write_text("dataset:\n    data_folder: 2024_01\n    audio_column: 00012\n")
+    cfg = load_config(path)
+    assert (cfg.dataset.data_folder, cfg.dataset.audio_column) == ("2024_01", "00012")
+    assert "data_folder: '2024_01'" in cfg.to_yaml()
+
+
+def test_a_repeated_label_column_is_refused():
+    """Two label columns are read as one-hot: every row was an "empty label"."""
+    with pytest.raises(ConfigError, match="key 'dataset.label_columns' lists 'class' twice"):
+        load_config(SEED_CONFIG, ["dataset.label_columns=[class, class]"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("environment.number_of_workers=0", "'environment.number_of_workers' must be at least 1"),
+    ("augmentation.mix_iterations=-3", "'augmentation.mix_iterations' must be at least 1"),
+    ("environment.gpus_per_worker=-1", "'environment.gpus_per_worker' must be positive"),
+    ("augmentation.time_mask_frames=-5", "'augmentation.time_mask_frames' must be at least 0"),
+    ("augmentation.frequency_mask_bins=-1", "'augmentation.frequency_mask_bins' must be at least 0"),
+    ("audio.training_chunk_seconds=.inf", "'audio.training_chunk_seconds' must be a finite number, got inf"),
+    ("training.differential_learning_rate=.nan", "'training.differential_learning_rate' must be a finite number"),
+    ("training.warmup_epochs=5", "'training.warmup_epochs' must be less than training.epochs (5 >= 5)"),
+    ("training.warmup_epochs=7.5", "'training.warmup_epochs' must be less than training.epochs (7.5 >= 5)"),
+])
+def test_settings_out_of_range_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=r"gun_sound_resnet50\.yaml.*" + re.escape(message)):
+        load_config(SEED_CONFIG, [override])
+
+
+def test_a_warmup_as_long_as_training_is_refused_in_the_plan_too(synth_dir, tmp_path):
+    """A config built in code skips load_config; the plan checks it before anything trains."""
+    from gunsound.plan import prepare
+
+    cfg = load_config(SEED_CONFIG, ["environment.seed=1"])
+    cfg.training.warmup_epochs = cfg.training.epochs
+    with pytest.raises(ConfigError, match="'training.warmup_epochs' must be less than training.epochs"):
+        prepare(cfg, str(synth_dir), str(tmp_path / "out"))
+
+
+def _catalog_page(tmp_path):
+    """A copy of the Hydrogen Torch catalog page the seed config comes from (a Markdown page with one ```yaml
+    block), or one made like it where shared/seed is not beside the checkout."""
+    seed_page = REPO.parent / "shared" / "seed" / "000_5e48f5e7a1c78dcf.txt"
+    text = (seed_page.read_text() if seed_page.exists() else
+            "## Use Case 87: Gun Type Classification\n\n- `Data Type: Audio`\n\n### Config\n\n```yaml\n"
+            + SEED_CONFIG.read_text() + "```\n\n### Notes\n\nTrained on: gun sounds.\n")
+    page = tmp_path / "000_5e48f5e7a1c78dcf.txt"
+    page.write_text(text)
+    return page, text
+
+
+def test_a_markdown_page_with_one_yaml_block_is_read_as_its_block(tmp_path):
+    page, text = _catalog_page(tmp_path)
+    cfg = load_config(page, ["training.epochs=2"])
+    assert cfg.to_dict() == load_config(SEED_CONFIG, ["training.epochs=2"]).to_dict()
+    with pytest.raises(ConfigError, match=r"000_5e48f5e7a1c78dcf.txt \(with overrides .*'training.epochz'"):
+        load_config(page, ["training.epochz=2"])
+
+
+def test_a_markdown_page_with_two_yaml_blocks_or_a_bad_block_is_still_not_valid_yaml(tmp_path):
+    page, text = _catalog_page(tmp_path)
+    block = text.split("```yaml\n")[1].split("```")[0]
+    page.write_text(text + "\n```yaml\ntraining:\n    epochs: 3\n```\n")
+    with pytest.raises(ConfigError, match="000_5e48f5e7a1c78dcf.txt: not valid YAML"):
+        load_config(page)
+    page.write_text(text.replace(block, block + "training:\n    epochs: 3\n"))
+    first = text.splitlines().index("training:") + 1
+    second = text[:text.index(block)].count("\n") + block.count("\n") + 1
+    with pytest.raises(ConfigError, match=rf"its ```yaml block\): key 'training' appears twice \(lines {first} and "
+                                          rf"{second}\)"):  # the page's lines
+        load_config(page)

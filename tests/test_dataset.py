@@ -270,3 +270,158 @@ def test_dropped_rows_of_a_validation_dataframe_are_numbered_after_the_training_
     valid = max(dropped)
     assert valid > plan.manifest.frame["row"][plan.folds < 0].max()
     assert dropped[valid].reason.startswith("valid.pq row 3: ")
+
+
+# ---------------------------------------------------------------- labels, groups and layouts read as meant
+
+
+def _wav(path, seconds: float = 0.2, sr: int = 16000) -> None:
+    """A short noise clip: the checks under test read headers, never the sound."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.random.default_rng(0).normal(0, 0.1, int(seconds * sr)).astype(np.float32), sr)
+
+
+def _frame_dataset(root, labels, name: str = "train.pq", **columns):
+    """<root>/<name> listing a0.wav.. with `labels` (and other columns), the clips beside it."""
+    for i in range(len(labels)):
+        _wav(root / f"a{i}.wav")
+    frame = pd.DataFrame({"image": [f"a{i}.wav" for i in range(len(labels))], "class": labels, **columns})
+    frame.to_csv(root / name, index=False) if name.endswith(".csv") else frame.to_parquet(root / name)
+    return root
+
+
+def _dataset_cfg(**dataset):
+    from gunsound.config import check_dataset_sources, config_from_dict
+
+    cfg = config_from_dict({"dataset": {"data_folder": "", "train_dataframe": "train.pq", **dataset},
+                            "environment": {"seed": 1}})
+    check_dataset_sources(cfg.dataset, "<test>")
+    return cfg
+
+
+@pytest.mark.parametrize("layout", ["one level too high", "train and test splits"])
+def test_folder_per_class_refuses_class_folders_that_hold_subfolders_of_audio(tmp_path, layout):
+    """Every clip took its class from the top folder: one class 'Gun_Classifier', or 'train' vs 'test'."""
+    tops = ["Gun_Classifier"] if layout == "one level too high" else ["train", "test"]
+    for top in tops:
+        for cls in ("AK-47", "M16"):
+            for i in range(3):
+                _wav(tmp_path / top / cls / f"{i}.wav")
+    with pytest.raises(ManifestError, match=rf"class folder\(s\) hold subfolders with audio \({tops[-1]}/ holds "
+                                            r"AK-47, M16.*pass the folder that holds one folder per class"):
+        load_manifest(_dataset_cfg(train_dataframe=""), str(tmp_path))
+    assert len(load_manifest(_dataset_cfg(train_dataframe=""), str(tmp_path / tops[0])).classes) == 2
+
+
+def test_folder_per_class_refuses_a_single_class_folder(tmp_path):
+    for i in range(3):
+        _wav(tmp_path / "recordings" / f"{i}.wav")
+    with pytest.raises(ManifestError, match=r"1 class folder \(recordings\); a classifier needs at least 2"):
+        load_manifest(_dataset_cfg(train_dataframe=""), str(tmp_path))
+
+
+def test_folder_per_class_groups_by_file_and_says_a_group_column_is_not_used(tmp_path):
+    """The seed config's group_fold_column (`image`, the audio column) means "by file"; any other column cannot be
+    read from folders: it was ignored while the plan said "grouped by" it; now the plan says it is not used
+    (small_data.yaml, made for dataframes grouped by package, must still train on a folder-per-class dataset)."""
+    for cls in ("AK-47", "M16"):
+        for i in range(3):
+            _wav(tmp_path / cls / f"rec{i // 2}_{i}.wav")
+    manifest = load_manifest(_dataset_cfg(train_dataframe="", group_fold_column="recording"), str(tmp_path))
+    assert manifest.group_by == "file" and manifest.frame["group"].nunique() == 6
+    assert any("dataset.group_fold_column 'recording' is not used" in note for note in manifest.notes)
+    manifest = load_manifest(_dataset_cfg(train_dataframe="", group_fold_column="image"), str(tmp_path))
+    assert manifest.group_by == "file" and manifest.frame["group"].nunique() == 6
+    assert not any("group_fold_column" in note for note in manifest.notes)
+
+
+def test_group_values_are_normalised_as_labels_are(tmp_path):
+    """"session0" and "session0 " were two groups, so one session fell on both sides of a split."""
+    sessions = ["session0", "session0 ", "Session0", "session1", " session1", "session  2", "session 2"]
+    _frame_dataset(tmp_path, ["AK", "M16"] * 3 + ["AK"], name="train.csv", session=sessions)
+    manifest = load_manifest(_dataset_cfg(train_dataframe="train.csv", group_fold_column="session"), str(tmp_path))
+    assert list(manifest.frame["group"]) == ["session0"] * 3 + ["session1"] * 2 + ["session 2"] * 2
+    assert manifest.group_by == "session"
+
+
+def test_a_configured_train_dataframe_that_is_not_there_is_not_replaced_by_another(tmp_path):
+    """The one dataframe at the top (a table left there to score) was trained on without a word."""
+    from gunsound.config import ConfigError
+
+    _frame_dataset(tmp_path, ["AK", "M16"] * 2, name="holdout_to_score.pq")
+    with pytest.raises(ConfigError, match=r"dataset.train_dataframe data/anon/train.pq not found under .*, which "
+                                          r"holds holdout_to_score.pq"):
+        load_manifest(_dataset_cfg(train_dataframe="data/anon/train.pq"), str(tmp_path))
+    manifest = load_manifest(_dataset_cfg(train_dataframe=""), str(tmp_path))  # not set: the one there, said so
+    assert manifest.source.endswith("holdout_to_score.pq")
+    assert manifest.notes and "dataset.train_dataframe is not set: training on" in manifest.notes[0]
+
+
+def test_several_labels_in_one_cell_is_a_problem_row(tmp_path):
+    _frame_dataset(tmp_path, [["AK", "M16"], ["AK"], ["M16"], ["AK"]])
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(_dataset_cfg(), str(tmp_path))
+    assert [(p.row, p.reason) for p in caught.value.problems] == [
+        (0, "several labels in one cell (AK, M16); gunsound takes one class per clip")]
+    assert load_manifest(_dataset_cfg(), str(tmp_path), drop_bad_rows=True).classes == ["AK", "M16"]
+
+
+def test_label_spellings_are_one_class_or_a_problem_row(tmp_path):
+    """NFC and whitespace runs are one spelling; case or dash variants are refused, naming the rows."""
+    import unicodedata
+
+    beretta = "Beretta Mod\u00e8le"
+    labels = [beretta, unicodedata.normalize("NFD", beretta), "Desert  Eagle", "Desert Eagle ", "AK-47", "AK-47",
+              "ak-47", "AK\u201147"]
+    _frame_dataset(tmp_path, labels)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(_dataset_cfg(), str(tmp_path))
+    assert {p.row: p.reason for p in caught.value.problems} == {
+        6: "label 'ak-47' is 'AK-47' (2 row(s)) spelled another way (case or dashes): spell each class one way",
+        7: "label 'AK\u201147' is 'AK-47' (2 row(s)) spelled another way (case or dashes): spell each class one way"}
+    kept = load_manifest(_dataset_cfg(), str(tmp_path), drop_bad_rows=True)
+    assert kept.classes == ["AK-47", beretta, "Desert Eagle"]
+
+
+@pytest.mark.parametrize("missing", ["NA", "N/A", "null", "None", "NaN"])
+def test_missing_value_text_in_a_csv_label_column_is_an_empty_label(tmp_path, missing):
+    """R's write.csv writes a missing label as NA, and CSV cells are read as text: NA became a class."""
+    root = tmp_path
+    for i in range(4):
+        _wav(root / f"a{i}.wav")
+    (root / "train.csv").write_text(f'"image","class"\n"a0.wav","AK"\n"a1.wav",{missing}\n"a2.wav","M16"\n'
+                                    '"a3.wav","M16"\n')
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(_dataset_cfg(train_dataframe="train.csv"), str(root))
+    assert [(p.row, p.reason) for p in caught.value.problems] == [(1, "empty label")]
+
+
+def test_whole_number_float_labels_are_written_as_ints(tmp_path):
+    """A label column read as float64 (it once held a NaN) named the classes "1.0", an int64 one "1"."""
+    _frame_dataset(tmp_path, [1.0, 2.0, 1.0, 2.5])
+    assert load_manifest(_dataset_cfg(), str(tmp_path)).classes == ["1", "2", "2.5"]
+
+
+def test_a_data_folder_that_is_not_there_is_named(tmp_path):
+    """It fell back to the dataframe's folder, and every row was then "file not found"."""
+    from gunsound.config import ConfigError
+
+    _frame_dataset(tmp_path / "Gun_Classifier", ["AK", "M16"])
+    (tmp_path / "Gun_Classifier" / "train.pq").rename(tmp_path / "train.pq")
+    with pytest.raises(ConfigError, match=r"dataset.data_folder 'data/Gun_Clasifier/' not found under "
+                                          rf"{tmp_path} \(looked for data/Gun_Clasifier, Gun_Clasifier\)"):
+        load_manifest(_dataset_cfg(data_folder="data/Gun_Clasifier/"), str(tmp_path))
+    assert len(load_manifest(_dataset_cfg(data_folder="data/Gun_Classifier/"), str(tmp_path)).frame) == 2
+
+
+def test_label_columns_that_are_not_one_hot_are_named(tmp_path):
+    """Every row was an "empty label", and nothing said why."""
+    _frame_dataset(tmp_path, ["AK", "M16"], caliber=["7.62", "5.56"])
+    with pytest.raises(ManifestError, match=r"dataset.label_columns \['class', 'caliber'\]: no row sets any of them "
+                                            r"to 1 .* not: for a column of class names list that one alone"):
+        load_manifest(_dataset_cfg(label_columns=["class", "caliber"]), str(tmp_path))
+    _frame_dataset(tmp_path, ["AK", "M16"], name="train.csv", AK=[1, 0], M16=[0, "x"])
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(_dataset_cfg(train_dataframe="train.csv", label_columns=["AK", "M16"]), str(tmp_path))
+    assert [(p.row, p.reason) for p in caught.value.problems] == [
+        (1, "label column 'M16' holds 'x', not 0 or 1 (several dataset.label_columns are one-hot columns)")]
