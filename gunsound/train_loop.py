@@ -88,6 +88,9 @@ class LoopSettings:
     background_label: str = "background"
     predict_background: bool = False  # decided once for the dataset: does it hold background clips
     cache_shards: bool = False
+    # Rows a streamed shard (not cache_shards) shuffles among: many feature blocks, as each block holds
+    # consecutive rows of the featurized table (`training.shuffle_buffer_clips`).
+    shuffle_buffer_clips: int = 1024
     run_dir: str | None = None  # where the live report is refreshed after every epoch; None: no live report
     tracking: TrackingSettings | None = None  # rank 0 logs every epoch to the command's tracked run
     endpoint_url: str | None = None
@@ -95,7 +98,7 @@ class LoopSettings:
 
     @classmethod
     def from_config(cls, cfg: Config, *, classes: Iterable[str], fold_dir: str, optimizer_steps_per_epoch: int,
-                    cache_shards: bool = False, run_dir: str | None = None,
+                    cache_shards: bool = False, shuffle_buffer_clips: int = 1024, run_dir: str | None = None,
                     predict_background: bool = False) -> LoopSettings:
         t, a, env = cfg.training, cfg.augmentation, cfg.environment
         features = FeatureParams.from_config(cfg.audio)
@@ -116,7 +119,7 @@ class LoopSettings:
             normalize=features.normalize, relative_to_peak=features.relative_to_peak, metric=cfg.prediction.metric,
             probability_threshold=cfg.prediction.probability_threshold,
             background_label=cfg.dataset.background_label, predict_background=predict_background,
-            cache_shards=cache_shards, run_dir=run_dir,
+            cache_shards=cache_shards, shuffle_buffer_clips=shuffle_buffer_clips, run_dir=run_dir,
             tracking=TrackingSettings.from_config(cfg, run_dir) if run_dir else None,
             endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
         )
@@ -187,7 +190,14 @@ class TrainState:
         self.scaler.load_state_dict(state["scaler"])
         self.history, self.next_epoch = state["history"], state["epoch"] + 1
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
-        self.best_model, self.best_predictions = state.get("best_model"), state.get("best_predictions")
+        # On the CPU whatever the checkpoint was read onto: they are exported (np.asarray at the last epoch,
+        # model.pt), never trained, and a copy on the GPU would only take its memory.
+        self.best_model = _on_cpu(state.get("best_model"))
+        self.best_predictions = _on_cpu(state.get("best_predictions"))
+
+
+def _on_cpu(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    return None if tensors is None else {k: v.cpu() for k, v in tensors.items()}
 
 
 def save_bytes(state: dict) -> bytes:
@@ -196,11 +206,26 @@ def save_bytes(state: dict) -> bytes:
     return buffer.getvalue()
 
 
-def restore(state: TrainState, checkpoint: ray.train.Checkpoint | None, device: torch.device) -> None:
-    """Continue from a Ray Train checkpoint (a restarted worker or a rerun of the same command), if any."""
+def restore(state: TrainState, checkpoint: ray.train.Checkpoint | None) -> None:
+    """Continue from a Ray Train checkpoint (a restarted worker or a rerun of the same command), if any. Read
+    onto the CPU: loading copies the weights and optimizer state onto the model's device, and the best epoch's
+    weights and predictions stay on the CPU, where the last epoch exports them."""
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state.load_state_dict(torch.load(Path(d) / "state.pt", map_location=device, weights_only=True))
+            state.load_state_dict(torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True))
+
+
+class EmptyEpoch(RuntimeError):
+    """A worker's epoch gave it no batch to train on: the fold would finish with untrained weights."""
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed torch's and NumPy's global generators (augmentation, mixup, dropout) from (seed, epoch, rank) at the
+    start of every epoch: a worker restarted from a checkpoint draws what an uninterrupted one would have, and
+    the ranks draw differently from one another."""
+    words = np.random.SeedSequence([seed % 2**63, epoch, rank]).generate_state(2, np.uint32)
+    torch.manual_seed(int(words[0]) << 32 | int(words[1]))
+    np.random.seed(int(words[0]))
 
 
 def train_one_epoch(model: torch.nn.Module, state: TrainState, batches: Iterable[Batch], s: LoopSettings,
@@ -237,6 +262,10 @@ def train_one_epoch(model: torch.nn.Module, state: TrainState, batches: Iterable
             train_targets.append((y > 0.5).float().cpu().numpy())
     if pending:  # the epoch's last, partial accumulation: stepped, not dropped (nor carried into the next epoch)
         _optimizer_step(model, state, s, pending)
+    if not seen:
+        raise EmptyEpoch(f"epoch {state.next_epoch + 1} gave this worker no batch to train on: its shard "
+                         f"holds fewer clips than training.batch_size {s.batch_size} "
+                         f"(training.drop_last_batch {str(s.drop_last_batch).lower()})")
     metrics: dict[str, Any] = {
         "epoch": state.next_epoch + 1, "train_loss": float(np.mean(batch_losses)) if batch_losses else float("nan"),
         "train_batch_loss": batch_losses, "lr": float(scheduler.get_last_lr()[0]), "train_clips": seen,
@@ -363,7 +392,7 @@ def train_loop_per_worker(s: LoopSettings) -> None:
     np.random.seed((s.seed + rank) % (2**32))
     amp, amp_dtype = training_precision(device, s.mixed_precision_training)
     state = TrainState.create(s, device, amp, amp_dtype)
-    restore(state, ray.train.get_checkpoint(), device)
+    restore(state, ray.train.get_checkpoint())
     model = ray.train.torch.prepare_model(state.model, move_to_device=device)  # DDP with several workers
     state.model = model.module if hasattr(model, "module") else model
     data = WorkerData(s, rank, device)
@@ -376,6 +405,7 @@ def train_loop_per_worker(s: LoopSettings) -> None:
         for epoch in range(first_epoch, s.epochs):
             started = time.perf_counter()
             rows: list[np.ndarray] = []
+            seed_epoch(s.seed, epoch, rank)
             metrics = train_one_epoch(model, state, data.train_batches(s.seed + epoch * 1000 + rank), s, device,
                                       amp, amp_dtype, rows)
             metrics["train_seconds"] = time.perf_counter() - started

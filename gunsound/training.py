@@ -25,11 +25,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from gunsound import fingerprint, storage, tracking, weights
-from gunsound.config import EnvironmentConfig
+from gunsound.config import ConfigError, EnvironmentConfig
 from gunsound.dataset import Problem
 from gunsound.features import mel_frames
 from gunsound.lease import OutputLease
@@ -77,9 +78,21 @@ def planned_workers(env: EnvironmentConfig, capacity: ClusterCapacity) -> TrainW
     return sizing
 
 
+def clip_table(plan: TrainingPlan) -> pd.DataFrame:
+    """Every clip of the manifest with its fold and target, in a random order drawn from environment.seed. A
+    folder-per-class manifest is sorted by class and a feature block holds 32-64 consecutive rows: in manifest
+    order a streamed shard's blocks, and so its batches, would each hold one class."""
+    frame = plan.manifest.frame
+    targets = plan.manifest.targets(plan.cfg.dataset.background_label)
+    clips = pd.DataFrame({"row": frame["row"].to_numpy(), "path": frame["path"].to_numpy(),
+                          "fold": np.asarray(plan.folds), "target": list(targets)})
+    order = np.random.default_rng(plan.cfg.environment.seed % 2**63).permutation(len(clips))
+    return clips.iloc[order].reset_index(drop=True)
+
+
 def featurize(plan: TrainingPlan, drop_bad_rows: bool = False, capacity: ClusterCapacity | None = None) -> Dataset:
-    """Features of every clip in the manifest, materialized once for all folds, sized against `capacity`
-    (default: read from the connected cluster)."""
+    """Features of every clip in the manifest (in `clip_table`'s order), materialized once for all folds, sized
+    against `capacity` (default: read from the connected cluster)."""
     import ray.data
     from ray.data.expressions import col
 
@@ -87,10 +100,7 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False, capacity: Cluster
 
     # Datasets carry this context to the Train workers: no progress bars interleaved with training logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    frame = plan.manifest.frame
-    targets = plan.manifest.targets(plan.cfg.dataset.background_label)
-    clips = pd.DataFrame({"row": frame["row"].to_numpy(), "path": frame["path"], "fold": plan.folds,
-                          "target": list(targets)})
+    clips = clip_table(plan)
     capacity = capacity or cluster_capacity()
     gpus = min(capacity.most("GPU"), 1024) if uses_gpus(plan.cfg.environment.device, capacity) else 0.0
     # In natural-log power: the Train workers augment the sound, then normalise (`features.normalized`).
@@ -98,7 +108,7 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False, capacity: Cluster
                          cpus=int(min(capacity.most("CPU"), 4096))).materialize()
     errors = ds.select_columns(["row", "path", "error"]).filter(expr=col("error") != "").to_pandas()
     if len(errors):
-        problems = [Problem(int(r.row), r.path, r.error) for r in errors.itertuples()]
+        problems = sorted((Problem(int(r.row), r.path, r.error) for r in errors.itertuples()), key=lambda p: p.row)
         if not drop_bad_rows:
             from gunsound.dataset import ManifestError
 
@@ -109,13 +119,52 @@ def featurize(plan: TrainingPlan, drop_bad_rows: bool = False, capacity: Cluster
     return ds
 
 
-def optimizer_steps_per_epoch(n_train: int, workers: int, batch_size: int, drop_last_batch: bool,
-                              grad_accumulation: int) -> int:
-    """Optimizer steps a worker takes per epoch: one per `grad_accumulation` batches, and one more for a last,
-    partial accumulation (`train_loop.train_one_epoch` steps it too), so the schedule ends where training does."""
+def worker_batches(n_train: int, workers: int, batch_size: int, drop_last_batch: bool,
+                   what: str = "the training set") -> int:
+    """Batches each Train worker gets per epoch (Ray Train splits the training set equally). None is refused
+    as a setting, before anything trains: every epoch would take no step and the fold would export untrained
+    weights."""
     per_worker = n_train // workers
     batches = per_worker // batch_size if drop_last_batch else math.ceil(per_worker / batch_size)
-    return max(1, math.ceil(batches / grad_accumulation))
+    if batches == 0:
+        raise ConfigError(
+            f"{what}: {n_train} clips over {workers} Train worker(s) is {per_worker} clips per worker, "
+            f"fewer than training.batch_size {batch_size} with training.drop_last_batch "
+            f"{str(drop_last_batch).lower()}: no worker would get a batch to train on. Lower "
+            f"training.batch_size, set training.drop_last_batch=false or use fewer workers "
+            f"(environment.workers_per_fold)")
+    return batches
+
+
+def optimizer_steps_per_epoch(n_train: int, workers: int, batch_size: int, drop_last_batch: bool,
+                              grad_accumulation: int, what: str = "the training set") -> int:
+    """Optimizer steps a worker takes per epoch: one per `grad_accumulation` batches, and one more for a last,
+    partial accumulation (`train_loop.train_one_epoch` steps it too), so the schedule ends where training does.
+    Raises ConfigError where a worker would get no batch (`worker_batches`)."""
+    batches = worker_batches(n_train, workers, batch_size, drop_last_batch, what)
+    return math.ceil(batches / grad_accumulation)
+
+
+def check_fold_shards(plan: TrainingPlan, folds: np.ndarray, fold_ids: list[int], sizing: TrainWorkers) -> None:
+    """Refuse, before any fold trains, folds whose Train workers would get no batch: `folds` holds the fold of
+    every clip that will be featurized (or was), as `fold_datasets` splits them."""
+    t = plan.cfg.training
+    folds = np.asarray(folds)
+    for k in fold_ids:
+        n_train = len(folds) if t.train_validation_data else int((folds != k).sum())
+        worker_batches(n_train, sizing.workers, t.batch_size, t.drop_last_batch, f"fold {k}'s training set")
+
+
+# A streamed shard's local shuffle buffer: many feature blocks (at most 64 clips each, `ray_features`), within
+# this much of a Train worker's memory, and never under 4 batches.
+SHUFFLE_BUFFER_BLOCKS = 16
+SHUFFLE_BUFFER_MB = 256
+
+
+def shuffle_buffer_clips(per_worker: int, batch_size: int, clip_bytes: int) -> int:
+    """Clips a streamed shard shuffles among (`worker_data.WorkerData.train_batches`)."""
+    wanted = min(SHUFFLE_BUFFER_BLOCKS * 64, SHUFFLE_BUFFER_MB * 2**20 // max(1, clip_bytes), per_worker)
+    return int(max(wanted, 4 * batch_size))
 
 
 def predicts_background(plan: TrainingPlan) -> bool:
@@ -140,6 +189,8 @@ def make_trainer(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Datase
     clip_bytes = 4 * (plan.features.n_mels * mel_frames(plan.audio.chunk_seconds, plan.features)
                       + len(plan.manifest.classes))
     cache_shards = (per_worker + n_valid) * clip_bytes <= plan.cfg.environment.shard_cache_mb * 2**20
+    steps = optimizer_steps_per_epoch(n_train, workers, t.batch_size, t.drop_last_batch, t.grad_accumulation,
+                                      f"fold {k}'s training set")
     storage_path, storage_fs = storage.storage_path_for_ray(storage_dir)
     return TorchTrainer(
         train_loop_per_worker,
@@ -147,9 +198,8 @@ def make_trainer(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Datase
         torch_config=TorchConfig(backend="gloo") if workers == 1 else None,
         train_loop_config=LoopSettings.from_config(
             plan.cfg, classes=plan.manifest.classes, fold_dir=fold_dir, run_dir=run_dir, cache_shards=cache_shards,
-            predict_background=predicts_background(plan),
-            optimizer_steps_per_epoch=optimizer_steps_per_epoch(n_train, workers, t.batch_size, t.drop_last_batch,
-                                                                t.grad_accumulation)),
+            shuffle_buffer_clips=shuffle_buffer_clips(per_worker, t.batch_size, clip_bytes),
+            predict_background=predicts_background(plan), optimizer_steps_per_epoch=steps),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=gpus_per_worker > 0,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
@@ -192,8 +242,18 @@ def fit_fold(plan: TrainingPlan, k: int, train_ds: Dataset, valid_ds: Dataset, s
     ModelArtifact(classes=plan.manifest.classes, features=plan.features, chunk_seconds=plan.audio.chunk_seconds,
                   architecture=plan.cfg.architecture, loss_function=t.loss_function, state_dict=model_weights,
                   fold=int(k), best_epoch=epoch).save(storage.join(fold_dir, "model.pt"))
-    return {"epochs": [scalar_metrics(m) for m in state["history"]], "final": scalar_metrics(state["history"][-1]),
-            "workers": state["history"][-1].get("workers", [])}
+    if epoch != len(state["history"]):
+        log.info("fold %d: model.pt holds epoch %d, the best by %s; its metrics are the fold's final figures",
+                 k, epoch, plan.cfg.prediction.metric)
+    return {**fold_summary(state["history"], epoch), "workers": state["history"][-1].get("workers", [])}
+
+
+def fold_summary(history: list[dict], exported_epoch: int) -> dict:
+    """A fold's epochs and its final figures: those of the epoch whose weights model.pt holds (the best epoch
+    with save_best_checkpoint, else the last), which `exported_epoch` names (1-based)."""
+    final = next((m for m in history if m.get("epoch") == exported_epoch), history[-1])
+    return {"epochs": [scalar_metrics(m) for m in history], "final": scalar_metrics(final),
+            "exported_epoch": int(final.get("epoch", len(history)))}
 
 
 def exported_weights(state: dict, save_best_checkpoint: bool) -> tuple[dict, int]:
@@ -228,24 +288,31 @@ def cross_validate(plan: TrainingPlan, fold_ids: list[int]) -> dict:
 
 def fold_datasets(plan: TrainingPlan, ds: Dataset, k: int) -> tuple[Dataset, Dataset]:
     """Fold k's training and validation sets, materialized so that Train workers only read blocks and need
-    no CPU for Ray Data tasks (on a small machine the workers hold every CPU)."""
+    no CPU for Ray Data tasks (on a small machine the workers hold every CPU). The training set's blocks come
+    in another order every epoch (every execution; seeded from environment.seed and k), which only reorders
+    block references: a streamed shard is not the same blocks in the same order each epoch."""
+    from ray.data import RandomSeedConfig
     from ray.data.expressions import col
 
     train_all = ds if plan.cfg.training.train_validation_data else ds.filter(expr=col("fold") != k)
-    train_ds = train_all.select_columns(["row", "features", "target"]).materialize()
+    seed = RandomSeedConfig(seed=(plan.cfg.environment.seed + k) % 2**32, reseed_after_execution=True)
+    train_ds = (train_all.select_columns(["row", "features", "target"]).materialize()
+                .randomize_block_order(seed=seed))
     valid_ds = ds.filter(expr=col("fold") == k).select_columns(["row", "features", "target"]).materialize()
     return train_ds, valid_ds
 
 
 def finished_fold(plan: TrainingPlan, k: int) -> dict | None:
-    """The history of a fold that an earlier run of the same command already finished, else None."""
+    """The history of a fold that an earlier run of the same command already finished, else None; its final
+    figures are those of the epoch its model.pt holds."""
     fold_dir = storage.join(plan.output, f"fold_{k}")
-    if not (storage.exists(storage.join(fold_dir, "model.pt")) and storage.exists(storage.join(fold_dir, "metrics.json"))):
+    model_file = storage.join(fold_dir, "model.pt")
+    if not (storage.exists(model_file) and storage.exists(storage.join(fold_dir, "metrics.json"))):
         return None
     history = json.loads(storage.read_text(storage.join(fold_dir, "metrics.json")))
     if len(history) != plan.cfg.training.epochs:
         return None
-    return {"epochs": [scalar_metrics(m) for m in history], "final": scalar_metrics(history[-1])}
+    return fold_summary(history, ModelArtifact.load(model_file).best_epoch or len(history))
 
 
 def run(plan: TrainingPlan, drop_bad_rows: bool = False, overwrite: bool = False) -> dict:
@@ -302,7 +369,10 @@ def _train(plan: TrainingPlan, manifest: pd.DataFrame, drop_bad_rows: bool) -> d
     if todo:
         capacity = cluster_capacity()
         sizing = planned_workers(plan.cfg.environment, capacity)
+        check_fold_shards(plan, plan.folds, todo, sizing)  # before featurizing: a refusal takes seconds
         ds = featurize(plan, drop_bad_rows, capacity)
+        if drop_bad_rows:  # the clips that featurized, as the folds will split them
+            check_fold_shards(plan, ds.select_columns(["fold"]).to_pandas()["fold"].to_numpy(), todo, sizing)
         # A fold's driver holds no CPU, only waits on its trainer: its Train workers reserve their own
         # resources, so folds run side by side where the cluster has room, and a worker may take every CPU
         # of a node. Only as many folds start as the cluster can ever hold; the rest wait here, as a number.

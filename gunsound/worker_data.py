@@ -62,12 +62,16 @@ class WorkerData:
                      rank, len(self.train_arrays["target"]), self.load_seconds)
 
     def train_batches(self, seed: int) -> Iterable[Batch]:
+        """An epoch's batches. A streamed shard arrives in blocks of consecutive featurized rows, in an order
+        drawn anew every epoch (`training.fold_datasets`); the local buffer mixes rows across many blocks, so a
+        batch is not a block's few clips."""
         s = self.s
         if s.cache_shards:
             return shuffled_batches(self.train_arrays, s.batch_size, s.drop_last_batch, seed)
         return self.train_shard.iter_torch_batches(batch_size=s.batch_size, drop_last=s.drop_last_batch,
                                                    device=self.device,
-                                                   local_shuffle_buffer_size=4 * s.batch_size,
+                                                   local_shuffle_buffer_size=max(s.shuffle_buffer_clips,
+                                                                                 4 * s.batch_size),
                                                    local_shuffle_seed=seed)
 
     def valid_batches(self) -> Iterable[Batch]:

@@ -4,6 +4,7 @@ replaced by a stub that keeps every reported checkpoint, as a restarted worker w
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +15,32 @@ import pandas as pd
 import pytest
 import torch
 
-from gunsound.config import load_config
+from gunsound.config import ConfigError, load_config
 from gunsound.features import FeatureParams
 from gunsound.metrics import classification_metrics, cross_validated_metrics, per_class_report
-from gunsound.model import build_model
+from gunsound.model import ModelArtifact, build_model
 from gunsound.optim import make_optimizer
-from gunsound.train_loop import LoopSettings, TrainState, report_and_checkpoint, restore, train_one_epoch
-from gunsound.training import exported_weights, make_trainer, optimizer_steps_per_epoch
+from gunsound.train_loop import (
+    EmptyEpoch,
+    LoopSettings,
+    TrainState,
+    report_and_checkpoint,
+    restore,
+    train_one_epoch,
+)
+from gunsound.training import (
+    check_fold_shards,
+    clip_table,
+    exported_weights,
+    finished_fold,
+    fit_fold,
+    fold_datasets,
+    fold_summary,
+    make_trainer,
+    optimizer_steps_per_epoch,
+    shuffle_buffer_clips,
+)
+from gunsound.worker_data import WorkerData
 from tests.conftest import LAPTOP_CONFIG
 
 ray_train = pytest.importorskip("ray.train")
@@ -133,7 +153,7 @@ def test_schedule_counts_partial_accumulations():
     assert optimizer_steps_per_epoch(40, 1, 4, True, 4) == 3  # 10 batches: 4 + 4 + 2
     assert optimizer_steps_per_epoch(42, 1, 4, False, 4) == 3  # 11 batches
     assert optimizer_steps_per_epoch(40, 2, 4, True, 1) == 5
-    assert optimizer_steps_per_epoch(3, 1, 4, True, 4) == 1
+    assert optimizer_steps_per_epoch(4, 1, 4, True, 4) == 1
 
 
 # ---------------------------------------------------------------- 3. background predicted alike in every fold
@@ -248,7 +268,7 @@ def test_kill_before_the_checkpoint_keeps_no_discarded_best(tmp_path, reports, m
         _epoch(state, s, 0.9, 2.0)
     monkeypatch.setattr(ray_train, "report", stub)
     state = _state(s)
-    restore(state, ray_train.Checkpoint.from_directory(str(reports[-1])), torch.device("cpu"))
+    restore(state, ray_train.Checkpoint.from_directory(str(reports[-1])))
     assert (state.next_epoch, state.best_epoch) == (1, 1)
     _epoch(state, s, 0.5, 20.0)
     _epoch(state, s, 0.4, 30.0)
@@ -258,3 +278,151 @@ def test_kill_before_the_checkpoint_keeps_no_discarded_best(tmp_path, reports, m
     weights, epoch = exported_weights(last, save_best_checkpoint=True)
     assert (_first_weight(weights), epoch) == (1.0, 1)
     assert pd.read_parquet(tmp_path / "valid_predictions.parquet")["prob_a"].tolist() == pytest.approx([0.1] * 3)
+
+
+# ---------------------------------------------------------------- 8. a streamed shard's batches mix the classes
+
+
+def _sorted_plan(per_class: int = 64, classes: int = 4, seed: int = 3) -> SimpleNamespace:
+    """A folder-per-class manifest: its rows sorted by class."""
+    labels = np.repeat([f"c{i}" for i in range(classes)], per_class)
+    frame = pd.DataFrame({"row": np.arange(len(labels)), "path": [f"/d/{x}/{i}.wav" for i, x in enumerate(labels)],
+                          "label": labels})
+    targets = np.eye(classes, dtype=np.float32)[np.repeat(np.arange(classes), per_class)]
+    return SimpleNamespace(manifest=SimpleNamespace(frame=frame, targets=lambda background: targets),
+                           folds=np.arange(len(labels)) % 5,
+                           cfg=SimpleNamespace(dataset=SimpleNamespace(background_label="background"),
+                                               environment=SimpleNamespace(seed=seed),
+                                               training=SimpleNamespace(train_validation_data=False)))
+
+
+def test_clips_are_featurized_in_a_random_order():
+    """A feature block is 32-64 consecutive rows: in manifest order each would hold one class."""
+    plan = _sorted_plan()
+    clips = clip_table(plan)
+    assert sorted(clips["row"]) == list(range(256))
+    by_row = clips.set_index("row").sort_index()
+    assert by_row["fold"].tolist() == plan.folds.tolist()
+    assert by_row["path"].tolist() == plan.manifest.frame["path"].tolist()
+    classes_per_block = [len(set(map(tuple, clips["target"][i:i + 32]))) for i in range(0, 256, 32)]
+    assert min(classes_per_block) >= 3
+    assert clips["row"].tolist() == clip_table(plan)["row"].tolist()  # drawn from environment.seed
+
+
+class _Recorded:
+    """A stand-in for a Ray Dataset: each derived dataset knows the calls that made it."""
+
+    def __init__(self, calls: tuple = ()) -> None:
+        self.calls = calls
+
+    def filter(self, expr) -> _Recorded:
+        return _Recorded((*self.calls, ("filter", None)))
+
+    def select_columns(self, cols) -> _Recorded:
+        return _Recorded((*self.calls, ("select_columns", None)))
+
+    def materialize(self) -> _Recorded:
+        return _Recorded((*self.calls, ("materialize", None)))
+
+    def randomize_block_order(self, *, seed) -> _Recorded:
+        return _Recorded((*self.calls, ("randomize_block_order", seed)))
+
+
+def test_training_blocks_come_in_a_new_order_every_epoch():
+    """The training set's block order is drawn again every execution (every epoch of a streamed shard), after
+    materializing (which would otherwise fix one order)."""
+    train, valid = fold_datasets(_sorted_plan(), _Recorded(), 1)
+    assert [c for c, _ in train.calls[-2:]] == ["materialize", "randomize_block_order"]
+    seed = train.calls[-1][1]
+    assert seed.seed == 3 + 1 and seed.reseed_after_execution
+    assert "randomize_block_order" not in [c for c, _ in valid.calls]
+
+
+def test_streamed_shard_shuffles_across_many_blocks(tmp_path, monkeypatch):
+    asked: dict = {}
+    shard = SimpleNamespace(iter_torch_batches=lambda **kw: asked.update(kw) or [])
+    monkeypatch.setattr(ray_train, "get_dataset_shard", lambda name: shard)
+    s = _settings(tmp_path, cache_shards=False, shuffle_buffer_clips=shuffle_buffer_clips(100_000, 16, 100_000))
+    WorkerData(s, 0, torch.device("cpu")).train_batches(seed=5)
+    assert asked["local_shuffle_buffer_size"] == 1024 >= 16 * 64  # 16 feature blocks, not 4 batches
+    assert asked["local_shuffle_seed"] == 5
+
+
+def test_shuffle_buffer_is_bounded_by_memory_and_shard():
+    assert shuffle_buffer_clips(100_000, 16, 2**20) == 256  # 256 MB of 1 MB clips
+    assert shuffle_buffer_clips(300, 16, 1000) == 300  # the whole shard
+    assert shuffle_buffer_clips(100_000, 128, 2**30) == 512  # never under 4 batches
+
+
+# ---------------------------------------------------------------- 9. a shard smaller than one batch
+
+
+def test_shard_smaller_than_a_batch_is_refused():
+    """100 clips on 8 workers with batch 16 and drop_last_batch: 12 clips per worker, no batch at all."""
+    with pytest.raises(ConfigError, match=r"12 clips per worker.*batch_size 16.*drop_last_batch true"):
+        optimizer_steps_per_epoch(100, 8, 16, True, 1)
+    assert optimizer_steps_per_epoch(100, 8, 16, False, 1) == 1  # the partial batch trains
+    with pytest.raises(ConfigError, match="0 clips per worker"):
+        optimizer_steps_per_epoch(3, 4, 16, False, 1)
+
+
+def test_folds_are_checked_before_any_trains():
+    from gunsound.cli import exit_code
+
+    plan = _sorted_plan(per_class=5)  # 20 clips in 5 folds: 16 training clips per fold
+    plan.cfg.training.batch_size, plan.cfg.training.drop_last_batch = 16, True
+    with pytest.raises(ConfigError, match=r"fold 0's training set: 16 clips over 2 .* 8 clips per worker") as caught:
+        check_fold_shards(plan, plan.folds, [0, 1], SimpleNamespace(workers=2))
+    assert exit_code(caught.value) == 2
+    check_fold_shards(plan, plan.folds, [0, 1], SimpleNamespace(workers=1))
+
+
+def test_an_epoch_without_a_batch_is_an_error(tmp_path):
+    s = _settings(tmp_path, batch_size=16)
+    state = _state(s)
+    with pytest.raises(EmptyEpoch, match="batch_size 16"):
+        train_one_epoch(state.model, state, iter([]), s, torch.device("cpu"), False, torch.float32)
+
+
+# ---------------------------------------------------------------- 10. the fold's final figures
+
+
+def test_final_figures_are_the_exported_epochs(tmp_path, reports):
+    """With save_best_checkpoint, model.pt holds epoch 1's weights: the fold's final figures are epoch 1's."""
+    s = _settings(tmp_path, save_best_checkpoint=True)
+    state = _state(s)
+    for score, fill in [(0.95, 1.0), (0.7, 2.0), (0.8, 3.0)]:
+        _epoch(state, s, score, fill)
+    last = torch.load(reports[-1] / "state.pt", weights_only=True)
+    summary = fold_summary(last["history"], exported_weights(last, True)[1])
+    assert (summary["exported_epoch"], summary["final"]["epoch"], summary["final"]["valid_roc_auc"]) == (1, 1, 0.95)
+    assert [e["epoch"] for e in summary["epochs"]] == [1, 2, 3]
+    plain = fold_summary(last["history"], exported_weights(last, False)[1])
+    assert (plain["exported_epoch"], plain["final"]["valid_roc_auc"]) == (3, 0.8)
+
+
+def test_fit_fold_reports_the_exported_epoch(tmp_path, reports, monkeypatch):
+    """fit_fold's summary (printed by `gunsound train`, written to metrics.json) from the last checkpoint."""
+    import gunsound.training as training
+
+    s = _settings(tmp_path, save_best_checkpoint=True)
+    state = _state(s)
+    for score, fill in [(0.6, 1.0), (0.9, 2.0), (0.5, 3.0)]:
+        _epoch(state, s, score, fill)
+    result = SimpleNamespace(checkpoint=ray_train.Checkpoint.from_directory(str(reports[-1])))
+    monkeypatch.setattr(training, "make_trainer", lambda *a, **kw: SimpleNamespace(fit=lambda: result))
+    cfg = load_config(LAPTOP_CONFIG, [*TINY, "training.save_best_checkpoint=true"])
+    plan = SimpleNamespace(cfg=cfg, output=str(tmp_path), manifest=SimpleNamespace(classes=CLASSES),
+                           features=FeatureParams.from_config(cfg.audio, sample_rate=16000),
+                           audio=SimpleNamespace(chunk_seconds=1.0))
+    out = fit_fold(plan, 0, None, None, None, queue_timeout_s="1")
+    assert (out["exported_epoch"], out["final"]["epoch"], out["final"]["valid_roc_auc"]) == (2, 2, 0.9)
+    assert ModelArtifact.load(str(tmp_path / "fold_0" / "model.pt")).best_epoch == 2
+
+    (tmp_path / "fold_0" / "metrics.json").write_text(json.dumps(last_history(reports)))
+    kept = finished_fold(plan, 0)  # a rerun keeps the finished fold: the same figures
+    assert (kept["exported_epoch"], kept["final"]["valid_roc_auc"]) == (2, 0.9)
+
+
+def last_history(reports: list[Path]) -> list[dict]:
+    return torch.load(reports[-1] / "state.pt", weights_only=True)["history"]
