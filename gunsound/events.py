@@ -8,13 +8,22 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+NO_GUNSHOT = "no gunshot"  # the top class of a file none of whose windows reaches the threshold
+
+
+def short_note(duration: float, window_seconds: float) -> str:
+    """The note of a file that is scored although shorter than a window: its one window is mostly padding."""
+    if not duration < window_seconds:  # NaN too: a header that was not read
+        return ""
+    return f"shorter than a window ({duration:.2f} s < {window_seconds:g} s): zero-padded"
+
 
 def summarize_file(path: str, duration: float, windows: pd.DataFrame, onsets: np.ndarray, classes: list[str], *,
                    method: str, threshold: float, error: str = "") -> tuple[dict, list[dict]]:
     """The per-file row and its events. `windows` has start, end and probs (one array per window). A window
-    whose probabilities all stay under the threshold is 'no gunshot'; an onset inside a gunshot window becomes
-    an event of that window's class. `method` "Fix" ranks classes by their mean over the file, "Sliding" by
-    their peak."""
+    whose probabilities all stay under the threshold is 'no gunshot', and so is a file without a gunshot window,
+    whatever the method; an onset inside a gunshot window becomes an event of that window's class. `method`
+    "Fix" ranks classes by their mean over the file, "Sliding" by their peak."""
     probs = np.stack(windows["probs"].to_numpy()) if not (error or windows.empty) else np.zeros((0, len(classes)))
     # A model that overflows (fp16 on a GPU) gives NaN or inf: maxima, means, a top class and shots made from
     # such windows would be made up, so the file is an error instead.
@@ -37,7 +46,7 @@ def summarize_file(path: str, duration: float, windows: pd.DataFrame, onsets: np
     row["gunshot_windows"] = int(gunshot.sum())
     score = mean if method == "Fix" else peak
     top = int(score.argmax())
-    row["top_class"] = classes[top] if (method == "Fix" or gunshot.any()) else "no gunshot"
+    row["top_class"] = classes[top] if gunshot.any() else NO_GUNSHOT
     row["top_probability"] = float(score[top])
     events = []
     starts, ends = windows["start"].to_numpy(), windows["end"].to_numpy()

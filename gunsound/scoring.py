@@ -40,7 +40,7 @@ import pandas as pd
 
 from gunsound import audio, fingerprint, storage
 from gunsound.config import Config, ConfigError
-from gunsound.events import summarize_file
+from gunsound.events import short_note, summarize_file
 from gunsound.inputs import open_inputs
 from gunsound.lease import OutputLease
 from gunsound.model_files import describe_model, model_files
@@ -613,14 +613,21 @@ def _commit_skipped(output: str, name: str, skipped: dict[str, str], classes: li
 
 
 def predict_file(model: ScoringModel, path: str, cfg: Config) -> tuple[dict, list[dict], pd.DataFrame]:
-    """Score one file in this process (no Ray): the same chunk plan, reader, scorer and summary as the job."""
+    """Score one file in this process (no Ray): the same header read, chunk plan, reader, scorer and summary as
+    the job, and the row it commits (`shards.commit_shard`): a file it cannot plan (no samples, an unreadable
+    header) or read is an error row without windows, a file shorter than a window gets its note."""
     from gunsound.inference import WindowScorer
 
     s = ScoringSettings.from_config(cfg, model_chunk_seconds=model.chunk_seconds)
-    info = audio.info(path)
+    summary = {"method": s.method, "threshold": s.threshold}
+    duration, error = read_headers([path])[path]
+    if error:
+        none = pd.DataFrame(columns=WINDOW_COLUMNS)
+        row, _ = summarize_file(path, duration, none, np.zeros(0), model.classes, **summary, error=error)
+        return row, [], none
     scorer = WindowScorer(model, mixed_precision=s.mixed_precision, batch_size=s.batch_size)
     rows = []
-    for chunk in s.plan(path, info.duration):
+    for chunk in s.plan(path, duration):
         batch = {k: np.array([v], dtype=object) for k, v in chunk.items()}
         cut = read_chunks(batch, sample_rate=model.features.sample_rate, window_seconds=s.window_seconds,
                           onset_detection=s.onset_detection, onset_threshold_db=s.onset_threshold_db,
@@ -631,7 +638,12 @@ def predict_file(model: ScoringModel, path: str, cfg: Config) -> tuple[dict, lis
                          "end": float(cut["end"][j]), "error": cut["error"][j], "onsets": cut["onsets"][j],
                          "probs": probs[j]})
     windows = pd.DataFrame(rows)
-    errors = [e for e in windows["error"] if e]
-    row, events = summarize_file(path, info.duration, windows, all_onsets(windows["onsets"]), model.classes,
-                                 method=s.method, threshold=s.threshold, error=errors[0] if errors else "")
+    failed = next((e for e in windows["error"] if e), "")
+    if failed:  # no windows in its row, as the job commits it
+        row, _ = summarize_file(path, duration, windows.iloc[0:0], np.zeros(0), model.classes, **summary,
+                                error=f"decode failed: {failed}")
+        return row, [], windows
+    row, events = summarize_file(path, duration, windows, all_onsets(windows["onsets"]), model.classes, **summary)
+    if row["status"] == "ok":
+        row["note"] = short_note(duration, s.window_seconds)
     return row, events, windows

@@ -202,3 +202,146 @@ def test_exported_scorer_scores_again_a_file_whose_files_row_was_cut(resumable):
     assert (again.returncode, again.stdout) == (0, ""), again.stderr  # every file committed
     for table, clean in resumable.tables.items():
         pd.testing.assert_frame_equal(read_tables(out)[table], clean)
+
+
+@pytest.fixture(scope="module")
+def odd(resumable) -> SimpleNamespace:
+    """Files the job and the exported scorer must row alike: a recording, one shorter than a window, one
+    without samples, one that is no audio, one whose samples are NaN, and one that is not there."""
+    folder = resumable.audio.parent / "odd"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    sf.write(folder / "ok.wav", rng.normal(0, 0.1, 16000 * 3).astype(np.float32), 16000)
+    sf.write(folder / "short.wav", rng.normal(0, 0.1, 1600).astype(np.float32), 16000)
+    sf.write(folder / "empty.wav", np.zeros((0, 1), np.float32), 16000)
+    (folder / "notaudio.wav").write_bytes(b"hello")
+    wave = np.zeros(16000 * 3, np.float32)
+    wave[1000] = np.nan
+    sf.write(folder / "nan.wav", wave, 16000, subtype="FLOAT")
+    names = ["ok.wav", "short.wav", "empty.wav", "notaudio.wav", "nan.wav", "missing.wav"]
+    return SimpleNamespace(folder=folder, files=[str(folder / n) for n in names],
+                           model=str(resumable.pipeline.parent / "model.pt"))
+
+
+def job_files_rows(model_path: str, files: list[str], out: Path) -> pd.DataFrame:
+    """The files/ rows the scoring job commits for `files`: its own stages (plan_shards, read_groups, the window
+    scorer, ShardCommitter) run in this process, without Ray."""
+    from gunsound import storage
+    from gunsound.inference import WindowScorer
+    from gunsound.scoring import ScoringSettings, plan_shards, read_groups
+    from gunsound.shards import ShardCommitter
+
+    model = load_scoring_model(model_path)
+    s = ScoringSettings.from_config(scoring_config(model_path, SETTINGS), model_chunk_seconds=model.chunk_seconds)
+    s3 = storage.current_settings()
+    paths = np.empty(1, dtype=object)
+    paths[0] = files
+    groups = plan_shards({"shard": np.array([0]), "part": np.array([0]), "parts": np.array([1]), "paths": paths},
+                         window_seconds=s.window_seconds, hop_seconds=s.hop_seconds, read_seconds=s.read_seconds,
+                         batch_windows=s.batch_size, s3=s3)
+    scorer = WindowScorer(model, mixed_precision=False, batch_size=s.batch_size)
+    committer = ShardCommitter(str(out), "local", model.classes, shards=1, window_seconds=s.window_seconds,
+                               method=s.method, threshold=s.threshold)
+    for i in range(len(groups["chunks"])):
+        scored = scorer(read_groups({k: v[i:i + 1] for k, v in groups.items()}, sample_rate=model.features.sample_rate,
+                                    window_seconds=s.window_seconds, onset_detection=s.onset_detection,
+                                    onset_threshold_db=s.onset_threshold_db, s3=s3))
+        for k in ("model_seconds", "device", "scorer"):
+            scored.pop(k)
+        committer.add(scored)
+    committer.finish()
+    return pd.read_parquet(out / "files").set_index("file")
+
+
+def test_exported_and_predict_rows_are_the_jobs_for_short_empty_unreadable_and_missing_files(resumable, odd,
+                                                                                            tmp_path):
+    """Error rows had a made-up 0 s duration (the job: the header's, NaN where it could not be read), a short
+    file lacked the job's note, and a missing file said only 'System error.'."""
+    job = job_files_rows(odd.model, odd.files, tmp_path / "job")
+    result = score_into(resumable, tmp_path / "exported", *odd.files)
+    assert result.returncode == 0, result.stderr
+    exported = pd.read_csv(tmp_path / "exported" / "files.csv", keep_default_na=False,
+                           na_values={"duration": [""]}).set_index("file")
+    model, cfg = load_scoring_model(odd.model), scoring_config(odd.model, SETTINGS)
+    predicted = pd.DataFrame([predict_file(model, f, cfg)[0] for f in odd.files]).set_index("file")
+    assert job.loc[odd.files[1], "note"] == "shorter than a window (0.10 s < 1 s): zero-padded"
+    for f in odd.files:
+        want = job.loc[f]
+        for got in (exported.loc[f], predicted.loc[f]):
+            assert got["status"] == want["status"], f
+            np.testing.assert_equal(float(got["duration"]), float(want["duration"]), err_msg=f)
+            assert got["note"] == want["note"], f
+            if f.endswith("missing.wav"):  # the job's reader (pyarrow) words it its own way
+                assert "No such file or directory" in want["error"] and "No such file or directory" in got["error"]
+            else:
+                assert got["error"] == want["error"], f
+            assert int(got["windows"]) == int(want["windows"]), f
+    assert f"error: {odd.files[-1]}: unreadable audio: [Errno 2] No such file or directory" in result.stderr
+
+
+def test_predict_reports_an_empty_file_as_the_job_does(odd, capsys):
+    """A file of no samples crashed predict with KeyError: 'error'."""
+    from gunsound.cli import main
+
+    empty = odd.files[2]
+    row, events, windows = predict_file(load_scoring_model(odd.model), empty, scoring_config(odd.model, SETTINGS))
+    assert (row["status"], row["error"], row["duration"], row["windows"]) == ("error", "empty: no samples", 0.0, 0)
+    assert events == [] and len(windows) == 0
+    assert main(["predict", odd.model, empty, *(a for s in SETTINGS for a in ("--set", s))]) == 2
+    assert f"error: {empty}: empty: no samples" in capsys.readouterr().err
+
+
+def test_exported_scorer_strict_counts_the_error_rows_committed_before(resumable, odd, tmp_path):
+    """A rerun with --strict exited 0 although files.csv held an error row of a listed file."""
+    notaudio, short = odd.files[3], odd.files[1]
+    first = score_into(resumable, tmp_path / "out", notaudio, short, "--strict")
+    assert first.returncode == 3, first.stderr
+    again = score_into(resumable, tmp_path / "out", notaudio, short, "--strict")
+    assert (again.returncode, again.stdout) == (3, ""), again.stderr  # nothing scored again, the error still there
+    other = score_into(resumable, tmp_path / "out", short, "--strict")
+    assert other.returncode == 0, other.stderr  # an error row of a file not listed is not this run's
+
+
+def test_exported_scorer_scores_a_file_whose_name_is_not_utf8(resumable, odd, tmp_path):
+    """A valid WAV named in latin-1 was 'unreadable audio: UnicodeEncodeError', and writing its row then ended
+    the run (exit 1) before the files after it, on every rerun."""
+    latin = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.wav")  # the name as Python gets it from argv
+    Path(latin).write_bytes(Path(odd.files[0]).read_bytes())
+    out = tmp_path / "out"
+    result = score_into(resumable, out, latin, odd.files[0])
+    assert result.returncode == 0, result.stderr
+    shown = f"{tmp_path}/caf\\xe9.wav"  # the byte that is not UTF-8 written as \xNN: the tables stay UTF-8
+    assert result.stdout.startswith(f"{shown}: 3.0 s")
+    files = pd.read_csv(out / "files.csv", keep_default_na=False)
+    assert list(files["file"]) == [shown, odd.files[0]] and list(files["status"]) == ["ok", "ok"]
+    windows = pd.read_csv(out / "windows.csv")
+    assert (windows["file"] == shown).sum() == (windows["file"] == odd.files[0]).sum() == 3
+    again = score_into(resumable, out, latin, odd.files[0])
+    assert (again.returncode, again.stdout) == (0, ""), again.stderr  # both committed: neither scored again
+
+
+def test_exported_scorer_goes_on_after_a_file_whose_rows_cannot_be_written(resumable, odd, tmp_path):
+    """A file whose rows fail to be written (here: past a file size limit) leaves none of them, and the files
+    after it are scored and committed; the run says so and exits 1, and a rerun scores that file."""
+    import resource
+
+    long = tmp_path / "long.wav"
+    sf.write(long, np.random.default_rng(2).normal(0, 0.1, 16000 * 40).astype(np.float32), 16000)
+    out = tmp_path / "out"
+    limit = 3000  # bytes per file: the long file's 40 windows do not fit in windows.csv, one window does
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, str(resumable.pipeline / "score.py"), str(long), odd.files[1],
+                             "--out", str(out)], env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(GUARD)},
+                            preexec_fn=limited, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 1, result.stderr
+    assert f"error: {long}: its rows could not be written" in result.stderr
+    assert list(pd.read_csv(out / "files.csv")["file"]) == [odd.files[1]]
+    assert set(pd.read_csv(out / "windows.csv")["file"]) == {odd.files[1]}  # none of the long file's rows
+    rerun = score_into(resumable, out, str(long), odd.files[1])
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.startswith(f"{long}: 40.0 s")
+    assert_whole_rows_once(out, [str(long), odd.files[1]])
+    assert (pd.read_csv(out / "windows.csv")["file"] == str(long)).sum() == 40

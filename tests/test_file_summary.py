@@ -40,3 +40,15 @@ def test_every_window_non_finite_is_counted():
     row, _ = summarize_file("f.wav", 4.0, _windows([[np.nan, 0.1], [0.1, np.nan]]), np.zeros(0), CLASSES,
                             method="Sliding", threshold=0.5)
     assert row["error"] == "the model gave non-finite probabilities for 2 of 2 windows"
+
+
+@pytest.mark.parametrize("method", ["Sliding", "Fix"])
+def test_a_file_without_a_gunshot_window_is_no_gunshot_whatever_the_method(method):
+    """Under Fix a silent file's top class was a gun class (the argmax of means all under the threshold)."""
+    quiet, _ = summarize_file("f.wav", 5.0, _windows([[0.07, 0.01]] * 3), np.zeros(0), CLASSES, method=method,
+                              threshold=0.5)
+    assert (quiet["top_class"], quiet["gunshot_windows"]) == ("no gunshot", 0)
+    assert quiet["top_probability"] == pytest.approx(0.07)  # still what the method ranks by
+    heard, _ = summarize_file("f.wav", 5.0, _windows([[0.07, 0.01], [0.2, 0.6]]), np.zeros(0), CLASSES,
+                              method=method, threshold=0.5)
+    assert (heard["top_class"], heard["gunshot_windows"]) == ("b", 1)
