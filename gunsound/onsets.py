@@ -25,7 +25,7 @@ BAND_HZ = (200.0, 4000.0)  # below: wind and traffic rumble; above: the superson
 MEL_BANDS = 32
 FRAME_SECONDS = 0.005
 WINDOW_SECONDS = 0.02
-SHOT_DETECTOR = "onsets.find_shots 2026-11-30 (7)"  # the scoring job's detector, as scoring outputs record it
+SHOT_DETECTOR = "onsets.find_shots 2026-11-30 (8)"  # the scoring job's detector, as scoring outputs record it
 DECIMATED_HZ = 10_000  # the band (up to 4 kHz) stays well under half the decimated rate
 
 
@@ -484,6 +484,17 @@ def chunk_onsets(wave: np.ndarray, sr: int, *, read_start: float, owned_start: f
     """The shots (seconds in the file) that a chunk owns, in [owned_start, owned_end): from its first window's
     start to the next chunk's, or to the file's end for the last chunk (`windows.plan_chunks`), so each shot is
     found once. The wave, read from `read_start`, reaches past that span on both sides: a shot's tail at the
-    span's start is heard as the tail of a shot before it, not as a shot at the start of the read."""
-    found = find_shots(wave, sr, threshold_db=threshold_db) + read_start
+    span's start is heard as the tail of a shot before it, not as a shot at the start of the read.
+
+    The detector times shots on frames of `frame_samples(sr)` counted from the wave's first sample, so the read
+    is first trimmed to start on a whole frame of the file: then every chunk, and one read of the whole file,
+    frame the audio alike. A read start on the 5 ms grid is not a whole frame where a frame is not 5 ms (220
+    samples at 44.1 kHz): two chunks would time one shot a few ms apart, on either side of their edge, and both
+    count it. Shots are timed from their frame in the file, so that both chunks give one shot the same time."""
+    frame = frame_samples(sr)
+    first = int(round(read_start * sr))  # the file's sample at wave[0], as the read rounds its start
+    skip = -first % frame
+    found = find_shots(wave[skip:], sr, threshold_db=threshold_db)
+    frames = (first + skip) // frame + np.rint(found * sr / frame)
+    found = frames * frame / sr
     return found[(found >= owned_start) & (found < owned_end)]

@@ -26,10 +26,18 @@ def window_starts(duration: float, window: float, hop: float) -> np.ndarray:
 
 # What a chunk reads around the span whose shots it owns: before it, the shot detector's noise floor looks back
 # 3 s, and a shot, ring or burst that began before the edge must be heard as one (not as a new shot at the
-# read's start); after it, a shot just before the edge is judged on its first 100 ms. Reads start on the
-# detector's 5 ms frame grid, so that both chunks place a shot at the same instant.
+# read's start). After it, the detector reads on to tell whether a shot just before the edge opens a burst of
+# automatic fire and which of the burst's shots count; a read that stops short of that counts a burst across the
+# edge from a part of it, unlike one read of the whole file. `onsets.burst_period` correlates the next half second
+# (`detect_shots` gives it fps // 2 frames), and `find_shots` takes a steady run from three blasts, up to two of
+# its longest intervals (0.25 s) apart, with the shots up to its shortest one (0.04 s) past the last. Both read a
+# few frames further (half the 20 ms analysis window, 15 ms filters): FRAME_REACH. tests/test_windows.py checks
+# these against the detector's own constants. Reads start on a 5 ms grid; `onsets.chunk_onsets` trims a read's
+# head to the detector's frames at the model's rate.
 SHOT_CONTEXT_BEFORE = 3.0
-SHOT_CONTEXT_AFTER = 0.25
+BURST_LOOK_AHEAD = max(0.5, 2 * 0.25 + 0.04)
+FRAME_REACH = 0.05
+SHOT_CONTEXT_AFTER = BURST_LOOK_AHEAD + FRAME_REACH
 _FRAME = 0.005
 
 

@@ -75,6 +75,45 @@ def test_a_shot_at_a_chunk_edge_is_found_once(window, hop, offset):
     np.testing.assert_allclose(chunked, whole, atol=0.006)
 
 
+def _shots_at(sr: int, duration: float, weapon: str, times: np.ndarray | list[float], seed: int) -> np.ndarray:
+    """Generated shots of `weapon`, each muzzle blast at one of `times` (s), over quiet noise; float32."""
+    rng = np.random.default_rng(seed)
+    wave = 0.002 * rng.standard_normal(int(duration * sr))
+    for t in times:
+        shot, onset = _shot(WEAPONS[weapon], sr, 50.0, rng)
+        at = int(round((t - onset) * sr))
+        wave[at:at + len(shot)] += 0.5 * shot
+    return wave.astype(np.float32)
+
+
+@pytest.mark.parametrize(("seed", "lead"), [(0, 0.0583), (1, 0.12), (1, 0.16), (1, 0.21)])
+def test_automatic_fire_across_a_chunk_edge_counts_as_in_one_read(seed, lead):
+    """A shot just before a chunk's edge may open a burst: the detector reads about half a second on to tell (the
+    rise pattern repeating, a steady run of blasts). A chunk whose read stops short of that judges the burst's
+    shots before its edge from part of the burst, and counts other shots there than one read of the file."""
+    sr, duration = 24000, 8.0
+    wave = _shots_at(sr, duration, "MG-42", 4.0 - lead + 0.05 * np.arange(14), seed)  # 1200 rpm, edge at 4 s
+    chunked = _chunked_shots(wave, sr, duration, window=2.0, hop=2.0, read=4.0)
+    whole = find_shots(wave, sr)
+    assert len(chunked) == len(whole), (chunked, whole.tolist())
+    np.testing.assert_allclose(chunked, whole, atol=1e-9)
+
+
+@pytest.mark.parametrize("sr", [8000, 11025, 16000, 22050, 44100, 48000, 96000])
+def test_a_shot_at_a_chunk_edge_is_found_once_at_any_rate(sr):
+    """The detector's frames are a whole number of samples (220 at 44.1 kHz, not 5 ms): a chunk read from a
+    start that is not a whole frame of the file times a shot on frames of its own, so that two chunks put a
+    shot within a frame of their edge on either side of it, and both count it (or neither)."""
+    duration = 10.0  # chunks [0, 4), [4, 8) and [8, 10), read from 0, 1 and 5 s
+    found = {}
+    for offset in (-0.005, -0.004, -0.003, -0.002, -0.001, 0.0, 0.001):
+        wave = _shots_at(sr, duration, "AK-47", [8.0 + offset], seed=0)
+        found[offset] = (_chunked_shots(wave, sr, duration, window=2.0, hop=2.0, read=4.0),
+                         find_shots(wave, sr).tolist())
+    assert all(len(chunked) == len(whole) == 1 and abs(chunked[0] - whole[0]) < 1e-6
+               for chunked, whole in found.values()), found
+
+
 @pytest.mark.parametrize(("duration", "shot"), [(10.0, 9.3), (1.5, 1.2), (9.5, 9.2)])
 def test_a_shot_in_the_last_stretch_of_a_file_is_found_with_sliding_windows(duration, shot):
     """With windows longer than their hop, the last chunk owned shots only up to its last window's start plus a

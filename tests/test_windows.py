@@ -1,9 +1,20 @@
 """Window planning: chunks own every window exactly once and read exactly the span their windows need."""
 
+import inspect
+
 import numpy as np
 import pytest
 
-from gunsound.windows import SHOT_CONTEXT_AFTER, SHOT_CONTEXT_BEFORE, cut_windows, plan_chunks, window_starts
+from gunsound import onsets
+from gunsound.windows import (
+    BURST_LOOK_AHEAD,
+    FRAME_REACH,
+    SHOT_CONTEXT_AFTER,
+    SHOT_CONTEXT_BEFORE,
+    cut_windows,
+    plan_chunks,
+    window_starts,
+)
 
 
 @pytest.mark.parametrize(("duration", "window", "hop", "read"), [
@@ -24,6 +35,25 @@ def test_chunks_own_every_window_exactly_once(duration, window, hop, read):
             == pytest.approx(SHOT_CONTEXT_BEFORE, abs=0.005)
         assert round(c["read_start"] / 0.005, 6) % 1 == 0  # on the detector's 5 ms frame grid
         assert c["read_end"] == max(c["starts"][-1] + window, min(duration, c["owned_end"] + SHOT_CONTEXT_AFTER))
+
+
+def _default(function, name: str) -> float:
+    return inspect.signature(function).parameters[name].default
+
+
+def test_a_chunk_reads_past_its_span_as_far_as_the_shot_detector_looks_ahead():
+    """windows.py ships without onsets.py's constants (the exported scorer), so they are restated there: the
+    read past a chunk's span must cover what the detector reads after a shot to judge a burst."""
+    fps = int(round(1.0 / onsets.FRAME_SECONDS))
+    longest_period = int(_default(onsets.detect_shots, "body_seconds") * fps)
+    # burst_period's segment, as detect_shots calls it (span=fps // 2, longest=its body).
+    correlated = max(fps // 2, onsets.SKIP + 2 * longest_period) / fps
+    run = ((_default(onsets.find_shots, "min_shots") - 1) * _default(onsets.find_shots, "longest")
+           + _default(onsets.find_shots, "shortest"))  # a run of blasts and the shots counted against it
+    assert BURST_LOOK_AHEAD >= max(correlated, run)
+    # A frame's level reaches half the analysis window ahead, detect_shots' standing median 3 frames more.
+    assert FRAME_REACH >= onsets.WINDOW_SECONDS / 2 + 3 * onsets.FRAME_SECONDS
+    assert SHOT_CONTEXT_AFTER >= BURST_LOOK_AHEAD + FRAME_REACH
 
 
 def test_cut_windows_are_zero_padded_where_the_audio_ends():
