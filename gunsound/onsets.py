@@ -372,24 +372,26 @@ def blast_onsets(level: np.ndarray, frame: int, sr: int, *, threshold_db: float 
     candidate = (level - floor > threshold_db) & (level - quietest > rise_db)
     # A blast's own peak: the loudest of its first 15 ms (a blast may climb over more than one frame).
     blast = maximum_filter1d(level, size=3, origin=-1)
-    onsets: list[float] = []
+    # Gaps in whole frames, not float seconds from the read's start: whether two blasts exactly `min_gap` apart
+    # are one must not depend on where a chunk's read begins.
+    gap_frames, echo_frames = min_gap * sr / frame - 1e-9, echo_seconds * sr / frame - 1e-9
+    onsets: list[int] = []
     peaks: list[float] = []
-    last, peak, ringing = -np.inf, -np.inf, False
+    last, peak, ringing = -(10**9), -np.inf, False
     for c in range(frames):
         if ringing:
             peak = max(peak, level[c])  # a shot's peak may come some ms after its onset
             ringing = level[c] >= max(peak - release_db, floor[c] + threshold_db)
         if not candidate[c]:
             continue
-        t = c * frame / sr
-        if t - last < min_gap or (ringing and blast[c] < peak - ring_db):
+        if c - last < gap_frames or (ringing and blast[c] < peak - ring_db):
             continue
-        if not ringing and t - last < echo_seconds and blast[c] < peak - echo_db:
+        if not ringing and c - last < echo_frames and blast[c] < peak - echo_db:
             continue
-        onsets.append(t)
+        onsets.append(c)
         peaks.append(float(blast[c]))
-        last, peak, ringing = t, blast[c], True
-    return np.array(onsets), np.array(peaks)
+        last, peak, ringing = c, blast[c], True
+    return np.array(onsets, dtype=np.float64) * frame / sr, np.array(peaks)
 
 
 def steady_runs(onsets: np.ndarray, *, shortest: float, longest: float, spread: float, min_shots: int,

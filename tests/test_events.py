@@ -527,3 +527,21 @@ def test_columns_rolling_quantile_is_pandas_rolling_quantile_per_column(rows):
     values = np.random.default_rng(rows).normal(size=(rows, 5)) * 20
     expected = pd.DataFrame(values).rolling(60, min_periods=1).quantile(0.1).to_numpy()
     assert np.array_equal(columns_rolling_quantile(values, 60, 0.1), expected)
+
+
+@pytest.mark.parametrize("sr, frame", [(48000, 240), (44100, 220), (16000, 80)])
+def test_blasts_a_minimum_gap_apart_are_judged_alike_wherever_the_read_starts(sr, frame):
+    """Blasts exactly `min_gap` apart in frames: one decision wherever the read begins (seconds counted from
+    the read's start made it a matter of float rounding, so two chunks counted one burst differently)."""
+    from gunsound.onsets import blast_onsets
+
+    gap = round(0.03 * sr / frame)  # whole frames as close as min_gap allows
+    counts = set()
+    for first in (300, 1001, 4567, 12345, 20000):
+        level = np.full(first + 400, -60.0)
+        for k in range(5):  # five blasts, each `gap` frames after the last, a frame loud then fading
+            level[first + k * gap] = 0.0
+            level[first + k * gap + 1: first + k * gap + 3] = -20.0
+        times, _ = blast_onsets(level, frame, sr, min_gap=gap * frame / sr)
+        counts.add(len(times))
+    assert len(counts) == 1, counts
