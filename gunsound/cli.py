@@ -157,8 +157,8 @@ def run_train(args: argparse.Namespace) -> int:
     results = training.run(plan, drop_bad_rows=args.drop_bad_rows, overwrite=args.overwrite)
     for fold, info in results["folds"].items():
         final = info["final"]
-        print(f"fold {fold}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
-                                           if k.startswith("valid_") and isinstance(v, float)))
+        print(f"fold {fold} (epoch {final.get('epoch', '?')}, the weights model.pt holds): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k.startswith("valid_") and isinstance(v, float)))
     print(f"outputs: {output}  (config.yaml, metrics.json, fold_<k>/model.pt)")
     return 0
 

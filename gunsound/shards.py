@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gunsound import storage
-from gunsound.events import summarize_file
+from gunsound.events import short_note, summarize_file
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def commit_shard(output: str, name: str, shard: list[str], headers: dict[str, tu
             row["status"] = "skipped"
         failed = bool(row["error"])  # its own, or the summary's (non-finite probabilities)
         if not failed and duration < window_seconds:
-            row["note"] = f"shorter than a window ({duration:.2f} s < {window_seconds:g} s): zero-padded"
+            row["note"] = short_note(duration, window_seconds)
         rows.append(row)
         events.extend(file_events)
         kept[a:b] = not failed

@@ -32,7 +32,14 @@ from gunsound.lease import OutputLease
 from gunsound.metrics import METRIC_KEYS
 from gunsound.plan import TrainingPlan, prepare
 from gunsound.resources import TrainWorkers, cluster_capacity, trials_at_once
-from gunsound.training import featurize, fold_datasets, make_trainer, planned_workers, start_ray
+from gunsound.training import (
+    check_fold_shards,
+    featurize,
+    fold_datasets,
+    make_trainer,
+    planned_workers,
+    start_ray,
+)
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +331,7 @@ def _sweep(plan: TrainingPlan, num_samples: int, space: dict[str, Any]) -> TuneR
     # Trials run side by side as far as the cluster can ever hold them (the autoscaler adds the nodes); none
     # fitting is an error here, before the features are made.
     concurrent = trials_at_once(sizing, capacity, TRIAL_DRIVER_CPUS)
+    check_fold_shards(plan, plan.folds, [k], sizing)  # a batch per worker, refused here rather than in a trial
     ds = featurize(plan, capacity=capacity)
     train_ds, valid_ds = fold_datasets(plan, ds, k)
 
