@@ -159,14 +159,16 @@ def main() -> None:
                     outside = ~np.any([(times >= lo - TOLERANCE) & (times <= hi) for lo, hi in others] or
                                       [np.zeros(len(times), dtype=bool)], axis=0)
                     rows.append({"detector": name, "snr": snr, "hits": match(times, truth),
-                                 "found": int(outside.sum()), "shots": len(truth)})
+                                 "found": int(outside.sum()), "found_all": len(times), "shots": len(truth)})
         is_shot, shot_score = np.concatenate(is_shot), np.concatenate(shot_score)
         print(f"fold {fold} ({holders[fold]}): {is_shot.sum()} of {len(is_shot)} candidates are shots, "
               f"ROC AUC of the classifier's score over them {roc_auc_score(is_shot, shot_score):.3f}")
     table = pd.DataFrame(rows)
     for by in (["detector", "snr"], ["detector"]):
-        sums = table.groupby(by, sort=False)[["hits", "found", "shots"]].sum()
+        sums = table.groupby(by, sort=False)[["hits", "found", "found_all", "shots"]].sum()
         sums["recall"], sums["precision"] = sums.hits / sums.shots, sums.hits / sums.found.clip(lower=1)
+        # Over every detection, those on non-gun sounds included (which `precision` leaves to the classifier).
+        sums["precision, all"] = sums.hits / sums.found_all.clip(lower=1)
         print(sums.round(3).to_string(), "\n")
     print(f"classifier {args.classifier}, {'ungrouped' if args.ungrouped else 'folds grouped by package'}; "
           f"wall {time.perf_counter() - started:.0f} s")

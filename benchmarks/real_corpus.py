@@ -19,8 +19,14 @@ there), unpacks it with `dpkg-deb -x`, and writes
     OUT/train.pq                                             Hydrogen Torch layout: image, class, package, ...
     OUT/corpus.csv                                           file, package, licence, label, rounds, onsets
 
-The audio is never committed. The corpus is for evaluation: each clip keeps its own licence (corpus.csv).
-Train with folds grouped by package (`--set dataset.group_fold_column=package`).
+The audio is never committed: OUT (and the .deb cache) must lie outside the project's git checkout. The corpus
+is for evaluation: each clip keeps its own licence (corpus.csv). Train with folds grouped by package
+(`--set dataset.group_fold_column=package`).
+
+Some packages are kept for an independent evaluation (EXCLUDED_PACKAGES, every openarena* package). Before
+anything is downloaded, `apt-cache show` gives the source package of every manifest package and of every excluded
+one, and a manifest package built from an excluded package's source (freedm from freedoom) is refused. This needs
+the apt lists (`apt-get update`); a package apt does not know stops the build.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import bz2
 import functools
 import gzip
+import re
 import shutil
 import struct
 import subprocess
@@ -36,6 +43,7 @@ import sys
 import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -50,7 +58,10 @@ EXCLUDED_PACKAGES = frozenset({
     "ufoai-sound", "ufoai-data", "cube2-data", "hedgewars-data", "warmux-data", "teeworlds-data", "freedoom",
     "blobwars-data", "btanks-data", "barrage", "alienblaster-data",
 })
-EXCLUDED_PREFIXES = ("openarena",)  # every openarena-* package
+EXCLUDED_PREFIXES = ("openarena",)  # every openarena-* package (and every openarena* source package)
+# A plain Debian package name (Debian Policy 5.6.7): what the manifest must hold, with no `:arch`, `=version`
+# or `/release` that apt-get would accept and that would slip past a name comparison.
+PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 LABELS = ("pistol", "revolver", "shotgun", "rifle", "sniper_rifle", "smg", "machine_gun", "background")
 BACKGROUND = "background"
 REQUIRED_COLUMNS = ("package", "version", "path", "label", "licence", "rounds", "onsets", "note")
@@ -61,8 +72,16 @@ class CorpusError(RuntimeError):
     """A manifest or package problem that stops the build; the message says what to fix."""
 
 
+def normalise_package(package: str) -> str:
+    """The bare package name of an apt argument: `hedgewars-data:all`, `teeworlds-data=0.7.5-2` and
+    `freedoom/bookworm` all fetch the named package, so the exclusion check must see the name alone."""
+    return re.split(r"[:=/]", package.strip().lower(), maxsplit=1)[0].strip()
+
+
 def is_excluded(package: str) -> bool:
-    name = package.strip().lower()
+    """Whether the package itself is kept for the independent evaluation (by name; see check_sources for the
+    packages built from the same source)."""
+    name = normalise_package(package)
     return name in EXCLUDED_PACKAGES or name.startswith(EXCLUDED_PREFIXES)
 
 
@@ -100,6 +119,9 @@ def validate_manifest(df: pd.DataFrame) -> list[str]:
             problems.append(f"{where}: empty package or path")
         if is_excluded(package):
             problems.append(f"{where}: package {package!r} is excluded (kept for an independent evaluation)")
+        elif package and not PACKAGE_NAME.fullmatch(package):
+            problems.append(f"{where}: package {package!r} must be a plain Debian package name "
+                            "(lower case, no :arch, =version or /release)")
         if not str(row["version"]).strip():
             problems.append(f"{where}: empty version")
         if row["label"] not in LABELS:
@@ -134,6 +156,126 @@ def validate_manifest(df: pd.DataFrame) -> list[str]:
 def flat_name(package: str, path: str) -> str:
     flat = path.replace(ARCHIVE_SEPARATOR, "/").strip("/").replace("/", "__")
     return f"{package}__{flat}"
+
+
+# ---------------------------------------------------------------- where the corpus may be written
+
+
+def project_root() -> Path:
+    """The git work tree this script belongs to (its parent folder when git cannot say, e.g. an unpacked
+    archive), so that the audio is never written where it could be committed."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=HERE, capture_output=True,
+                                text=True, check=False)
+    except OSError:
+        result = None
+    if result is not None and result.returncode == 0 and result.stdout.strip():
+        return Path(result.stdout.strip()).resolve()
+    return HERE.parent.resolve()
+
+
+def check_outside_checkout(folder: Path, root: Path, what: str = "output folder") -> None:
+    """Refuse a folder inside the checkout: the audio keeps third-party licences and must never be committed
+    (.gitignore covers only /data/). Both paths are resolved, so `..` and symbolic links do not get past."""
+    resolved, checkout = Path(folder).expanduser().resolve(), Path(root).resolve()
+    if resolved == checkout or checkout in resolved.parents:
+        raise CorpusError(f"the {what} {folder} ({resolved}) is inside the project's checkout {checkout}; "
+                          "build the corpus outside the checkout (e.g. /work/real_corpus)")
+
+
+# ---------------------------------------------------------------- excluded sources
+
+
+def parse_apt_sources(text: str) -> frozenset[str]:
+    """Source package names in `apt-cache show` (or `dpkg-deb -f DEB Package Source`) output: each stanza's
+    `Source:` without the version in parentheses, or its `Package:` when there is no `Source:` (the package is
+    its own source). Every stanza counts, so a second architecture or version cannot hide a source. Empty when
+    apt printed no stanza (an unknown or purely virtual package)."""
+    sources: set[str] = set()
+    for stanza in re.split(r"\n\s*\n", text.strip()):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            key, sep, value = line.partition(":")
+            if sep and not line[:1].isspace():
+                fields.setdefault(key.strip().lower(), value.strip())
+        name = fields.get("source") or fields.get("package")
+        if name:
+            sources.add(name.split("(", 1)[0].strip().lower())
+    return frozenset(sources)
+
+
+def apt_sources(package: str) -> frozenset[str]:
+    """The source package(s) of the package apt would download (`apt-cache show --no-all-versions`)."""
+    try:
+        result = subprocess.run(["apt-cache", "show", "--no-all-versions", package], capture_output=True,
+                                text=True, check=False)
+    except OSError as exc:
+        raise CorpusError(f"cannot run apt-cache ({exc}); the source check needs apt") from exc
+    return parse_apt_sources(result.stdout)
+
+
+def apt_pkgnames(prefix: str) -> list[str]:
+    """Packages apt knows whose names start with the prefix (`apt-cache pkgnames`): the openarena* packages."""
+    try:
+        result = subprocess.run(["apt-cache", "pkgnames", prefix], capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise CorpusError(f"cannot run apt-cache ({exc}); the source check needs apt") from exc
+    return sorted({line.strip() for line in result.stdout.splitlines() if line.strip()})
+
+
+def _is_excluded_source(source: str, excluded: Mapping[str, str]) -> str | None:
+    """The excluded package(s) behind a source name, or None."""
+    if source in excluded:
+        return excluded[source]
+    if source.startswith(EXCLUDED_PREFIXES):
+        return f"the {'/'.join(EXCLUDED_PREFIXES)}* packages"
+    return None
+
+
+def check_sources(manifest_sources: Mapping[str, frozenset[str]],
+                  excluded_sources: Mapping[str, frozenset[str]]) -> None:
+    """Refuse manifest packages built from the source of an excluded package (freedm from freedoom: the same
+    sounds under another name). Both mappings give each package's source names as apt reported them (empty when
+    apt does not know it); every excluded package's own name counts as a source, known to apt or not.
+    A manifest package apt does not know, or apt knowing none of the excluded ones, stops the build: without
+    the apt lists the check would pass by default."""
+    owners: dict[str, set[str]] = {name: {name} for name in EXCLUDED_PACKAGES}
+    for package, sources in excluded_sources.items():
+        for source in {normalise_package(package), *sources}:
+            owners.setdefault(source, set()).add(normalise_package(package))
+    excluded = {source: ", ".join(sorted(names)) for source, names in owners.items()}
+    problems: list[str] = []
+    for package, sources in sorted(manifest_sources.items()):
+        if not sources:
+            problems.append(f"apt-cache does not know package {package!r}, so its source cannot be checked "
+                            "(run `apt-get update`, or fix the name)")
+        for source in sorted(sources):
+            owner = _is_excluded_source(source, excluded)
+            if owner is not None:
+                problems.append(f"package {package!r} is built from source {source!r}, the source of the "
+                                f"excluded {owner} (kept for an independent evaluation); remove it")
+    if excluded_sources and not any(excluded_sources.values()):
+        problems.append("apt-cache knows none of the excluded packages "
+                        f"({', '.join(sorted(excluded_sources))}), so their sources cannot be checked "
+                        "(run `apt-get update`)")
+    if problems:
+        raise CorpusError("the source check refuses the manifest:\n  " + "\n  ".join(problems))
+
+
+def check_manifest_sources(packages: Iterable[str], lookup: Callable[[str], frozenset[str]] = apt_sources,
+                           list_prefixed: Callable[[str], list[str]] = apt_pkgnames) -> None:
+    """Ask apt for the sources of the manifest packages and of every excluded package, then check_sources;
+    run before anything is downloaded."""
+    excluded_names = set(EXCLUDED_PACKAGES)
+    for prefix in EXCLUDED_PREFIXES:
+        excluded_names.update(name for name in list_prefixed(prefix) if name.startswith(prefix))
+    excluded = {name: lookup(name) for name in sorted(excluded_names)}
+    unknown = sorted(name for name, sources in excluded.items() if not sources)
+    if unknown and len(unknown) < len(excluded):
+        print(f"warning: apt-cache does not know the excluded package(s) {', '.join(unknown)}; only their own "
+              "names are refused as sources", file=sys.stderr)
+    manifest = {normalise_package(p): lookup(normalise_package(p)) for p in sorted(set(packages))}
+    check_sources(manifest, excluded)
 
 
 # ---------------------------------------------------------------- packages
@@ -293,10 +435,18 @@ def _exists(root: Path, path: str) -> bool:
 # ---------------------------------------------------------------- build
 
 
-def build(out: Path, manifest: pd.DataFrame, cache: Path) -> pd.DataFrame:
+def build(out: Path, manifest: pd.DataFrame, cache: Path, *, root: Path | None = None,
+          lookup: Callable[[str], frozenset[str]] = apt_sources,
+          list_prefixed: Callable[[str], list[str]] = apt_pkgnames) -> pd.DataFrame:
+    """Check the manifest, where the files go and the packages' sources; only then download and write.
+    `lookup` and `list_prefixed` stand in for apt-cache in tests."""
     problems = validate_manifest(manifest)
     if problems:
         raise CorpusError("the manifest has problems:\n  " + "\n  ".join(problems))
+    checkout = project_root() if root is None else root
+    check_outside_checkout(out, checkout, "output folder")
+    check_outside_checkout(cache, checkout, "package cache (--packages-dir)")
+    check_manifest_sources(manifest["package"], lookup, list_prefixed)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for package, group in manifest.groupby("package", sort=True):

@@ -18,6 +18,12 @@ is the rate at which real non-gun sounds are reported as shots, classifier inclu
 
 Targets (issue 10): onset recall and precision at 50 ms >= 0.95 over the mixed archives; single shots counted
 exactly once >= 90%; bursts with the exact count >= 80% and rate of fire within 5% at the median.
+
+`precision` leaves out the detections that fall on a non-gun sound (the classifier, not the detector, decides
+those: "non-gun detected" is their rate); `precision, all` counts every detection. The archives' bed is quiet
+enough that nothing in them clips (the clipped variants are separate rows). "exact, each within 20 ms" also
+asks every shot of a burst to be found within 20 ms of its place in the burst, counted from the first shot. The detector's rules were chosen on these recordings:
+its figures here are development figures, not those of sounds it has never met.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from gunsound.synthesis import generate_archive
 
 SAMPLE_RATE = 32000
 CLIPPED_DB = 20  # how far over full scale the clipped variants put a recording's peak
+BED_RMS = 0.002  # low enough that a shot or a non-gun sound 30 dB over the bed stays under full scale
 TOLERANCE = 0.05  # seconds: a detection within this of a true onset finds it
+BURST_TOLERANCE = 0.02  # a burst's shot from its place, under half the shortest interval (50 ms at 1200 a minute)
 SNRS_DB = (0, 10, 20, 30)
 RATES_RPM = (400, 600, 800, 1000, 1200)
 
@@ -162,12 +170,12 @@ def mixed_archive(shots: list[Clip], beds: list[Clip], transients: list[Clip], s
                   rng: np.random.Generator) -> tuple[np.ndarray, list[float], list[tuple[float, float]]]:
     """Shots every 2-4 s at `snr_db` over a unit-power bed, a non-gun sound between every other pair."""
     n = int(seconds * SAMPLE_RATE)
-    wave = 0.02 * ambient_bed(n, beds, rng)
+    wave = BED_RMS * ambient_bed(n, beds, rng)
     truth, others = [], []
     t = float(rng.uniform(0.3, 1.0))
     while t < seconds - 2.0:
         shot = shots[rng.integers(len(shots))]
-        gain = np.sqrt(0.02**2 * 10 ** (snr_db / 10) / shot_energy(shot))
+        gain = np.sqrt(BED_RMS**2 * 10 ** (snr_db / 10) / shot_energy(shot))
         at = int((t - shot.onset) * SAMPLE_RATE)
         piece = shot.wave[max(0, -at):][: n - max(at, 0)]
         wave[max(at, 0):max(at, 0) + len(piece)] += gain * piece
@@ -176,7 +184,7 @@ def mixed_archive(shots: list[Clip], beds: list[Clip], transients: list[Clip], s
         if transients and rng.random() < 0.5:
             other = transients[rng.integers(len(transients))]
             start = t + gap / 2
-            level = 0.02 * 10 ** (rng.uniform(0, 30) / 20) / (np.sqrt(np.mean(other.wave**2)) + 1e-12)
+            level = BED_RMS * 10 ** (rng.uniform(0, 30) / 20) / (np.sqrt(np.mean(other.wave**2)) + 1e-12)
             piece = other.wave[: min(len(other.wave), int((gap / 2 - 0.3) * SAMPLE_RATE))]
             at = int(start * SAMPLE_RATE)
             wave[at:at + len(piece)] += level * piece[: n - at]
@@ -185,12 +193,12 @@ def mixed_archive(shots: list[Clip], beds: list[Clip], transients: list[Clip], s
     return np.clip(wave, -1, 1).astype(np.float32), truth, others
 
 
-def match(found: np.ndarray, truth: list[float]) -> int:
-    """True onsets found within TOLERANCE, one detection each."""
+def match(found: np.ndarray, truth: list[float], tolerance: float = TOLERANCE) -> int:
+    """True onsets found within `tolerance`, one detection each."""
     used = np.zeros(len(found), dtype=bool)
     hits = 0
     for t in truth:
-        near = np.where(~used & (np.abs(found - t) <= TOLERANCE))[0]
+        near = np.where(~used & (np.abs(found - t) <= tolerance))[0]
         if len(near):
             used[near[np.argmin(np.abs(found[near] - t))]] = True
             hits += 1
@@ -243,7 +251,7 @@ def main() -> None:
         rng = np.random.default_rng([args.seed, snr])
         archives = [mixed_archive(shots, beds, transients, snr, args.seconds, rng) for _ in range(args.archives)]
         for name, detect in DETECTORS.items():
-            hits = found_total = spurious = shots_total = others_total = others_hit = 0
+            hits = found_total = found_all = shots_total = others_total = others_hit = 0
             for wave, truth, others in archives:
                 found = detect(wave, SAMPLE_RATE)
                 in_other = np.zeros(len(found), dtype=bool)
@@ -252,13 +260,13 @@ def main() -> None:
                     others_hit += bool(inside.any())
                     in_other |= inside
                 hits += match(found, truth)
-                near_shot = np.array([np.min(np.abs(np.array(truth) - f)) <= 1.0 for f in found], dtype=bool)
                 found_total += int((~in_other).sum())
-                spurious += int((~in_other & ~near_shot).sum())
+                found_all += len(found)
                 shots_total += len(truth)
                 others_total += len(others)
             rows.append({"test": f"mixed {snr:2d} dB", "detector": name, "recall": hits / shots_total,
-                         "precision": hits / max(1, found_total), "non-gun detected": others_hit / max(1, others_total),
+                         "precision": hits / max(1, found_total), "precision, all": hits / max(1, found_all),
+                         "non-gun detected": others_hit / max(1, others_total),
                          "n": shots_total})
 
     # 2. Single-shot clips: as shipped (shot at time 0), after 0.5 s of quiet, over an ambient bed at 20 dB, and
@@ -286,12 +294,17 @@ def main() -> None:
     rng = np.random.default_rng([args.seed, 2])
     made = [(rpm, *burst(shot, rpm, int(rng.integers(3, 11)), rng)) for shot in shots for rpm in RATES_RPM]
     for name, detect in DETECTORS.items():
-        exact, errors = [], []
+        exact, timed, errors = [], [], []
         for rpm, wave, times in made:
             found = detect(wave, SAMPLE_RATE)
             exact.append(len(found) == len(times))
+            # The shots' places in the burst, from its first one: a clip's onset in the manifest may lie some ms
+            # off its blast, which would shift every shot alike.
+            timed.append(exact[-1] and bool(np.all(np.abs((found - found[0]) - (np.array(times) - times[0]))
+                                                  <= BURST_TOLERANCE)))
             errors.append(rate_error(found, rpm))
         rows.append({"test": "bursts of real shots", "detector": name, "exact count": float(np.mean(exact)),
+                     "exact, each within 20 ms": float(np.mean(timed)),
                      "rate error median": float(np.median(errors)), "n": len(made)})
         if real_bursts:
             exact = [len(detect(c.wave, SAMPLE_RATE)) == len(t) for c, t in real_bursts]
@@ -321,7 +334,8 @@ def main() -> None:
         n = sum(r["n"] for r in part)
         rows.append({"test": "mixed 10-30 dB, mean", "detector": name,
                      "recall": sum(r["recall"] * r["n"] for r in part) / n,  # pooled over shots
-                     "precision": float(np.mean([r["precision"] for r in part])), "n": n})
+                     "precision": float(np.mean([r["precision"] for r in part])),
+                     "precision, all": float(np.mean([r["precision, all"] for r in part])), "n": n})
     table = pd.DataFrame(rows).set_index(["test", "detector"])
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
         print(table.astype(object).fillna("").to_string())
