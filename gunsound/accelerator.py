@@ -1,11 +1,13 @@
-"""The device a worker computes on: CUDA where it runs, else the CPU, and a clear error where Ray granted a GPU
-that CUDA cannot use (a node whose NVIDIA driver is older than this torch's CUDA build, or missing), instead of
-holding the GPU while computing on one CPU thread. Importable without Ray (the exported scorer)."""
+"""The device a worker computes on: in a Ray worker the GPU Ray granted it, else the CPU; outside Ray the
+configured device. A clear error where Ray granted a GPU that CUDA cannot use (a node whose NVIDIA driver is
+older than this torch's CUDA build, or missing), instead of holding the GPU while computing on one CPU thread.
+Importable without Ray (the exported scorer)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 
@@ -27,17 +29,46 @@ def granted_gpus() -> list[str]:
         return []
 
 
-def compute_device(who: str) -> torch.device:
-    """CUDA where it is available; the CPU where no GPU was granted. A granted GPU without CUDA raises unless
-    ALLOW_CPU_VAR is set: `who` (a Train worker's rank, a scorer actor) names where in the message."""
+def in_ray_worker() -> bool:
+    """Whether this process is a Ray worker (a task, an actor, a Train worker), not a driver or a plain process.
+    Ray is not imported here: a process that has not imported it is no Ray worker."""
+    ray = sys.modules.get("ray")
+    try:
+        return bool(ray and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE)
+    except Exception:  # noqa: BLE001 - a Ray without these: not a worker we can tell apart
+        return False
+
+
+DEVICES = ("auto", "cuda", "cpu")  # environment.device
+
+
+def compute_device(who: str, wanted: str = "auto") -> torch.device:
+    """In a Ray worker, CUDA only where Ray granted it a GPU: Ray leaves CUDA_VISIBLE_DEVICES alone for a worker
+    that asked for none, so CUDA is visible to CPU actors on a GPU node, and the job sized its workers from
+    environment.device already. A granted GPU without CUDA raises unless ALLOW_CPU_VAR is set: `who` (a Train
+    worker's rank, a scorer actor) names where in the message. Outside Ray, `wanted` (environment.device):
+    the CPU, CUDA (an error without it), or CUDA where it is available."""
+    if wanted not in DEVICES:
+        raise ValueError(f"environment.device {wanted!r} is not one of {', '.join(DEVICES)}")
+    if not in_ray_worker():
+        if wanted == "cpu":
+            return torch.device("cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if wanted == "cuda":
+            raise RuntimeError(f"{who}: environment.device is cuda but CUDA is not available here (torch "
+                               f"{torch.__version__}, built for CUDA {torch.version.cuda}); set "
+                               "environment.device: cpu or auto")
+        return torch.device("cpu")
+    gpus = granted_gpus()
+    if not gpus:
+        return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda")
-    gpus = granted_gpus()
-    if gpus:
-        why = (f"{who} holds GPU(s) {', '.join(gpus)} but CUDA is not available on this node (torch "
-               f"{torch.__version__}, built for CUDA {torch.version.cuda})")
-        if os.environ.get(ALLOW_CPU_VAR) != "1":
-            raise RuntimeError(f"{why}: check the node's NVIDIA driver, or set {ALLOW_CPU_VAR}=1 in the workers' "
-                               "environment to compute on its CPU")
-        log.warning("%s: computing on the CPU (%s=1)", why, ALLOW_CPU_VAR)
+    why = (f"{who} holds GPU(s) {', '.join(gpus)} but CUDA is not available on this node (torch "
+           f"{torch.__version__}, built for CUDA {torch.version.cuda})")
+    if os.environ.get(ALLOW_CPU_VAR) != "1":
+        raise RuntimeError(f"{why}: check the node's NVIDIA driver, or set {ALLOW_CPU_VAR}=1 in the workers' "
+                           "environment to compute on its CPU")
+    log.warning("%s: computing on the CPU (%s=1)", why, ALLOW_CPU_VAR)
     return torch.device("cpu")

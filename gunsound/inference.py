@@ -13,7 +13,7 @@ from gunsound import storage
 from gunsound.accelerator import compute_device
 from gunsound.features import FeatureParams, LogMelSpectrogram
 from gunsound.model import ModelArtifact
-from gunsound.model_files import ModelDescription, check_ensemble, model_files
+from gunsound.model_files import LOSS_FUNCTIONS, ModelDescription, check_ensemble, model_files
 
 
 class Ensemble(torch.nn.Module):
@@ -23,6 +23,8 @@ class Ensemble(torch.nn.Module):
         super().__init__()
         self.frontend = frontend
         self.models = torch.nn.ModuleList(models)
+        if loss_function not in LOSS_FUNCTIONS:  # any other loss's outputs would be read as a softmax's
+            raise ValueError(f"loss_function {loss_function!r} is not one this version scores")
         self.use_sigmoid = loss_function == "BCE"
 
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
@@ -108,16 +110,17 @@ class WindowScorer:
     CPU_MODEL_WINDOWS on a CPU), however many a call
     brings (from one file or many: each row stays its own), with autocast on a GPU; rows with an `error` are
     left unscored; loads the ensemble once (a Ray actor in the job: given the model's files, it reads them itself,
-    from S3 with `s3`'s settings). Adds `probs`, and per row the model time, the device and where the scorer ran,
-    for throughput figures and the summary."""
+    from S3 with `s3`'s settings). Computes where `accelerator.compute_device` says: in a Ray actor on the GPU it
+    was granted, if any; elsewhere on `device` (environment.device). Adds `probs`, and per row the model time, the
+    device and where the scorer ran, for throughput figures and the summary."""
 
     def __init__(self, model: ScoringModel | list[str], *, mixed_precision: bool = True, batch_size: int = 64,
-                 s3: storage.S3Settings | None = None):
+                 s3: storage.S3Settings | None = None, device: str = "auto"):
         if not isinstance(model, ScoringModel):
             if s3 is not None:
                 storage.configure_s3(s3.endpoint_url, s3.region)
             model = load_model_files(model)
-        self.device = compute_device("a scorer")
+        self.device = compute_device("a scorer", device)
         self.where = _where(self.device)
         self.model = model.build().to(self.device)
         self.amp = self.device.type == "cuda" and mixed_precision

@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import logging
 import pickle
-from dataclasses import asdict, dataclass
+import zipfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +16,13 @@ from torch import nn
 from gunsound import storage
 from gunsound.config import ArchitectureConfig
 from gunsound.features import FeatureParams
-from gunsound.model_files import ARTIFACT_FORMAT
+from gunsound.model_files import (
+    ARTIFACT_FORMAT,
+    ModelFileError,
+    check_saved_model,
+    feature_values,
+    hub_backbone,
+)
 
 log = logging.getLogger(__name__)
 
@@ -228,13 +236,35 @@ def build_model(arch: ArchitectureConfig, num_classes: int, pretrained: bool | N
 
 
 
+# Arguments gunsound gives every backbone itself; a Hub config's own values for them are not used.
+_OWN_BACKBONE_ARGS = ("pretrained", "in_chans", "num_classes", "global_pool")
+
+
+def resolve_backbone(backbone: str) -> dict[str, Any] | None:
+    """The plain timm architecture and arguments that a backbone name with a source (hf-hub:, local-dir:) stands
+    for, read as timm reads them (the Hub's config.json, or the folder's): recorded in model.pt when it is saved,
+    so that scoring builds the backbone without the Hub. None for a plain timm name."""
+    if ":" not in backbone:  # no source prefix; timm not imported for it
+        return None
+    from timm.models import parse_model_name
+    from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
+
+    source, model_id = parse_model_name(backbone)
+    if source is None:
+        return None
+    load = load_model_config_from_hf if source == "hf-hub" else load_model_config_from_path
+    _, architecture, model_args = load(model_id)
+    return {"architecture": str(architecture), "model_args": dict(model_args or {})}
+
+
 @dataclass
 class ModelArtifact:
     """One trained fold as `model.pt`: the weights, the classes they score, and everything that rebuilds the
     model and its front end. Written by training; read by scoring, export and the report.
 
     The file holds only tensors and plain values, so it loads with `torch.load(weights_only=True)`: a planted
-    file cannot run code."""
+    file cannot run code. Reading it never contacts the network: a backbone named by its Hugging Face Hub
+    name is rebuilt from the timm architecture recorded beside it (`backbone_timm`)."""
 
     classes: list[str]
     features: FeatureParams
@@ -244,19 +274,64 @@ class ModelArtifact:
     state_dict: dict[str, torch.Tensor]
     fold: int | None = None
     best_epoch: int | None = None
+    # What an hf-hub: or local-dir: backbone resolves to ({"architecture", "model_args"}); found when saved.
+    backbone_timm: dict[str, Any] | None = None
+    source: str | None = field(default=None, compare=False, repr=False)  # the file it was loaded from
 
     def build(self) -> GunClassifier:
-        """The classifier with these weights, in eval mode (no pretrained download)."""
-        model = build_model(self.architecture, len(self.classes), pretrained=False)
-        model.load_state_dict(self.state_dict)
+        """The classifier with these weights, in eval mode, built offline (no pretrained download, no Hub
+        config). Weights that do not fit the model its fields describe are refused naming the file."""
+        where = self.source or "model"
+        try:
+            backbone = self._backbone()
+        except ValueError as exc:
+            raise ModelFileError(f"{where}: {exc}") from exc
+        arch = self.architecture
+        model = GunClassifier(backbone, len(self.classes), arch.pool, arch.dropout)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:
+            detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:4] if line.strip())
+            raise ModelFileError(f"{where}: its weights do not fit the model it describes (backbone "
+                                 f"{arch.backbone!r}, pool {arch.pool!r}, {len(self.classes)} classes): "
+                                 f"{detail or exc}") from exc
         return model.eval()
 
+    def _backbone(self) -> nn.Module:
+        """The backbone without weights, from its plain timm name: the recorded one of a Hub name."""
+        name = self.architecture.backbone
+        if self.backbone_timm is not None:
+            args = {k: v for k, v in (self.backbone_timm.get("model_args") or {}).items()
+                    if k not in _OWN_BACKBONE_ARGS}
+            return _create_backbone(self.backbone_timm["architecture"], False, **args)
+        if hub_backbone(name):
+            raise ModelFileError(f"architecture.backbone {name!r} is a Hugging Face Hub name and the timm "
+                                 "architecture it resolves to is not recorded; scoring does not contact the Hub")
+        return _create_backbone(name, False)
+
+    def _resolved_backbone(self) -> dict[str, Any] | None:
+        """`backbone_timm`, or, where the backbone has a source and it is not known yet, read from that source
+        (training's time to read the Hub). If it cannot be read the file is saved without it, and scoring will
+        refuse it by name."""
+        if self.backbone_timm is not None:
+            return self.backbone_timm
+        try:
+            return resolve_backbone(self.architecture.backbone)
+        except Exception as exc:  # noqa: BLE001 - the weights are still worth saving
+            log.warning("architecture.backbone %s: cannot read the timm architecture it stands for (%s: %s); "
+                        "the model file will not be scorable", self.architecture.backbone, type(exc).__name__, exc)
+            return None
+
     def to_bytes(self) -> bytes:
+        saved = {"format": ARTIFACT_FORMAT, "classes": list(self.classes), "features": asdict(self.features),
+                 "chunk_seconds": float(self.chunk_seconds), "architecture": asdict(self.architecture),
+                 "loss_function": self.loss_function, "state_dict": self.state_dict,
+                 "fold": self.fold, "best_epoch": self.best_epoch}
+        resolved = self._resolved_backbone()
+        if resolved is not None:  # a plain timm name's file stays as it was
+            saved["backbone_timm"] = resolved
         buffer = io.BytesIO()
-        torch.save({"format": ARTIFACT_FORMAT, "classes": list(self.classes), "features": asdict(self.features),
-                    "chunk_seconds": float(self.chunk_seconds), "architecture": asdict(self.architecture),
-                    "loss_function": self.loss_function, "state_dict": self.state_dict,
-                    "fold": self.fold, "best_epoch": self.best_epoch}, buffer)
+        torch.save(saved, buffer)
         return buffer.getvalue()
 
     def save(self, uri: str) -> None:
@@ -264,17 +339,33 @@ class ModelArtifact:
 
     @classmethod
     def load(cls, uri: str) -> ModelArtifact:
+        """The model file at `uri`, checked as the scoring driver checks it (`model_files.describe_model`), and
+        its archive's CRCs before its tensors are read: torch.load does not check them, so a file changed in
+        place would give wrong probabilities without an error."""
         try:
-            saved = storage.read_torch(uri)
-        except Exception as exc:  # pickle refusals, truncation, versions: not our model file; unless a read failed
+            data = storage.read_bytes(uri)
+            damaged = zipfile.ZipFile(io.BytesIO(data)).testzip()
+        except Exception as exc:  # not a zip, truncation: not our model file; unless a read failed
+            raise storage.refusal(uri, exc, "not a gunsound model file") from exc
+        if damaged is not None:
+            raise ModelFileError(f"{uri}: damaged: the CRC of its entry {damaged} does not match its data (the "
+                                 "file was changed after it was written)")
+        try:
+            saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle refusals, versions: not our model file
             raise storage.refusal(uri, exc, "not a gunsound model file") from exc
         if not isinstance(saved, dict) or saved.get("format") != ARTIFACT_FORMAT:
-            raise ValueError(f"{uri}: not a gunsound model file of format {ARTIFACT_FORMAT}")
+            raise ModelFileError(f"{uri}: not a gunsound model file of format {ARTIFACT_FORMAT}")
         try:
-            return cls(classes=list(saved["classes"]), features=FeatureParams(**saved["features"]),
+            check_saved_model(uri, saved)
+            features = FeatureParams(**feature_values(uri, saved["features"]))
+            return cls(classes=list(saved["classes"]), features=features,
                        chunk_seconds=float(saved["chunk_seconds"]),
                        architecture=ArchitectureConfig(**saved["architecture"]),
                        loss_function=saved["loss_function"], state_dict=saved["state_dict"],
-                       fold=saved.get("fold"), best_epoch=saved.get("best_epoch"))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{uri}: model file lacks or misnames a field ({exc})") from exc
+                       fold=saved.get("fold"), best_epoch=saved.get("best_epoch"),
+                       backbone_timm=saved.get("backbone_timm"), source=uri)
+        except ModelFileError:
+            raise
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ModelFileError(f"{uri}: model file lacks or misnames a field ({exc})") from exc

@@ -389,7 +389,7 @@ def _score(model_location: str, input_location: str, output: str, cfg: Config, o
 
     started = time.perf_counter()
     input_location = storage.absolute(input_location)
-    files = model_files(model_location)
+    files = model_files(storage.absolute(model_location))
     listing = open_inputs(input_location, allow_outside=allow_outside)
     # Read ahead to the first audio file before OUTPUT is claimed, so that an input without any is refused
     # untouched; the rest of the listing is read as the shards are made.
@@ -625,7 +625,8 @@ def predict_file(model: ScoringModel, path: str, cfg: Config) -> tuple[dict, lis
         none = pd.DataFrame(columns=WINDOW_COLUMNS)
         row, _ = summarize_file(path, duration, none, np.zeros(0), model.classes, **summary, error=error)
         return row, [], none
-    scorer = WindowScorer(model, mixed_precision=s.mixed_precision, batch_size=s.batch_size)
+    scorer = WindowScorer(model, mixed_precision=s.mixed_precision, batch_size=s.batch_size,
+                          device=cfg.environment.device)
     rows = []
     for chunk in s.plan(path, duration):
         batch = {k: np.array([v], dtype=object) for k, v in chunk.items()}

@@ -95,3 +95,31 @@ def test_train_and_score_jobs_use_the_gpu(tmp_path):
     summary = json.loads((scored / "summary.json").read_text())
     assert summary["devices"] == ["cuda"]
     assert summary["files_ok"] == summary["files"] == 9 * 12 + 4
+
+
+SCORER_DEVICES = """
+import json, ray
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, address="local")
+
+@ray.remote(num_cpus=0)
+class Scorer:
+    def device(self):
+        import torch
+        from gunsound.accelerator import compute_device
+        return [str(compute_device("a scorer")), torch.cuda.is_available()]
+
+print("REPORT" + json.dumps({"granted": ray.get(Scorer.options(num_gpus=1).remote().device.remote()),
+                             "not granted": ray.get(Scorer.remote().device.remote())}))
+"""
+
+
+def test_a_scorer_actor_granted_no_gpu_computes_on_the_cpu_though_it_sees_cuda():
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor that asked for no GPU: CPU scorer actors on a GPU
+    node see CUDA, and must not load their model onto the GPU another actor was granted."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "CUDA_VISIBLE_DEVICES")}
+    done = subprocess.run([sys.executable, "-c", SCORER_DEVICES], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.split("REPORT", 1)[1])
+    assert report["granted"] == ["cuda", True]
+    assert report["not granted"][0] == "cpu"

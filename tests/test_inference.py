@@ -138,3 +138,42 @@ def test_a_model_file_that_would_run_code_or_disagrees_with_its_ensemble_is_refu
                   state_dict=build_model(arch, 2).state_dict()).save(str(tmp_path / "c" / "model.pt"))
     with pytest.raises(ValueError, match="c/model.pt: classes or features differ from .*whole/model.pt"):
         describe_model([str(tmp_path / "whole" / "model.pt"), str(tmp_path / "c" / "model.pt")])
+
+
+def test_a_ray_worker_granted_no_gpu_computes_on_the_cpu_where_cuda_is_visible(monkeypatch):
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a worker that asked for no GPU: a CPU scorer actor on a GPU
+    node sees CUDA, and must not load its model onto a GPU that Ray gave another worker."""
+    import torch
+
+    from gunsound import accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(accelerator, "in_ray_worker", lambda: True, raising=False)
+    monkeypatch.setattr(accelerator, "granted_gpus", lambda: [])
+    assert accelerator.compute_device("a scorer").type == "cpu"
+    monkeypatch.setattr(accelerator, "granted_gpus", lambda: ["0"])
+    assert accelerator.compute_device("a scorer").type == "cuda"
+    # A granted GPU that CUDA cannot use stays an error unless the CPU is allowed.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="a scorer holds GPU"):
+        accelerator.compute_device("a scorer")
+    monkeypatch.setenv(accelerator.ALLOW_CPU_VAR, "1")
+    assert accelerator.compute_device("a scorer").type == "cpu"
+
+
+def test_outside_ray_a_scorer_computes_on_the_configured_device(tmp_path, monkeypatch):
+    """`predict` runs without Ray: environment.device decides (cpu: the CPU though CUDA is there)."""
+    import torch
+
+    from gunsound import accelerator
+    from gunsound.inference import WindowScorer
+
+    monkeypatch.setattr(accelerator, "in_ray_worker", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert accelerator.compute_device("a scorer", "auto").type == "cuda"
+    assert accelerator.compute_device("a scorer", "cpu").type == "cpu"
+    _run_with_models(tmp_path, ["model.pt"])
+    assert WindowScorer(load_scoring_model(str(tmp_path / "model.pt")), device="cpu").device.type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="environment.device is cuda but CUDA is not available"):
+        accelerator.compute_device("a scorer", "cuda")

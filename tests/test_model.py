@@ -1,3 +1,5 @@
+from dataclasses import asdict, replace
+
 import pytest
 import timm
 import torch
@@ -145,3 +147,73 @@ def test_every_parameter_of_a_normed_head_backbone_gets_a_gradient(pool):
         model(torch.randn(2, 1, 64, 64)).sum().backward()
         unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
         assert not unused, unused
+
+
+HUB_NAME = "hf-hub:timm/resnet18.a1_in1k"
+
+
+def _no_hub(*_args, **_kwargs):
+    raise AssertionError("the Hugging Face Hub was contacted")
+
+
+def test_an_hf_hub_backbone_is_rebuilt_for_scoring_without_the_hub(tmp_path, monkeypatch):
+    """Saving (at training, where the Hub is read) records the timm architecture the Hub's config names; a
+    scorer builds it from that, offline, and gets the model of the plain timm name."""
+    import json
+
+    import timm.models._hub as hub
+
+    config = tmp_path / "config.json"  # what the Hub serves for the name
+    config.write_text(json.dumps({"architecture": "resnet18", "num_classes": 1000, "pretrained_cfg": {}}))
+    asked = []
+    monkeypatch.setattr(hub, "download_from_hf", lambda model_id, filename, **_: asked.append(model_id) or str(config))
+    plain = _artifact()
+    on_hub = replace(plain, architecture=replace(plain.architecture, backbone=HUB_NAME))
+    on_hub.save(str(tmp_path / "model.pt"))
+    assert asked == ["timm/resnet18.a1_in1k"]
+
+    monkeypatch.setattr(hub, "download_from_hf", _no_hub)
+    loaded = ModelArtifact.load(str(tmp_path / "model.pt"))
+    assert loaded.architecture.backbone == HUB_NAME
+    x = torch.randn(2, 1, 64, 100)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.build()(x), plain.build()(x))
+
+
+def test_an_hf_hub_model_file_without_its_timm_architecture_is_refused_by_name_without_the_hub(tmp_path,
+                                                                                               monkeypatch):
+    """A file saved before the architecture was recorded: scoring would fetch the Hub's config (offline, some
+    24 s of retries and an error naming neither the file nor the setting); it is refused at once."""
+    import timm.models._hub as hub
+
+    from gunsound.model_files import describe_model
+
+    artifact = _artifact()
+    artifact = replace(artifact, architecture=replace(artifact.architecture, backbone=HUB_NAME))
+    torch.save({"format": 1, "classes": artifact.classes, "features": asdict(artifact.features),
+                "chunk_seconds": 2.0, "architecture": asdict(artifact.architecture), "loss_function": "BCE",
+                "state_dict": artifact.state_dict}, tmp_path / "model.pt")
+    monkeypatch.setattr(hub, "download_from_hf", _no_hub)
+    shown = f"^{tmp_path}/model.pt: architecture.backbone '{HUB_NAME}' is a Hugging Face Hub name"
+    for read in (lambda: ModelArtifact.load(str(tmp_path / "model.pt")).build(),
+                 lambda: describe_model([str(tmp_path / "model.pt")])):
+        with pytest.raises(ValueError, match=shown) as refused:
+            read()
+        assert type(refused.value).__module__.startswith("gunsound.")  # bad input: `predict` exits 2
+    with pytest.raises(ValueError, match=f"^model: architecture.backbone '{HUB_NAME}'"):
+        artifact.build()
+
+
+def test_a_model_file_changed_in_place_is_refused_naming_the_damaged_entry(tmp_path):
+    """torch.load does not check the archive's CRCs: a few flipped bits in a weight gave wrong probabilities."""
+    import struct
+    import zipfile
+
+    _artifact().save(str(tmp_path / "model.pt"))
+    data = bytearray((tmp_path / "model.pt").read_bytes())
+    entry = max(zipfile.ZipFile(tmp_path / "model.pt").infolist(), key=lambda i: i.file_size)
+    name_length, extra_length = struct.unpack("<HH", data[entry.header_offset + 26:entry.header_offset + 30])
+    data[entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2 + 3] ^= 0x40
+    (tmp_path / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"^{tmp_path}/model.pt: damaged: the CRC of its entry {entry.filename} "):
+        ModelArtifact.load(str(tmp_path / "model.pt"))
