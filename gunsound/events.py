@@ -19,8 +19,9 @@ def short_note(duration: float, window_seconds: float) -> str:
 
 
 def summarize_file(path: str, duration: float, windows: pd.DataFrame, onsets: np.ndarray, classes: list[str], *,
-                   method: str, threshold: float, error: str = "") -> tuple[dict, list[dict]]:
-    """The per-file row and its events. `windows` has start, end and probs (one array per window). A window
+                   method: str, threshold: float, error: str = "", window_seconds: float = 0.0) -> tuple[dict, list[dict]]:
+    """The per-file row and its events. `windows` has start, end and probs (one array per window). A file
+    scored without error but shorter than `window_seconds` gets `short_note` (0: no note). A window
     whose probabilities all stay under the threshold is 'no gunshot', and so is a file without a gunshot window,
     whatever the method; an onset inside a gunshot window becomes an event of that window's class. `method`
     "Fix" ranks classes by their mean over the file, "Sliding" by their peak."""
@@ -32,7 +33,7 @@ def summarize_file(path: str, duration: float, windows: pd.DataFrame, onsets: np
         error = f"the model gave non-finite probabilities for {broken} of {len(probs)} windows"
     row = {"file": path, "duration": duration, "status": "error" if error else "ok", "error": error,
            "windows": len(windows), "top_class": "", "top_probability": float("nan"), "shots": 0,
-           "gunshot_windows": 0, "note": ""}
+           "gunshot_windows": 0, "note": "" if error else short_note(duration, window_seconds)}
     if error or windows.empty:
         for c in classes:
             row[f"max_{c}"] = row[f"mean_{c}"] = float("nan")

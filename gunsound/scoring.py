@@ -40,7 +40,7 @@ import pandas as pd
 
 from gunsound import audio, fingerprint, storage
 from gunsound.config import Config, ConfigError
-from gunsound.events import short_note, summarize_file
+from gunsound.events import summarize_file
 from gunsound.inputs import open_inputs
 from gunsound.lease import OutputLease
 from gunsound.model_files import describe_model, model_files
@@ -619,7 +619,7 @@ def predict_file(model: ScoringModel, path: str, cfg: Config) -> tuple[dict, lis
     from gunsound.inference import WindowScorer
 
     s = ScoringSettings.from_config(cfg, model_chunk_seconds=model.chunk_seconds)
-    summary = {"method": s.method, "threshold": s.threshold}
+    summary = {"method": s.method, "threshold": s.threshold, "window_seconds": s.window_seconds}
     duration, error = read_headers([path])[path]
     if error:
         none = pd.DataFrame(columns=WINDOW_COLUMNS)
@@ -645,6 +645,4 @@ def predict_file(model: ScoringModel, path: str, cfg: Config) -> tuple[dict, lis
                                 error=f"decode failed: {failed}")
         return row, [], windows
     row, events = summarize_file(path, duration, windows, all_onsets(windows["onsets"]), model.classes, **summary)
-    if row["status"] == "ok":
-        row["note"] = short_note(duration, s.window_seconds)
     return row, events, windows

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gunsound import storage
-from gunsound.events import short_note, summarize_file
+from gunsound.events import summarize_file
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +246,10 @@ def commit_shard(output: str, name: str, shard: list[str], headers: dict[str, tu
             error = f"decode failed: {failed}" if failed else ""
         part = windows.iloc[a:b] if not error else windows.iloc[0:0]
         row, file_events = summarize_file(path, duration, part, all_onsets(part["onsets"]), classes, method=method,
-                                          threshold=threshold, error=error)
+                                          threshold=threshold, error=error, window_seconds=window_seconds)
         if error.startswith(SKIPPED):  # listed under the input, not audio this reader takes
             row["status"] = "skipped"
         failed = bool(row["error"])  # its own, or the summary's (non-finite probabilities)
-        if not failed and duration < window_seconds:
-            row["note"] = short_note(duration, window_seconds)
         rows.append(row)
         events.extend(file_events)
         kept[a:b] = not failed

@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the job's modules, shipped beside this file
 
 from decode import AudioError, info, read  # noqa: E402
-from events import short_note, summarize_file  # noqa: E402
+from events import summarize_file  # noqa: E402
 from onsets import chunk_onsets  # noqa: E402
 from windows import cut_windows, plan_chunks  # noqa: E402
 
@@ -83,7 +83,7 @@ def score_file(model: torch.nn.Module, spec: dict, path: str) -> tuple[pd.DataFr
     sr, classes, s = spec["sample_rate"], spec["classes"], spec["scoring"]
     name = shown(path)
     size = int(round(s["window_seconds"] * sr))
-    summary = {"method": s["method"], "threshold": s["threshold"]}
+    summary = {"method": s["method"], "threshold": s["threshold"], "window_seconds": s["window_seconds"]}
     duration, error = header(path)
     rows, onsets = [], [np.zeros(0)]
     chunks = [] if error else plan_chunks(path, duration, window_seconds=s["window_seconds"],
@@ -116,7 +116,6 @@ def score_file(model: torch.nn.Module, spec: dict, path: str) -> tuple[pd.DataFr
     row, events = summarize_file(name, duration, windows, np.concatenate(onsets), classes, **summary)
     if row["status"] == "error":  # non-finite probabilities: the job keeps no windows of such a file either
         return windows.iloc[0:0], row, []
-    row["note"] = short_note(duration, s["window_seconds"])
     return windows, row, events
 
 
